@@ -1,0 +1,51 @@
+"""The ``meter`` command line.  Configuration is read here, once, at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from meter import __version__
+from meter.cli import rate
+from meter.errors import MeterError
+
+log = logging.getLogger("meter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meter",
+        description="Kafka-native, license-aware usage meter for backup service providers.",
+    )
+    parser.add_argument("--version", action="version", version=f"meter {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...) [INFO]"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rate.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except MeterError as exc:
+        print(f"meter: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

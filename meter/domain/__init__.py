@@ -1,0 +1,56 @@
+"""The pure core: event contract, rate cards, monthly ledger, rating.
+
+Imports nothing but the standard library, msgspec and orjson.  Kafka, faust,
+Prometheus and the CLI are adapters around it.
+"""
+
+from meter.domain.event import (
+    EVENT_TYPE,
+    LICENSED_TYPES,
+    LICENSES,
+    REJECTION_CODES,
+    RESULTS,
+    WORKLOAD_TYPES,
+    Event,
+    Rejected,
+    parse,
+)
+from meter.domain.ledger import (
+    COUNTED,
+    DUPLICATE,
+    NOT_COUNTED,
+    OUTCOMES,
+    REJECTED,
+    Ledger,
+    TenantMonth,
+    UsageRow,
+)
+from meter.domain.ratecard import Rate, RateCard, RateCards, load_ratecards, parse_ratecards
+from meter.domain.rating import Rater, Tally
+
+__all__ = [
+    "COUNTED",
+    "DUPLICATE",
+    "EVENT_TYPE",
+    "LICENSED_TYPES",
+    "LICENSES",
+    "NOT_COUNTED",
+    "OUTCOMES",
+    "REJECTED",
+    "REJECTION_CODES",
+    "RESULTS",
+    "WORKLOAD_TYPES",
+    "Event",
+    "Ledger",
+    "Rate",
+    "RateCard",
+    "RateCards",
+    "Rater",
+    "Rejected",
+    "Tally",
+    "TenantMonth",
+    "UsageRow",
+    "load_ratecards",
+    "parse",
+    "parse_ratecards",
+]

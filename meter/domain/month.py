@@ -1,0 +1,119 @@
+"""RFC 3339 timestamps to UTC calendar months, without datetime on the hot path."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+# Only ASCII digits: Python's \d would also match other scripts' digits.
+_RFC3339: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+_DAYS: Final = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def days_in_month(year: int, month: int) -> int:
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _DAYS[month - 1]
+
+
+class TimeError(ValueError):
+    """The timestamp is not an RFC 3339 date-time with a zone."""
+
+
+def utc_date(value: str) -> tuple[int, int, int]:
+    """Return the UTC calendar date ``(year, month, day)`` of an RFC 3339 time.
+
+    Raises :class:`TimeError` with a reason a person can act on.
+    """
+    m = _RFC3339.fullmatch(value)
+    if m is None:
+        raise TimeError(
+            "not an RFC 3339 date-time with seconds and a zone "
+            "(expected e.g. 2026-11-03T10:00:00Z or 2026-11-03T10:00:00+02:00)"
+        )
+    year, month, day = int(m[1]), int(m[2]), int(m[3])
+    hour, minute, second = int(m[4]), int(m[5]), int(m[6])
+    if year == 0:
+        raise TimeError("year 0000 is out of range")
+    if not 1 <= month <= 12:
+        raise TimeError(f"month {m[2]} is out of range")
+    dim = days_in_month(year, month)
+    if not 1 <= day <= dim:
+        raise TimeError(f"day {m[3]} is out of range for {m[1]}-{m[2]}")
+    if hour > 23 or minute > 59 or second > 60:  # 60: a leap second, as RFC 3339 allows
+        raise TimeError("time of day is out of range")
+    if m[7] is not None:
+        return year, month, day
+    off_h, off_m = int(m[9]), int(m[10])
+    if off_h > 23 or off_m > 59:
+        raise TimeError("zone offset is out of range")
+    offset = off_h * 60 + off_m
+    local = hour * 60 + minute
+    utc = local - offset if m[8] == "+" else local + offset
+    if utc < 0:
+        day -= 1
+        if day == 0:
+            month -= 1
+            if month == 0:
+                year -= 1
+                month = 12
+                if year == 0:
+                    raise TimeError("falls before year 0001 in UTC")
+            day = days_in_month(year, month)
+    elif utc >= 1440:
+        day += 1
+        if day > dim:
+            day = 1
+            month += 1
+            if month == 13:
+                year += 1
+                month = 1
+                if year == 10000:
+                    raise TimeError("falls after year 9999 in UTC")
+    return year, month, day
+
+
+def month_key(year: int, month: int) -> str:
+    """``YYYY-MM``."""
+    return f"{year:04d}-{month:02d}"
+
+
+_CACHE: dict[str, tuple[str, int]] = {}
+_CACHE_MAX: Final = 200_000
+
+
+def utc_month(value: str) -> tuple[str, int]:
+    """``(YYYY-MM, YYYYMMDD)`` of the UTC date of an RFC 3339 time.
+
+    The hot path: the result depends only on the date, hour and zone (and the
+    minutes, for zones with minutes), so it is cached on those; the parts left
+    out of the key are range-checked here.
+    """
+    if _RFC3339.fullmatch(value) is None:
+        raise TimeError(
+            "not an RFC 3339 date-time with seconds and a zone "
+            "(expected e.g. 2026-11-03T10:00:00Z or 2026-11-03T10:00:00+02:00)"
+        )
+    if value[17:19] > "60":
+        raise TimeError("time of day is out of range")
+    # The UTC date depends on the minutes only when the zone offset has minutes.
+    last = value[-1]
+    if last in {"Z", "z"}:
+        key = value[:13]
+    else:
+        zone = value[-6:]
+        key = value[:13] + zone if zone[-2:] == "00" else value[:16] + zone
+    if value[14:16] > "59":
+        raise TimeError("time of day is out of range")
+    hit = _CACHE.get(key)
+    if hit is None:
+        y, m, d = utc_date(value)
+        hit = (month_key(y, m), y * 10000 + m * 100 + d)
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    return hit

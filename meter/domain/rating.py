@@ -1,0 +1,82 @@
+"""Rating: raw bytes -> parse -> rate card -> ledger, with an outcome per input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meter.domain.event import Event, Rejected, parse
+from meter.domain.ledger import COUNTED, DUPLICATE, NOT_COUNTED, REJECTED, Ledger
+from meter.domain.ratecard import RateCards
+
+
+@dataclass
+class Tally:
+    """How many inputs had each outcome.  ``read`` is their sum."""
+
+    counted: int = 0
+    duplicate: int = 0
+    not_counted: int = 0
+    rejected: int = 0
+
+    @property
+    def read(self) -> int:
+        return self.counted + self.duplicate + self.not_counted + self.rejected
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "counted": self.counted,
+            "duplicate": self.duplicate,
+            "not_counted": self.not_counted,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass
+class Rater:
+    """Feeds raw events into a ledger and keeps the tally."""
+
+    cards: RateCards
+    ledger: Ledger = field(default_factory=Ledger)
+    tally: Tally = field(default_factory=Tally)
+
+    def feed(self, raw: bytes | str) -> Event | Rejected:
+        """Rate one raw event.  Returns the parsed event or why it was rejected."""
+        event = parse(raw)
+        if event.__class__ is Rejected:
+            self.tally.rejected += 1
+            return event
+        assert isinstance(event, Event)
+        outcome = self.rate(event)
+        if outcome is REJECTED:
+            no_card = no_ratecard(event, self.cards)
+            self.tally.rejected += 1
+            return no_card
+        return event
+
+    def rate(self, event: Event) -> str:
+        """Apply a parsed event; return its outcome and count it."""
+        rate = self.cards.rate(event)
+        if rate is None:
+            return REJECTED
+        outcome = self.ledger.observe(event, rate)
+        if outcome is COUNTED:
+            self.tally.counted += 1
+        elif outcome is DUPLICATE:
+            self.tally.duplicate += 1
+        else:
+            assert outcome is NOT_COUNTED
+            self.tally.not_counted += 1
+        return outcome
+
+
+def no_ratecard(event: Event, cards: RateCards) -> Rejected:
+    first = cards.cards[0]
+    return Rejected(
+        "no_ratecard",
+        f"time: {event.time!r} is before the first rate card ({first.version!r}, "
+        f"effective {first.effective})",
+    )

@@ -1,0 +1,32 @@
+"""The one error tree of meter.
+
+Every error the meter raises on purpose is a :class:`MeterError`.  Subclasses
+also derive from the matching built-in so callers can catch either.
+
+Bad *events* are not errors: parsing returns a :class:`meter.domain.Rejected`
+outcome and the meter carries on.  These exceptions are for the things a
+person has to fix before the meter can run (a bad rate card, an unreadable
+file, an unreachable broker at a point where waiting makes no sense).
+"""
+
+from __future__ import annotations
+
+
+class MeterError(Exception):
+    """Base class of every error meter raises on purpose."""
+
+
+class ConfigError(MeterError, ValueError):
+    """A setting, flag or environment variable is invalid."""
+
+
+class RateCardError(ConfigError):
+    """A rate card file is malformed, overlapping or incomplete."""
+
+
+class InputError(MeterError, OSError):
+    """An input file cannot be opened or read."""
+
+
+class BrokerError(MeterError, RuntimeError):
+    """The Kafka broker cannot be started, reached or used as needed."""

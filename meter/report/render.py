@@ -1,0 +1,109 @@
+"""Render a usage report as a table (for people), CSV or JSON.
+
+The JSON document is::
+
+    {"usage": [{"month", "tenant_id", "workload_type", "workloads", "points"}, ...],
+     "events": {"read", "counted", "duplicate", "not_counted", "rejected"},
+     "rejected": [{"line": 7, "reason": "..."}, ...],
+     "rejected_not_listed": 0}
+
+``events`` and ``rejected`` are present when the report was computed from
+events (``meter rate``); a report read from the usage topic has ``usage`` only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from meter.domain import Tally, UsageRow
+
+FORMATS: Final = ("table", "csv", "json")
+
+
+@dataclass
+class UsageReport:
+    usage: Sequence[UsageRow]
+    tally: Tally | None = None
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected_not_listed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "usage": [
+                {
+                    "month": r.month,
+                    "tenant_id": r.tenant_id,
+                    "workload_type": r.workload_type,
+                    "workloads": r.workloads,
+                    "points": r.points,
+                }
+                for r in self.usage
+            ]
+        }
+        if self.tally is not None:
+            doc["events"] = self.tally.as_dict()
+            doc["rejected"] = self.rejected
+            doc["rejected_not_listed"] = self.rejected_not_listed
+        doc.update(self.extra)
+        return doc
+
+
+def render(report: UsageReport, fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    if fmt == "csv":
+        return _csv(report)
+    if fmt == "table":
+        return _table(report)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _csv(report: UsageReport) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["month", "tenant_id", "workload_type", "workloads", "points"])
+    for r in report.usage:
+        w.writerow([r.month, r.tenant_id, r.workload_type, r.workloads, r.points])
+    return out.getvalue()
+
+
+def _table(report: UsageReport) -> str:
+    head = ("MONTH", "TENANT", "WORKLOAD TYPE", "WORKLOADS", "POINTS")
+    rows = [
+        (r.month, r.tenant_id, r.workload_type, str(r.workloads), str(r.points))
+        for r in report.usage
+    ]
+    total_w = sum(r.workloads for r in report.usage)
+    total_p = sum(r.points for r in report.usage)
+    footer = ("", "TOTAL", "", str(total_w), str(total_p))
+    widths = [max(len(x[i]) for x in [head, footer, *rows]) for i in range(5)]
+
+    def line(cells: Sequence[str]) -> str:
+        left = "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells[:3]))
+        right = "  ".join(c.rjust(widths[i + 3]) for i, c in enumerate(cells[3:]))
+        return f"{left}  {right}".rstrip()
+
+    rule = "-" * len(line(head))
+    parts = [line(head), rule, *(line(r) for r in rows)]
+    if not rows:
+        parts.append("(no counted workloads)")
+    parts += [rule, line(footer)]
+    if report.tally is not None:
+        t = report.tally
+        parts.append("")
+        parts.append(
+            f"events: {t.read} read, {t.counted} counted, {t.duplicate} duplicate, "
+            f"{t.not_counted} not counted, {t.rejected} rejected"
+        )
+        for rej in report.rejected:
+            parts.append(f"  rejected line {rej['line']}: {rej['reason']}")
+        if report.rejected_not_listed:
+            parts.append(f"  ... and {report.rejected_not_listed} more rejected lines not listed")
+    return "\n".join(parts) + "\n"
