@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.generate import generate
+from meter.sim.fleet import generate
 from meter.domain import Rater, load_ratecards
 
 OUT = Path(__file__).parent / "out"

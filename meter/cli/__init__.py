@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from meter import __version__
-from meter.cli import rate
+from meter.cli import broker, rate, stream
 from meter.errors import MeterError
 
 log = logging.getLogger("meter")
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rate.add_parser(sub)
+    broker.add_parser(sub)
+    stream.add_parsers(sub)
     return parser
 
 
@@ -36,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # aiokafka narrates every group join at INFO; its warnings still show.
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except MeterError as exc:

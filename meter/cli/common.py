@@ -1,0 +1,92 @@
+"""Pieces the commands share: flags, signals, running a coroutine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from meter.stream.config import StreamConfig, Topics
+
+log = logging.getLogger(__name__)
+DEFAULTS = Topics()
+
+
+def add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streaming")
+    g.add_argument("--ratecard", metavar="FILE", help="rate card file (default: built-in)")
+    g.add_argument("--group", default="meter", help="consumer group id [meter]")
+    g.add_argument(
+        "--partitions", type=int, default=4, help="partitions of topics meter creates [4]"
+    )
+    g.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="publish a tenant-month's usage at most this often [0.25]",
+    )
+    g.add_argument("--jobs-topic", default=DEFAULTS.jobs)
+    g.add_argument("--usage-topic", default=DEFAULTS.usage)
+    g.add_argument("--rejected-topic", default=DEFAULTS.rejected)
+    g.add_argument(
+        "--session-timeout-ms", type=int, default=10_000, help="consumer group session timeout"
+    )
+    g.add_argument(
+        "--idempotence",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="idempotent producer: auto uses it where the broker supports it [auto]",
+    )
+
+
+def stream_config(args: argparse.Namespace) -> StreamConfig:
+    topics = Topics(
+        jobs=args.jobs_topic,
+        usage=args.usage_topic,
+        rejected=args.rejected_topic,
+        by_tenant=f"{args.jobs_topic}.by-tenant",
+        changelog=f"{args.jobs_topic}.ledger.changelog",
+    )
+    return StreamConfig(
+        topics=topics,
+        group_id=args.group,
+        partitions=args.partitions,
+        flush_interval_s=args.flush_interval,
+        session_timeout_ms=args.session_timeout_ms,
+        idempotence=args.idempotence,
+    )
+
+
+def run_until_signalled(main: Coroutine[Any, Any, int], stop: asyncio.Event) -> int:
+    """Run ``main``; SIGTERM/SIGINT set ``stop``, a second one exits at once."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        hits = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal hits
+            hits += 1
+            if hits > 1:
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            log.info("%s received: stopping cleanly", signal.Signals(signum).name)
+            stop.set()
+            # Never hang on a broker that went away: exit anyway after a while.
+            loop.call_later(30.0, _force_exit, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await main
+
+    return asyncio.run(runner())
+
+
+def _force_exit(signum: int) -> None:
+    log.error("did not stop within 30s of the signal; exiting")
+    os._exit(128 + signum)

@@ -1,0 +1,290 @@
+"""Explicit topic creation and "read a whole topic" helpers.
+
+Neither helper relies on broker-side auto-creation (Tansu auto-creates 4-partition
+topics on metadata requests) nor on ListOffsets(latest) (Tansu 0.6.0 answers the last
+batch's *base* offset + 1, which is short when that batch held several records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import for_code
+
+from meter.kafka.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS: Final = 36
+_METADATA_WAIT_S: Final = 10.0
+
+
+class TopicError(Exception):
+    """A topic could not be created, described or read."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the meter needs.  ``configs`` go to CreateTopics verbatim (strings)."""
+
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    configs: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("topic name must not be empty")
+        if self.partitions < 1:
+            raise ValueError(f"topic {self.name}: partitions must be >= 1")
+        if self.replication_factor < 1:
+            raise ValueError(f"topic {self.name}: replication_factor must be >= 1")
+
+
+def _admin(settings: KafkaSettings, request_timeout_ms: int) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**settings.client_kwargs(), request_timeout_ms=request_timeout_ms)
+
+
+async def _describe_all(admin: AIOKafkaAdminClient) -> dict[str, list[dict[str, Any]]]:
+    """All topics -> partition metadata, via Metadata(topics=null), which never auto-creates."""
+    topics: list[dict[str, Any]] = await admin.describe_topics()
+    return {t["topic"]: list(t["partitions"]) for t in topics if t["error_code"] == 0}
+
+
+async def describe_partitions(
+    settings: KafkaSettings, topics: list[str] | None = None, *, request_timeout_ms: int = 30000
+) -> dict[str, int]:
+    """Partition counts of existing topics (missing topics are absent, never auto-created)."""
+    admin = _admin(settings, request_timeout_ms)
+    await admin.start()
+    try:
+        described = await _describe_all(admin)
+    finally:
+        await admin.close()
+    wanted = described if topics is None else {t: described[t] for t in topics if t in described}
+    return {name: len(parts) for name, parts in wanted.items()}
+
+
+async def ensure_topics(
+    settings: KafkaSettings,
+    specs: list[TopicSpec],
+    *,
+    request_timeout_ms: int = 30000,
+) -> dict[str, int]:
+    """Create the missing topics in ``specs``; return ``{topic: actual partition count}``.
+
+    Idempotent: topics that already exist (or are created concurrently) are left as they
+    are.  A partition-count or replication-factor mismatch on an existing topic is logged
+    as a warning (callers decide whether that is fatal); configs of existing topics are
+    not altered.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate topic names in {names}")
+    admin = _admin(settings, request_timeout_ms)
+    await admin.start()
+    try:
+        existing = await _describe_all(admin)
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            new_topics = [
+                NewTopic(
+                    s.name,
+                    s.partitions,
+                    s.replication_factor,
+                    topic_configs={k: str(v) for k, v in s.configs.items()},
+                )
+                for s in missing
+            ]
+            response = await admin.create_topics(new_topics, timeout_ms=request_timeout_ms)
+            for topic, code, message in _topic_errors(response):
+                if code == 0:
+                    log.info("created topic %s", topic)
+                elif code == _TOPIC_ALREADY_EXISTS:
+                    log.debug("topic %s already exists (created concurrently)", topic)
+                else:
+                    exc_cls = for_code(code)
+                    raise TopicError(
+                        f"cannot create topic {topic}: {exc_cls.__name__} ({code}): {message}"
+                    )
+            existing = await _wait_for_topics(admin, names)
+        result: dict[str, int] = {}
+        for spec in specs:
+            partitions = existing[spec.name]
+            result[spec.name] = len(partitions)
+            if len(partitions) != spec.partitions:
+                log.warning(
+                    "topic %s has %d partitions but %d were requested; using %d",
+                    spec.name,
+                    len(partitions),
+                    spec.partitions,
+                    len(partitions),
+                )
+            replicas = {len(p.get("replicas") or ()) for p in partitions}
+            if replicas and replicas != {spec.replication_factor}:
+                log.warning(
+                    "topic %s has replication factor %s but %d was requested",
+                    spec.name,
+                    sorted(replicas),
+                    spec.replication_factor,
+                )
+        return result
+    finally:
+        await admin.close()
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    out: list[tuple[str, int, str | None]] = []
+    for entry in response.topic_errors:
+        topic, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        out.append((topic, code, message))
+    return out
+
+
+async def _wait_for_topics(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Real Kafka propagates new topics to metadata asynchronously: poll until visible."""
+    deadline = time.monotonic() + _METADATA_WAIT_S
+    while True:
+        described = await _describe_all(admin)
+        pending = [n for n in names if not described.get(n)]
+        if not pending:
+            return described
+        if time.monotonic() > deadline:
+            raise TopicError(f"topics {pending} not visible in metadata after creation")
+        await asyncio.sleep(0.1)
+
+
+async def close_consumer(consumer: AIOKafkaConsumer, *, max_seconds: float = 10.0) -> bool:
+    """``consumer.stop()`` that cannot hang or leak a stray ``CancelledError``.
+
+    Measured against a dead broker (aiokafka 0.14): ``stop()`` hangs indefinitely when
+    auto-commit is on (final commit waits for a coordinator), and otherwise may raise
+    ``CancelledError`` from a fetch task that was sleeping in its retry backoff.  Returns
+    ``True`` on a clean stop.  A genuine cancellation of the calling task is re-raised.
+    """
+    try:
+        await asyncio.wait_for(consumer.stop(), max_seconds)
+    except TimeoutError:
+        log.warning("Kafka consumer did not stop within %.1fs (broker unreachable?)", max_seconds)
+        return False
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("Kafka consumer stop() raised a stray CancelledError (broker unreachable?)")
+        return False
+    return True
+
+
+async def iter_to_end(
+    settings: KafkaSettings,
+    topic: str,
+    *,
+    max_seconds: float | None = 60.0,
+    fetch_timeout_ms: int = 200,
+    consumer_kwargs: Mapping[str, Any] | None = None,
+) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    """Yield every record of every partition of ``topic``, from the beginning up to the end
+    as it was when reading started, then stop.
+
+    End detection does not use ListOffsets(latest).  Instead, each partition's target is
+    the high watermark carried by the first Fetch response for it (aiokafka exposes it as
+    ``consumer.highwater(tp)``; it is also set, to 0, for empty partitions).  A partition
+    is finished once ``position >= target``; records at or beyond the target (produced
+    after reading started) are not yielded, so the result is a consistent snapshot.
+
+    With ``consumer_kwargs={"isolation_level": "read_committed"}`` the last stable offset
+    is used instead of the high watermark.  Raises :class:`TopicError` if the topic does
+    not exist and ``TimeoutError`` if the end is not reached within ``max_seconds``.
+    """
+    partitions = (await describe_partitions(settings, [topic])).get(topic)
+    if partitions is None:
+        raise TopicError(f"topic {topic!r} does not exist")
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    extra = dict(consumer_kwargs or {})
+    read_committed = extra.get("isolation_level") == "read_committed"
+    consumer = AIOKafkaConsumer(
+        **{
+            **settings.client_kwargs(),
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            **extra,
+        }
+    )
+    await consumer.start()
+    try:
+        if not tps:
+            return
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        targets: dict[TopicPartition, int] = {}
+        remaining = set(tps)
+        total = 0
+        while True:
+            for tp in list(remaining):
+                if tp not in targets:
+                    end = (
+                        consumer.last_stable_offset(tp)
+                        if read_committed
+                        else consumer.highwater(tp)
+                    )
+                    if end is None:
+                        continue
+                    targets[tp] = end
+                if await consumer.position(tp) >= targets[tp]:
+                    remaining.discard(tp)
+            if not remaining:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"reading {topic} to its end timed out after {max_seconds}s "
+                    f"({total} records; unfinished partitions "
+                    f"{sorted(tp.partition for tp in remaining)})"
+                )
+            batches = await consumer.getmany(*remaining, timeout_ms=fetch_timeout_ms)
+            for tp, records in batches.items():
+                target = targets.get(tp)
+                if target is None:
+                    # Records arrived with the first fetch response: its high watermark
+                    # is already known, so take it now.
+                    end = (
+                        consumer.last_stable_offset(tp)
+                        if read_committed
+                        else consumer.highwater(tp)
+                    )
+                    target = targets[tp] = end if end is not None else records[-1].offset + 1
+                for record in records:
+                    if record.offset < target:
+                        total += 1
+                        yield record
+        log.debug("read %d records from %s (end offsets %s)", total, topic, targets)
+    finally:
+        await close_consumer(consumer)
+
+
+async def read_to_end(
+    settings: KafkaSettings,
+    topic: str,
+    *,
+    max_seconds: float | None = 60.0,
+    consumer_kwargs: Mapping[str, Any] | None = None,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """All records of ``topic`` from the beginning to its current end (see :func:`iter_to_end`)."""
+    return [
+        record
+        async for record in iter_to_end(
+            settings, topic, max_seconds=max_seconds, consumer_kwargs=consumer_kwargs
+        )
+    ]

@@ -1,0 +1,61 @@
+"""Settings of the streaming meter: topic names, partitions, timings.
+
+Built once at the edge (the CLI) and passed in; nothing below reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from meter.kafka.topics import TopicSpec
+
+#: Kafka retention.ms meaning "keep forever".
+FOREVER: Final = -1
+DAY_MS: Final = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    jobs: str = "meter.jobs"
+    rejected: str = "meter.jobs.rejected"
+    usage: str = "meter.usage"
+    #: Events re-keyed by tenant when they arrive on a partition that is not
+    #: their tenant's home partition (any key, or none, must work).
+    by_tenant: str = "meter.jobs.by-tenant"
+    #: The ledger's changelog: one record per processed batch and home
+    #: partition, holding the ledger entries that batch changed.  Replayed as a
+    #: join, so it needs neither compaction nor ordering.
+    changelog: str = "meter.ledger.changelog"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    topics: Topics = Topics()
+    group_id: str = "meter"
+    #: Partitions of the tenant-keyed topics (jobs, by-tenant, changelog).
+    partitions: int = 4
+    replication_factor: int = 1
+    #: Raw events are kept a month plus the close grace (issue: audit needs them).
+    jobs_retention_ms: int = 40 * DAY_MS
+    #: Publish a tenant-month's usage record at most this often.
+    flush_interval_s: float = 0.25
+    max_batch: int = 10_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    #: "auto": idempotent producer where the broker supports it (Apache Kafka),
+    #: plain acks=all where it does not (the embedded Tansu broker).
+    idempotence: str = "auto"
+
+    def topic_specs(self) -> list[TopicSpec]:
+        t = self.topics
+        n, rf = self.partitions, self.replication_factor
+        return [
+            TopicSpec(t.jobs, n, rf, {"retention.ms": str(self.jobs_retention_ms)}),
+            TopicSpec(t.by_tenant, n, rf, {"retention.ms": str(7 * DAY_MS)}),
+            TopicSpec(
+                t.changelog, n, rf, {"cleanup.policy": "delete", "retention.ms": str(FOREVER)}
+            ),
+            TopicSpec(t.usage, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.rejected, n, rf, {"retention.ms": str(90 * DAY_MS)}),
+        ]

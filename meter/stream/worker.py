@@ -1,0 +1,569 @@
+"""The stream-processing worker: job events in, exact running totals out.
+
+One worker is one member of the consumer group ``meter``.  It subscribes to
+``meter.jobs`` and ``meter.jobs.by-tenant`` with the range assignor, so
+partition *p* of both topics (same partition count) lands on the same worker.
+A tenant's *home* partition is ``murmur2(tenant_id) % N`` — what any Kafka
+producer keying by tenant_id picks — so an event keyed by tenant is usually
+already home and is applied at once; any other event is forwarded, re-keyed,
+to its home partition of ``meter.jobs.by-tenant`` (any key, or none, works).
+
+Per batch: parse, rate and join into the home partition's ledger; then write
+the ledger entries that changed to the changelog, forwarded events and
+rejected messages, wait until all of it is acknowledged (acks=all), and only
+then commit the input offsets.  A crash anywhere replays from the last commit,
+and replaying into a join changes nothing.  Usage records are published from
+the ledger at most every ``flush_interval_s`` per tenant-month.
+
+On assignment a home partition's ledger is rebuilt by replaying its changelog
+partition up to the high watermark reported by Fetch (never ListOffsets:
+the embedded broker answers it short), and every tenant-month it holds is
+republished (same revision for the same state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+
+from meter.domain import Event, Ledger, RateCards, Rejected, Tally, parse
+from meter.domain.rating import no_ratecard
+from meter.kafka import KafkaSettings, close_consumer, describe_partitions, ensure_topics
+from meter.stream.config import StreamConfig
+from meter.stream.records import (
+    ChangelogError,
+    Entry,
+    decode_changelog,
+    encode_changelog,
+    encode_usage,
+    rejected_headers,
+    usage_key,
+)
+
+log = logging.getLogger(__name__)
+
+CHANGELOG_CHUNK = 2_000
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class WorkerStats:
+    """What the worker has done; read by progress lines and metrics."""
+
+    tally: Tally = field(default_factory=Tally)
+    forwarded: int = 0
+    published: int = 0
+    changelog_records: int = 0
+    batches: int = 0
+    recovered_entries: int = 0
+    rebalances: int = 0
+    #: Wall-clock seconds from a batch's arrival to its totals being published.
+    latencies: list[float] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        config: StreamConfig,
+        cards: RateCards,
+        *,
+        clock: Callable[[], str] = utc_now,
+        stats: WorkerStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.cards = cards
+        self.clock = clock
+        self.stats = stats or WorkerStats()
+        self.ledgers: dict[int, Ledger] = {}
+        self._dirty: dict[int, set[tuple[str, str]]] = defaultdict(set)
+        self._dirty_since: float | None = None
+        self._homes: dict[str, int] = {}
+        self._n_home = config.partitions
+        self._co_partitioned = True
+        self._lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._restore: AIOKafkaConsumer | None = None
+        self._last_flush = 0.0
+        self._last_progress = time.monotonic()
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; then publish, commit and leave the group."""
+        if not await self._connect(stop):
+            return
+        try:
+            await self._loop(stop)
+        finally:
+            await self._shutdown()
+
+    async def _connect(self, stop: asyncio.Event) -> bool:
+        """Create topics and clients, retrying while the broker is unreachable."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._start_clients()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                await self._close_clients()
+                log.warning(
+                    "broker %s not usable yet (%s: %s); retrying in %.1fs",
+                    self.settings.bootstrap,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                return True
+        return False
+
+    async def _start_clients(self) -> None:
+        t = self.config.topics
+        await ensure_topics(self.settings, self.config.topic_specs())
+        counts = await describe_partitions(self.settings, [t.jobs, t.by_tenant, t.changelog])
+        self._n_home = counts[t.by_tenant]
+        if counts[t.changelog] != self._n_home:
+            raise KafkaError(
+                f"{t.changelog} has {counts[t.changelog]} partitions but {t.by_tenant} has "
+                f"{self._n_home}; they must match"
+            )
+        self._co_partitioned = counts[t.jobs] == self._n_home
+        if not self._co_partitioned:
+            log.warning(
+                "%s has %d partitions and %s %d: every event will be forwarded to its "
+                "tenant's home partition (slower; create them with the same count)",
+                t.jobs,
+                counts[t.jobs],
+                t.by_tenant,
+                self._n_home,
+            )
+        self._producer = await self._start_producer()
+        kw = self.settings.client_kwargs()
+        self._restore = AIOKafkaConsumer(
+            **kw, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await self._restore.start()
+        self._consumer = AIOKafkaConsumer(
+            **kw,
+            group_id=self.config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            max_poll_interval_ms=300_000,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_wait_ms=100,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([t.jobs, t.by_tenant], listener=_Rebalance(self))
+        log.info(
+            "worker started: broker %s, group %s, %d home partitions; reading %s",
+            self.settings.bootstrap,
+            self.config.group_id,
+            self._n_home,
+            t.jobs,
+        )
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        kw = self.settings.client_kwargs()
+        common = {
+            "acks": "all",
+            "linger_ms": 5,
+            "max_batch_size": 1024 * 1024,
+            "max_request_size": 8 * 1024 * 1024,
+            "request_timeout_ms": 30_000,
+        }
+        if self.config.idempotence in ("auto", "on"):
+            producer = AIOKafkaProducer(**kw, **common, enable_idempotence=True)
+            try:
+                # InitProducerId is part of start(); the embedded broker fails it.
+                await producer.start()
+            except KafkaError as exc:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                if self.config.idempotence == "on":
+                    raise
+                log.warning(
+                    "broker does not support idempotent producers (%s); using acks=all "
+                    "without idempotence: totals stay exact because state is join-shaped, "
+                    "a retried write is at worst written twice",
+                    exc,
+                )
+            else:
+                return producer
+        producer = AIOKafkaProducer(**kw, **common)
+        await producer.start()
+        return producer
+
+    async def _close_clients(self) -> None:
+        for consumer in (self._consumer, self._restore):
+            if consumer is not None:
+                await close_consumer(consumer, max_seconds=5.0)
+        if self._producer is not None:
+            try:
+                await asyncio.wait_for(self._producer.stop(), 5.0)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning("producer did not stop cleanly: %s", exc)
+        self._consumer = self._restore = self._producer = None
+
+    async def _shutdown(self) -> None:
+        try:
+            async with self._lock:
+                await asyncio.wait_for(self._flush(force=True), 10.0)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.warning("could not publish the last usage records on shutdown: %s", exc)
+        await self._close_clients()
+        log.info("worker stopped: %s", self._summary())
+
+    # ------------------------------------------------------------------ main loop
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.ensure_future(
+                    consumer.getmany(timeout_ms=200, max_records=self.config.max_batch)
+                )
+                done, _ = await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if fetch not in done:
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                        await fetch
+                    break
+                try:
+                    batch = fetch.result()
+                except KafkaError as exc:
+                    log.warning("fetch failed (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if batch:
+                    async with self._lock:
+                        await self._process(batch, stop)
+                if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
+                    async with self._lock:
+                        await self._flush()
+                self._progress()
+        finally:
+            stopper.cancel()
+
+    async def _process(
+        self, batch: dict[TopicPartition, list[object]], stop: asyncio.Event
+    ) -> None:
+        arrived = time.monotonic()
+        t = self.config.topics
+        cards = self.cards
+        ledgers = self.ledgers
+        tally = self.stats.tally
+        changes: dict[int, list[Entry]] = defaultdict(list)
+        forwards: list[tuple[int, bytes, bytes]] = []
+        rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        offsets: dict[TopicPartition, int] = {}
+        now = self.clock()
+        for tp, records in batch.items():
+            from_jobs = tp.topic == t.jobs
+            if not from_jobs and tp.partition not in ledgers:
+                continue  # revoked while this batch was in flight: the new owner reads it
+            for rec in records:
+                value: bytes | None = rec.value  # type: ignore[attr-defined]
+                if value is None:
+                    result: Event | Rejected = Rejected("invalid_json", "message has no value")
+                    raw = b""
+                else:
+                    raw = value
+                    result = parse(raw)
+                if result.__class__ is Rejected:
+                    assert isinstance(result, Rejected)
+                    tally.rejected += 1
+                    rejects.append(self._reject(rec, raw, result, now))
+                    continue
+                assert isinstance(result, Event)
+                rate = cards.rate(result)
+                if rate is None:
+                    tally.rejected += 1
+                    rejects.append(self._reject(rec, raw, no_ratecard(result, cards), now))
+                    continue
+                if result.result == "failed":
+                    tally.not_counted += 1
+                    continue
+                tenant = result.tenant_id
+                home = self._homes.get(tenant)
+                if home is None:
+                    home = self._homes[tenant] = (murmur2(tenant.encode()) & 0x7FFFFFFF) % (
+                        self._n_home
+                    )
+                if from_jobs:
+                    if not (self._co_partitioned and home == tp.partition):
+                        forwards.append((home, tenant.encode(), raw))
+                        self.stats.forwarded += 1
+                        continue
+                elif home != tp.partition:
+                    forwards.append((home, tenant.encode(), raw))  # misrouted: send it home
+                    self.stats.forwarded += 1
+                    continue
+                ledger = ledgers.get(home)
+                if ledger is None:
+                    # Not ours (a stale batch during a rebalance): leave it uncommitted.
+                    break
+                month = result.month
+                if ledger.add(tenant, month, result.workload_type, result.workload_id, rate):
+                    tally.counted += 1
+                    changes[home].append(
+                        (tenant, month, result.workload_type, result.workload_id, rate)
+                    )
+                    self._dirty[home].add((tenant, month))
+                else:
+                    tally.duplicate += 1
+            else:
+                offsets[tp] = records[-1].offset + 1  # type: ignore[attr-defined]
+        self.stats.batches += 1
+        await self._write(changes, forwards, rejects, stop)
+        await self._commit(offsets)
+        if changes and self._dirty_since is None:
+            self._dirty_since = arrived
+
+    def _reject(
+        self, rec: object, raw: bytes, why: Rejected, now: str
+    ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+        topic, partition, offset = rec.topic, rec.partition, rec.offset  # type: ignore[attr-defined]
+        log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
+        headers = rejected_headers(why.reason, why.code, topic, partition, offset, now)
+        return rec.key, raw, headers  # type: ignore[attr-defined]
+
+    async def _write(
+        self,
+        changes: dict[int, list[Entry]],
+        forwards: list[tuple[int, bytes, bytes]],
+        rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Write everything a batch caused and wait for acks=all, retrying on failure.
+
+        Retrying re-sends the lot; every write is a fact (a ledger entry, a
+        forwarded event, a rejection), so a second copy changes no total.
+        """
+        if not (changes or forwards or rejects):
+            return
+        t = self.config.topics
+        delay = 0.5
+        while True:
+            producer = self._producer
+            assert producer is not None
+            try:
+                futures = []
+                for home, entries in changes.items():
+                    for i in range(0, len(entries), CHANGELOG_CHUNK):
+                        value = encode_changelog(entries[i : i + CHANGELOG_CHUNK])
+                        futures.append(await producer.send(t.changelog, value, partition=home))
+                        self.stats.changelog_records += 1
+                for home, key, raw in forwards:
+                    futures.append(await producer.send(t.by_tenant, raw, key=key, partition=home))
+                for rkey, raw, headers in rejects:
+                    futures.append(await producer.send(t.rejected, raw, key=rkey, headers=headers))
+                await asyncio.gather(*futures)
+            except (KafkaError, OSError) as exc:
+                log.warning(
+                    "writing %d changelog entries, %d forwards and %d rejections failed "
+                    "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
+                    sum(len(e) for e in changes.values()),
+                    len(forwards),
+                    len(rejects),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                if stop.is_set() and delay >= 10.0:
+                    raise
+            else:
+                return
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            await consumer.commit(offsets)
+        except (KafkaError, OSError, AssertionError) as exc:
+            # A rebalance took these partitions: their new owner replays from the
+            # last commit, which the join makes harmless.
+            log.warning(
+                "commit of %d partitions failed (%s); they will be replayed", len(offsets), exc
+            )
+
+    async def _flush(self, *, force: bool = False) -> None:
+        """Publish the usage record of every tenant-month that changed."""
+        self._last_flush = time.monotonic()
+        if not any(self._dirty.values()):
+            return
+        producer = self._producer
+        if producer is None:
+            return
+        t = self.config.topics
+        now = self.clock()
+        futures = []
+        sent = 0
+        for home, keys in self._dirty.items():
+            ledger = self.ledgers.get(home)
+            if ledger is None:
+                continue
+            for tenant, month in keys:
+                tm = ledger.tenant_month(tenant, month)
+                if tm is None:
+                    continue
+                futures.append(
+                    await producer.send(
+                        t.usage, encode_usage(tm, now), key=usage_key(tenant, month)
+                    )
+                )
+                sent += 1
+        try:
+            await asyncio.gather(*futures)
+        except (KafkaError, OSError) as exc:
+            log.warning("publishing %d usage records failed (%s); will retry", sent, exc)
+            return
+        self._dirty.clear()
+        self.stats.published += sent
+        if self._dirty_since is not None:
+            self.stats.latencies.append(time.monotonic() - self._dirty_since)
+            del self.stats.latencies[:-10_000]
+            self._dirty_since = None
+        if force:
+            log.debug("published %d usage records", sent)
+
+    # ------------------------------------------------------------------ rebalance
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        homes = {tp.partition for tp in revoked if tp.topic == self.config.topics.by_tenant}
+        async with self._lock:
+            self.stats.rebalances += 1
+            if homes:
+                try:
+                    await asyncio.wait_for(self._flush(force=True), 10.0)
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    log.warning("could not publish usage before giving partitions up: %s", exc)
+            for home in homes:
+                self.ledgers.pop(home, None)
+                self._dirty.pop(home, None)
+        if homes:
+            log.info("gave up home partitions %s", sorted(homes))
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        homes = sorted(
+            tp.partition
+            for tp in assigned
+            if tp.topic == self.config.topics.by_tenant and tp.partition not in self.ledgers
+        )
+        async with self._lock:
+            if homes:
+                started = time.monotonic()
+                entries = await self._recover(homes)
+                log.info(
+                    "took home partitions %s: recovered %d ledger entries in %.2fs",
+                    homes,
+                    entries,
+                    time.monotonic() - started,
+                )
+        self.ready.set()
+
+    async def _recover(self, homes: list[int]) -> int:
+        """Rebuild the ledgers of ``homes`` from the changelog, up to its end."""
+        restore = self._restore
+        assert restore is not None
+        tps = [TopicPartition(self.config.topics.changelog, p) for p in homes]
+        ledgers = {p: Ledger() for p in homes}
+        restore.assign(tps)
+        await restore.seek_to_beginning(*tps)
+        targets: dict[TopicPartition, int] = {}
+        remaining = set(tps)
+        total = 0
+        while remaining:
+            for tp in list(remaining):
+                if tp not in targets:
+                    hw = restore.highwater(tp)
+                    if hw is None:
+                        continue
+                    targets[tp] = hw
+                if await restore.position(tp) >= targets[tp]:
+                    remaining.discard(tp)
+            if not remaining:
+                break
+            batch = await restore.getmany(*remaining, timeout_ms=200, max_records=10_000)
+            for tp, records in batch.items():
+                if tp not in targets:
+                    hw = restore.highwater(tp)
+                    targets[tp] = hw if hw is not None else records[-1].offset + 1
+                ledger = ledgers[tp.partition]
+                for rec in records:
+                    if rec.offset >= targets[tp] or not rec.value:
+                        continue
+                    try:
+                        for entry in decode_changelog(rec.value):
+                            ledger.add(*entry)
+                            total += 1
+                    except ChangelogError as exc:
+                        log.error(  # noqa: TRY400 - the traceback adds nothing
+                            "%s[%d]@%d unreadable changelog record skipped: %s",
+                            tp.topic,
+                            tp.partition,
+                            rec.offset,
+                            exc,
+                        )
+        restore.assign([])
+        for p, ledger in ledgers.items():
+            self.ledgers[p] = ledger
+            self._dirty[p].update((tm.tenant_id, tm.month) for tm in ledger.tenant_months())
+        self.stats.recovered_entries += total
+        return total
+
+    # ------------------------------------------------------------------ reporting
+
+    def _summary(self) -> str:
+        s = self.stats
+        return (
+            f"{s.tally.read} events ({s.tally.counted} counted, {s.tally.duplicate} duplicate, "
+            f"{s.tally.not_counted} not counted, {s.tally.rejected} rejected), "
+            f"{s.forwarded} forwarded, {s.published} usage records published"
+        )
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= 10.0:
+            self._last_progress = now
+            log.info("progress: %s", self._summary())
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.worker.on_assigned(assigned)
