@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from meter.sim.fleet import generate
 from meter.domain import Rater, load_ratecards
+from meter.sim.fleet import generate
 
 OUT = Path(__file__).parent / "out"
 

@@ -41,6 +41,7 @@ class StreamConfig:
     #: Publish a tenant-month's usage record at most this often.
     flush_interval_s: float = 0.25
     max_batch: int = 10_000
+    commit_timeout_s: float = 15.0
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     #: "auto": idempotent producer where the broker supports it (Apache Kafka),

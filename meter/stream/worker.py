@@ -408,8 +408,9 @@ class Worker:
         consumer = self._consumer
         assert consumer is not None
         try:
-            await consumer.commit(offsets)
-        except (KafkaError, OSError, AssertionError) as exc:
+            # aiokafka's commit waits forever for a coordinator that is gone.
+            await asyncio.wait_for(consumer.commit(offsets), self.config.commit_timeout_s)
+        except (KafkaError, OSError, AssertionError, TimeoutError) as exc:
             # A rebalance took these partitions: their new owner replays from the
             # last commit, which the join makes harmless.
             log.warning(

@@ -1,0 +1,138 @@
+"""Driving the meter as a user does: real processes against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meter.domain import Rater, UsageRow, load_ratecards
+from meter.kafka import KafkaSettings, read_to_end
+from meter.stream.send import send_lines
+from meter.stream.usage import read_usage, usage_rows
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+def expected_usage(lines: Iterable[bytes]) -> list[UsageRow]:
+    r = Rater(load_ratecards())
+    for line in lines:
+        if line.strip():
+            r.feed(line)
+    return r.ledger.usage()
+
+
+@dataclass
+class Names:
+    """Topic and group names unique to one test (the broker is shared)."""
+
+    suffix: str
+    jobs: str = ""
+    usage: str = ""
+    rejected: str = ""
+    group: str = ""
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.jobs = f"jobs-{self.suffix}"
+        self.usage = f"usage-{self.suffix}"
+        self.rejected = f"rejected-{self.suffix}"
+        self.group = f"meter-{self.suffix}"
+
+    def worker_args(self) -> list[str]:
+        return [
+            "--jobs-topic", self.jobs,
+            "--usage-topic", self.usage,
+            "--rejected-topic", self.rejected,
+            "--group", self.group,
+            "--session-timeout-ms", "6000",
+            *self.extra,
+        ]  # fmt: skip
+
+
+class WorkerProcess:
+    """``meter worker`` as a child process, logging to tests/artifacts/."""
+
+    def __init__(self, bootstrap: str, names: Names, tag: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"worker-{names.suffix}-{tag}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meter", "worker", "--broker", bootstrap, *names.worker_args()],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def send(settings: KafkaSettings, topic: str, lines: Iterable[bytes]) -> int:
+    return asyncio.run(send_lines(settings, topic, lines))
+
+
+def current_usage(settings: KafkaSettings, topic: str) -> list[UsageRow]:
+    try:
+        return usage_rows(asyncio.run(read_usage(settings, topic)))
+    except Exception:  # noqa: BLE001 - topic not created yet
+        return []
+
+
+def wait_for_usage(
+    settings: KafkaSettings,
+    topic: str,
+    expected: list[UsageRow],
+    timeout: float = 90.0,
+    workers: Iterable[WorkerProcess] = (),
+) -> list[UsageRow]:
+    deadline = time.monotonic() + timeout
+    got: list[UsageRow] = []
+    while time.monotonic() < deadline:
+        got = current_usage(settings, topic)
+        if got == expected:
+            return got
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker exited {w.proc.returncode}:\n{w.log()}")
+        time.sleep(0.5)
+    diff = sorted(set(got) ^ set(expected), key=lambda r: (r.month, r.tenant_id, r.workload_type))
+    logs = "\n".join(w.log()[-3000:] for w in workers)
+    raise AssertionError(f"usage never matched; differing rows: {diff[:20]}\n{logs}")
+
+
+def read_all(settings: KafkaSettings, topic: str) -> list[object]:
+    return list(asyncio.run(read_to_end(settings, topic)))
