@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from meter import __version__
 from meter.cli import broker, rate, stream
+from meter.cli import run as run_cmd
 from meter.errors import MeterError
 
 log = logging.getLogger("meter")
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_parser(sub)
     broker.add_parser(sub)
     stream.add_parsers(sub)
+    run_cmd.add_parsers(sub)
     return parser
 
 

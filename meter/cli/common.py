@@ -34,7 +34,10 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--usage-topic", default=DEFAULTS.usage)
     g.add_argument("--rejected-topic", default=DEFAULTS.rejected)
     g.add_argument(
-        "--session-timeout-ms", type=int, default=10_000, help="consumer group session timeout"
+        "--session-timeout-ms",
+        type=int,
+        default=10_000,
+        help="consumer group session timeout; a group join waits half of it [10000]",
     )
     g.add_argument(
         "--idempotence",

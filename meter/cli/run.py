@@ -1,0 +1,218 @@
+"""``meter run`` (the whole meter on one machine) and ``meter demo`` (plus a simulated fleet)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiokafka import AIOKafkaProducer
+
+from meter.broker import EmbeddedBroker
+from meter.cli.common import add_stream_arguments, run_until_signalled, stream_config
+from meter.domain import Rater, UsageRow, load_ratecards
+from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args
+from meter.kafka.settings import ENV_BROKER
+from meter.report import UsageReport, render
+from meter.sim.fleet import generate
+from meter.stream.config import StreamConfig
+from meter.stream.send import tenant_key
+from meter.stream.usage import read_usage, usage_rows
+from meter.stream.worker import Worker, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser(
+        "run",
+        help="the whole meter on one machine (starts the embedded broker if none is given)",
+        description="Run a worker; with no --broker (or METER_BROKER) start the embedded "
+        "broker first (memory only). Prints where everything listens. Ctrl-C stops it.",
+    )
+    add_kafka_arguments(r)
+    add_stream_arguments(r)
+    r.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
+    r.set_defaults(func=run)
+
+    d = sub.add_parser(
+        "demo",
+        help="meter run plus a simulated fleet of tenants, then the report",
+        description="Start the meter, simulate tenants' job systems emitting events (license "
+        "changes, duplicates, failures, bad events), show live progress, print the report.",
+    )
+    add_kafka_arguments(d)
+    add_stream_arguments(d)
+    d.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
+    d.add_argument("--events", type=int, default=20_000, help="events to emit [20000]")
+    d.add_argument("--rate", type=float, default=2_000.0, help="events per second [2000]")
+    d.add_argument("--tenants", type=int, default=12, help="simulated tenants [12]")
+    d.set_defaults(func=demo, session_timeout_ms=6_000)
+
+
+@contextlib.asynccontextmanager
+async def meter_stack(
+    args: argparse.Namespace, stop: asyncio.Event, stats: WorkerStats
+) -> AsyncIterator[tuple[KafkaSettings, StreamConfig, Worker]]:
+    """The broker (embedded unless one is given) and a worker running in this process."""
+    settings = settings_from_args(args)
+    config = stream_config(args)
+    cards = load_ratecards(args.ratecard)
+    embedded: EmbeddedBroker | None = None
+    if args.broker is None and not os.environ.get(ENV_BROKER):
+        embedded = EmbeddedBroker(args.broker_port).start()
+        settings = settings.with_bootstrap(embedded.bootstrap)
+        say(
+            f"embedded Kafka-protocol broker (Tansu) on {embedded.bootstrap} — MEMORY ONLY: "
+            "everything is lost when meter stops"
+        )
+    else:
+        say(f"Kafka broker: {settings}")
+    worker = Worker(settings, config, cards, stats=stats)
+    task = asyncio.create_task(worker.run(stop), name="meter-worker")
+    say(
+        f"worker: group {config.group_id}, reading {config.topics.jobs}, totals on "
+        f"{config.topics.usage}, rejected messages on {config.topics.rejected}"
+    )
+    try:
+        yield settings, config, worker
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        except TimeoutError:
+            log.warning("worker did not stop within 30s")
+        if embedded is not None:
+            embedded.stop()
+
+
+def say(text: str) -> None:
+    print(f"meter: {text}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+
+    async def main() -> int:
+        async with meter_stack(args, stop, WorkerStats()) as (_, _, _):
+            say("running; Ctrl-C to stop")
+            await stop.wait()
+        return 0
+
+    return run_until_signalled(main(), stop)
+
+
+def demo(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    # Rejections are the demo's point, not news: they are on the rejected topic.
+    logging.getLogger("meter.stream.worker").setLevel(logging.ERROR)
+    logging.getLogger("meter.kafka").setLevel(logging.WARNING)
+    logging.getLogger("meter.broker").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    stats = WorkerStats()
+
+    async def main() -> int:
+        lines = list(generate(args.events, seed=42, tenants=args.tenants, workloads=15))
+        rater = Rater(load_ratecards(args.ratecard))
+        for line in lines:
+            rater.feed(line)
+        expected = rater.ledger.usage()
+        async with meter_stack(args, stop, stats) as (settings, config, worker):
+            say("waiting for the worker to join its consumer group ...")
+            ready = asyncio.ensure_future(worker.ready.wait())
+            await asyncio.wait(
+                {ready, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+            say(
+                f"emitting {len(lines)} job events from {args.tenants} simulated tenants at "
+                f"{args.rate:.0f}/s (duplicates, failures, license changes, bad events)"
+            )
+            progress = Progress(stats, len(lines))
+            await emit(settings, config.topics.jobs, lines, args.rate, stop, progress.sent)
+            print(file=sys.stderr)
+            say("all events sent; waiting for the totals on the usage topic")
+            rows: list[UsageRow] = []
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                rows = usage_rows(await read_usage(settings, config.topics.usage))
+                progress.show(final=False)
+                if rows == expected and stats.tally.read >= len(lines):
+                    break
+                await asyncio.sleep(0.5)
+            progress.show(final=True)
+        if stop.is_set() and rows != expected:
+            return 130
+        t = stats.tally
+        sys.stdout.write(render(UsageReport(usage=rows), "table"))
+        print(
+            f"\n{len(lines)} events emitted by {args.tenants} simulated tenants: "
+            f"{t.counted} counted, {t.duplicate} duplicate, {t.not_counted} not counted (failed), "
+            f"{t.rejected} rejected (on {config.topics.rejected} with their reasons)."
+        )
+        same = rows == expected
+        print(
+            "The totals read back from the usage topic "
+            + ("equal" if same else "DO NOT equal")
+            + " `meter rate` over the same events."
+        )
+        return 0 if same else 1
+
+    return run_until_signalled(main(), stop)
+
+
+class Progress:
+    def __init__(self, stats: WorkerStats, total: int) -> None:
+        self.stats = stats
+        self.total = total
+        self.n_sent = 0
+        self._last = 0.0
+
+    def sent(self, n: int) -> None:
+        self.n_sent = n
+        self.show(final=False)
+
+    def show(self, *, final: bool) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < 0.2:
+            return
+        self._last = now
+        t = self.stats.tally
+        line = (
+            f"\rsent {self.n_sent}/{self.total} | processed {t.read}: {t.counted} counted, "
+            f"{t.duplicate} duplicate, {t.not_counted} not counted, {t.rejected} rejected | "
+            f"{self.stats.published} usage records published"
+        )
+        end = "\n" if final else ""
+        print(line, end=end, file=sys.stderr, flush=True)
+
+
+async def emit(
+    settings: KafkaSettings,
+    topic: str,
+    lines: list[bytes],
+    rate: float,
+    stop: asyncio.Event,
+    on_progress: Callable[[int], None],
+) -> None:
+    """Produce ``lines`` at about ``rate`` per second, as job systems would."""
+    producer = AIOKafkaProducer(**settings.client_kwargs(), acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        started = time.monotonic()
+        step = max(1, int(rate / 50))
+        for i in range(0, len(lines), step):
+            if stop.is_set():
+                return
+            for line in lines[i : i + step]:
+                await producer.send(topic, line, key=tenant_key(line))
+            due = started + (i + step) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            on_progress(min(i + step, len(lines)))
+        await producer.flush()
+    finally:
+        await producer.stop()
