@@ -34,7 +34,7 @@ test: lint $(STAMP)
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/meter rate examples/sample.jsonl
+	$(BIN)/meter demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_rate --events 1000000

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from meter import __version__
-from meter.cli import broker, rate, stream
+from meter.cli import broker, logs, rate, stream
 from meter.cli import run as run_cmd
 from meter.errors import MeterError
 
@@ -35,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if logging.getLogger().level > logging.DEBUG:
-        # aiokafka narrates every group join at INFO; its warnings still show.
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logs.configure(args.log_level)
     try:
         return int(args.func(args))
     except MeterError as exc:

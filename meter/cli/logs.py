@@ -1,0 +1,51 @@
+"""Logging set-up for the commands: one line per event, repeats collapsed.
+
+aiokafka logs each failed reconnect at ERROR (about 70 lines a second while a
+broker is down).  :class:`RepeatFilter` lets the first of a kind through, holds
+back the same message template for ``window`` seconds, then lets one through
+again saying how many were held back.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Final
+
+FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RepeatFilter(logging.Filter):
+    def __init__(self, window: float = 10.0, prefixes: tuple[str, ...] = ("aiokafka",)) -> None:
+        super().__init__()
+        self.window = window
+        self.prefixes = prefixes
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is None or now - last[0] >= self.window:
+            held = last[1] if last else 0
+            self._seen[key] = (now, 0)
+            if held:
+                record.msg = f"{record.msg} [{held} more like this in the last {self.window:.0f}s]"
+            return True
+        self._seen[key] = (last[0], last[1] + 1)
+        return False
+
+
+def configure(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RepeatFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if root.level > logging.DEBUG:
+        # aiokafka narrates every group join at INFO; its warnings still show.
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
