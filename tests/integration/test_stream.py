@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from jsonschema import Draft202012Validator, FormatChecker
 
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
@@ -27,6 +28,7 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 
 TRICKY = Path(__file__).resolve().parents[1] / "cli" / "tricky.jsonl"
+USAGE_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "usage-record.v1.schema.json"
 
 
 def shuffled_with_duplicates(lines: list[bytes], seed: int) -> list[bytes]:
@@ -57,6 +59,17 @@ def test_streaming_totals_equal_meter_rate(kafka_settings: KafkaSettings, unique
                 for r in rows] == [
             (u.month, u.tenant_id, u.workload_type, u.workloads, u.points) for u in expected
         ]  # fmt: skip
+        # Every record on the usage topic follows the documented schema and adds up.
+        validator = Draft202012Validator(
+            orjson.loads(USAGE_SCHEMA.read_bytes()), format_checker=FormatChecker()
+        )
+        for rec in read_all(kafka_settings, names.usage):
+            doc = orjson.loads(rec.value)  # type: ignore[attr-defined]
+            validator.validate(doc)
+            assert rec.key == f"{doc['tenant_id']}/{doc['month']}".encode()  # type: ignore[attr-defined]
+            assert doc["workloads"] == sum(u["workloads"] for u in doc["usage"].values())
+            assert doc["points"] == sum(u["points"] for u in doc["usage"].values())
+            assert doc["revision"] == doc["workloads"] + doc["points"]
     finally:
         assert worker.terminate() == 0, worker.log()
     log = worker.log()
