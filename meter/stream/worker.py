@@ -94,6 +94,7 @@ class Worker:
         self._dirty: dict[int, set[tuple[str, str]]] = defaultdict(set)
         self._dirty_since: float | None = None
         self._homes: dict[str, int] = {}
+        self._revoked: set[int] = set()
         self._n_home = config.partitions
         self._co_partitioned = True
         self._lock = asyncio.Lock()
@@ -460,33 +461,43 @@ class Worker:
     # ------------------------------------------------------------------ rebalance
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        homes = {tp.partition for tp in revoked if tp.topic == self.config.topics.by_tenant}
+        """Publish what changed; keep the ledgers until the new assignment is known.
+
+        aiokafka's eager protocol revokes everything and then assigns, in one
+        rebalance.  A home partition in both keeps its ledger (nobody else can have
+        owned it in between); one not assigned again is dropped in ``on_assigned``.
+        """
         async with self._lock:
             self.stats.rebalances += 1
-            if homes:
+            self._revoked = {
+                tp.partition for tp in revoked if tp.topic == self.config.topics.by_tenant
+            }
+            if self._revoked:
                 try:
                     await asyncio.wait_for(self._flush(force=True), 10.0)
                 except (TimeoutError, KafkaError, OSError) as exc:
-                    log.warning("could not publish usage before giving partitions up: %s", exc)
-            for home in homes:
-                self.ledgers.pop(home, None)
-                self._dirty.pop(home, None)
-        if homes:
-            log.info("gave up home partitions %s", sorted(homes))
+                    log.warning("could not publish usage before a rebalance: %s", exc)
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        homes = sorted(
-            tp.partition
-            for tp in assigned
-            if tp.topic == self.config.topics.by_tenant and tp.partition not in self.ledgers
-        )
+        homes = {tp.partition for tp in assigned if tp.topic == self.config.topics.by_tenant}
         async with self._lock:
-            if homes:
+            gone = sorted(set(self.ledgers) - homes)
+            for home in gone:
+                self.ledgers.pop(home, None)
+                self._dirty.pop(home, None)
+            if gone:
+                log.info("gave up home partitions %s", gone)
+            # Kept only if revoked and assigned in this same rebalance.
+            for home in set(self.ledgers) - self._revoked:
+                self.ledgers.pop(home, None)
+            self._revoked = set()
+            new = sorted(homes - set(self.ledgers))
+            if new:
                 started = time.monotonic()
-                entries = await self._recover(homes)
+                entries = await self._recover(new)
                 log.info(
                     "took home partitions %s: recovered %d ledger entries in %.2fs",
-                    homes,
+                    new,
                     entries,
                     time.monotonic() - started,
                 )
