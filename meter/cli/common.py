@@ -7,10 +7,18 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from meter.observe.http import build_app, serve
+from meter.observe.metrics import instrument, recent_months
+from meter.observe.usage_view import UsageView
 from meter.stream.config import StreamConfig, Topics
+from meter.stream.worker import Worker
 
 log = logging.getLogger(__name__)
 DEFAULTS = Topics()
@@ -45,6 +53,61 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="idempotent producer: auto uses it where the broker supports it [auto]",
     )
+
+
+def add_http_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
+    g = p.add_argument_group("HTTP (metrics, health, status page)")
+    g.add_argument("--http-host", default="127.0.0.1", help="address to serve on [127.0.0.1]")
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=default_port,
+        help=f"port to serve /metrics (and /healthz) on; 0 = any free port, -1 = off "
+        f"[{default_port}]",
+    )
+    g.add_argument(
+        "--metrics-months",
+        type=int,
+        default=2,
+        metavar="N",
+        help="export usage gauges for the current and N-1 previous UTC months [2]",
+    )
+
+
+async def start_http(
+    args: argparse.Namespace,
+    worker: Worker,
+    registry: CollectorRegistry,
+    view: UsageView | None = None,
+) -> web.AppRunner | None:
+    """Serve /metrics (and the status page when ``view`` is given) if enabled."""
+    instrument(worker, registry, recent_months(args.metrics_months))
+    if args.http_port < 0:
+        return None
+    app = build_app(registry, view, ready=worker.ready.is_set)
+    try:
+        runner, port = await serve(app, args.http_host, args.http_port)
+    except OSError as exc:
+        if args.http_port == 0:
+            raise
+        log.warning(
+            "cannot serve on %s:%d (%s); using a free port instead",
+            args.http_host,
+            args.http_port,
+            exc.strerror,
+        )
+        runner, port = await serve(app, args.http_host, 0)
+    base = f"http://{args.http_host}:{port}"
+    log.info("metrics on %s/metrics", base)
+    if view is not None:
+        print(
+            f"meter: status page on {base}/ (JSON: {base}/api/usage?month=YYYY-MM)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"meter: Prometheus metrics on {base}/metrics", file=sys.stderr, flush=True)
+    worker.http_url = base
+    return runner
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:

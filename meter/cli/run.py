@@ -12,12 +12,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
 
 from meter.broker import EmbeddedBroker
-from meter.cli.common import add_stream_arguments, run_until_signalled, stream_config
+from meter.cli.common import (
+    add_http_arguments,
+    add_stream_arguments,
+    run_until_signalled,
+    start_http,
+    stream_config,
+)
 from meter.domain import Rater, UsageRow, load_ratecards
 from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args
 from meter.kafka.settings import ENV_BROKER
+from meter.observe.usage_view import UsageView
 from meter.report import UsageReport, render
 from meter.sim.fleet import generate
 from meter.stream.config import StreamConfig
@@ -38,6 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_kafka_arguments(r)
     add_stream_arguments(r)
     r.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
+    add_http_arguments(r, default_port=8080)
     r.set_defaults(func=run)
 
     d = sub.add_parser(
@@ -49,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_kafka_arguments(d)
     add_stream_arguments(d)
     d.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
+    add_http_arguments(d, default_port=0)
     d.add_argument("--events", type=int, default=20_000, help="events to emit [20000]")
     d.add_argument("--rate", type=float, default=2_000.0, help="events per second [2000]")
     d.add_argument("--tenants", type=int, default=12, help="simulated tenants [12]")
@@ -74,6 +84,9 @@ async def meter_stack(
     else:
         say(f"Kafka broker: {settings}")
     worker = Worker(settings, config, cards, stats=stats)
+    view = UsageView(settings, config.topics.usage)
+    view_task = asyncio.create_task(view.run(stop), name="meter-usage-view")
+    runner = await start_http(args, worker, CollectorRegistry(), view)
     task = asyncio.create_task(worker.run(stop), name="meter-worker")
     say(
         f"worker: group {config.group_id}, reading {config.topics.jobs}, totals on "
@@ -87,6 +100,10 @@ async def meter_stack(
             await asyncio.wait_for(task, 30)
         except TimeoutError:
             log.warning("worker did not stop within 30s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(view_task, 10)
+        if runner is not None:
+            await runner.cleanup()
         if embedded is not None:
             embedded.stop()
 

@@ -7,7 +7,15 @@ import asyncio
 import logging
 import sys
 
-from meter.cli.common import add_stream_arguments, run_until_signalled, stream_config
+from prometheus_client import CollectorRegistry
+
+from meter.cli.common import (
+    add_http_arguments,
+    add_stream_arguments,
+    run_until_signalled,
+    start_http,
+    stream_config,
+)
 from meter.cli.rate import open_input
 from meter.domain import load_ratecards
 from meter.kafka import add_kafka_arguments, settings_from_args
@@ -28,6 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     add_kafka_arguments(w)
     add_stream_arguments(w)
+    add_http_arguments(w, default_port=9464)
     w.set_defaults(func=worker)
 
     s = sub.add_parser(
@@ -63,7 +72,13 @@ def worker(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
 
     async def main() -> int:
-        await Worker(settings, config, cards).run(stop)
+        w = Worker(settings, config, cards)
+        runner = await start_http(args, w, CollectorRegistry())
+        try:
+            await w.run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
         return 0
 
     return run_until_signalled(main(), stop)

@@ -71,8 +71,9 @@ class WorkerStats:
     batches: int = 0
     recovered_entries: int = 0
     rebalances: int = 0
-    #: Wall-clock seconds from a batch's arrival to its totals being published.
-    latencies: list[float] = field(default_factory=list)
+    rejected_by_code: dict[str, int] = field(default_factory=dict)
+    #: Unix time of the newest job event processed (0 before the first).
+    newest_event_ts: float = 0.0
 
 
 class Worker:
@@ -91,8 +92,12 @@ class Worker:
         self.clock = clock
         self.stats = stats or WorkerStats()
         self.ledgers: dict[int, Ledger] = {}
-        self._dirty: dict[int, set[tuple[str, str]]] = defaultdict(set)
-        self._dirty_since: float | None = None
+        #: home -> (tenant, month) -> earliest Kafka timestamp (ms) of a change not yet published
+        self._dirty: dict[int, dict[tuple[str, str], int]] = defaultdict(dict)
+        #: (topic, partition) -> next offset to process
+        self._positions: dict[tuple[str, int], int] = {}
+        #: Called with each published record's event-to-total latency (seconds).
+        self.on_latency: Callable[[float], None] | None = None
         self._homes: dict[str, int] = {}
         self._revoked: set[int] = set()
         self._n_home = config.partitions
@@ -104,6 +109,8 @@ class Worker:
         self._last_flush = 0.0
         self._last_progress = time.monotonic()
         self.ready = asyncio.Event()
+        #: Where this worker serves /metrics, once it does (for logs and tests).
+        self.http_url: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -274,7 +281,6 @@ class Worker:
     async def _process(
         self, batch: dict[TopicPartition, list[object]], stop: asyncio.Event
     ) -> None:
-        arrived = time.monotonic()
         t = self.config.topics
         cards = self.cards
         ledgers = self.ledgers
@@ -284,6 +290,7 @@ class Worker:
         rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
         offsets: dict[TopicPartition, int] = {}
         now = self.clock()
+        last_time = ""
         for tp, records in batch.items():
             from_jobs = tp.topic == t.jobs
             if not from_jobs and tp.partition not in ledgers:
@@ -298,15 +305,14 @@ class Worker:
                     result = parse(raw)
                 if result.__class__ is Rejected:
                     assert isinstance(result, Rejected)
-                    tally.rejected += 1
                     rejects.append(self._reject(rec, raw, result, now))
                     continue
                 assert isinstance(result, Event)
                 rate = cards.rate(result)
                 if rate is None:
-                    tally.rejected += 1
                     rejects.append(self._reject(rec, raw, no_ratecard(result, cards), now))
                     continue
+                last_time = result.time
                 if result.result == "failed":
                     tally.not_counted += 1
                     continue
@@ -335,21 +341,51 @@ class Worker:
                     changes[home].append(
                         (tenant, month, result.workload_type, result.workload_id, rate)
                     )
-                    self._dirty[home].add((tenant, month))
+                    dirty = self._dirty[home]
+                    ts = rec.timestamp  # type: ignore[attr-defined]
+                    if dirty.get((tenant, month), ts) >= ts:
+                        dirty[(tenant, month)] = ts
                 else:
                     tally.duplicate += 1
             else:
                 offsets[tp] = records[-1].offset + 1  # type: ignore[attr-defined]
         self.stats.batches += 1
+        if last_time:
+            self._note_event_time(last_time)
         await self._write(changes, forwards, rejects, stop)
         await self._commit(offsets)
-        if changes and self._dirty_since is None:
-            self._dirty_since = arrived
+        for tp, offset in offsets.items():
+            self._positions[(tp.topic, tp.partition)] = offset
+
+    def _note_event_time(self, value: str) -> None:
+        try:
+            ts = datetime.fromisoformat(value.upper()).timestamp()
+        except ValueError:  # a leap second: close enough without it
+            ts = datetime.fromisoformat(value.upper().replace(":60", ":59", 1)).timestamp()
+        self.stats.newest_event_ts = max(self.stats.newest_event_ts, ts)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per input partition: Fetch high watermark minus the next offset to process."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out = {}
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            pos = self._positions.get((tp.topic, tp.partition))
+            if hw == 0:
+                pos = 0
+            if hw is not None and pos is not None:
+                out[(tp.topic, tp.partition)] = max(0, hw - pos)
+        return out
 
     def _reject(
         self, rec: object, raw: bytes, why: Rejected, now: str
     ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
         topic, partition, offset = rec.topic, rec.partition, rec.offset  # type: ignore[attr-defined]
+        self.stats.tally.rejected += 1
+        codes = self.stats.rejected_by_code
+        codes[why.code] = codes.get(why.code, 0) + 1
         log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
         headers = rejected_headers(why.reason, why.code, topic, partition, offset, now)
         return rec.key, raw, headers  # type: ignore[attr-defined]
@@ -429,12 +465,12 @@ class Worker:
         t = self.config.topics
         now = self.clock()
         futures = []
-        sent = 0
+        published: list[int] = []
         for home, keys in self._dirty.items():
             ledger = self.ledgers.get(home)
             if ledger is None:
                 continue
-            for tenant, month in keys:
+            for (tenant, month), ts in keys.items():
                 tm = ledger.tenant_month(tenant, month)
                 if tm is None:
                     continue
@@ -443,20 +479,21 @@ class Worker:
                         t.usage, encode_usage(tm, now), key=usage_key(tenant, month)
                     )
                 )
-                sent += 1
+                published.append(ts)
         try:
             await asyncio.gather(*futures)
         except (KafkaError, OSError) as exc:
-            log.warning("publishing %d usage records failed (%s); will retry", sent, exc)
+            log.warning("publishing %d usage records failed (%s); will retry", len(futures), exc)
             return
         self._dirty.clear()
-        self.stats.published += sent
-        if self._dirty_since is not None:
-            self.stats.latencies.append(time.monotonic() - self._dirty_since)
-            del self.stats.latencies[:-10_000]
-            self._dirty_since = None
+        self.stats.published += len(futures)
+        if self.on_latency is not None:
+            acked = time.time() * 1000
+            for ts in published:
+                if ts >= 0:  # recovered state has no arrival time
+                    self.on_latency(max(0.0, (acked - ts) / 1000))
         if force:
-            log.debug("published %d usage records", sent)
+            log.debug("published %d usage records", len(futures))
 
     # ------------------------------------------------------------------ rebalance
 
@@ -549,7 +586,7 @@ class Worker:
         restore.assign([])
         for p, ledger in ledgers.items():
             self.ledgers[p] = ledger
-            self._dirty[p].update((tm.tenant_id, tm.month) for tm in ledger.tenant_months())
+            self._dirty[p].update(((tm.tenant_id, tm.month), -1) for tm in ledger.tenant_months())
         self.stats.recovered_entries += total
         return total
 

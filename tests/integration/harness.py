@@ -52,6 +52,7 @@ class Names:
             "--rejected-topic", self.rejected,
             "--group", self.group,
             "--session-timeout-ms", "6000",
+            "--http-port", "0",
             *self.extra,
         ]  # fmt: skip
 

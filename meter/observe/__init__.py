@@ -1,0 +1,1 @@
+"""Observability adapters: Prometheus metrics, the HTTP server, the live usage view."""

@@ -1,0 +1,82 @@
+"""The HTTP side of a worker: ``/metrics`` always; the status page with ``meter run``.
+
+- ``GET /metrics``: Prometheus exposition from the registry passed in.
+- ``GET /healthz``: 200 once the worker has its partitions, 503 before.
+- ``GET /``: the live status page (when a usage view is given).
+- ``GET /api/usage?month=YYYY-MM[&tenant=T]``: the same document as
+  ``meter report --format json``, plus ``months`` (every month seen) and ``month``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from meter.observe.usage_view import UsageView
+
+log = logging.getLogger(__name__)
+
+
+def build_app(
+    registry: CollectorRegistry,
+    view: UsageView | None = None,
+    ready: Callable[[], bool] = lambda: True,
+) -> web.Application:
+    app = web.Application()
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = ready()
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    if view is not None:
+        page = importlib.resources.files("meter.observe").joinpath("status.html").read_bytes()
+
+        async def index(_: web.Request) -> web.Response:
+            return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+        async def api_usage(request: web.Request) -> web.Response:
+            months = view.months()
+            month = request.query.get("month") or default_month(months)
+            doc = view.document(month=month, tenant_id=request.query.get("tenant") or None)
+            doc["month"] = month
+            doc["months"] = months
+            doc["version"] = view.version
+            return web.json_response(doc)
+
+        app.router.add_get("/", index)
+        app.router.add_get("/api/usage", api_usage)
+    return app
+
+
+def default_month(months: list[str]) -> str:
+    """This UTC month if it has usage, else the newest month that has."""
+    now = current_month()
+    return now if now in months or not months else months[0]
+
+
+def current_month() -> str:
+    now = datetime.now(UTC)
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    actual = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, int(actual)

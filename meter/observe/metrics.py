@@ -1,0 +1,149 @@
+"""Prometheus metrics of a worker, read from its state at scrape time.
+
+Nothing here runs per event: the worker keeps plain integers (its
+:class:`~meter.stream.worker.WorkerStats`) and its ledgers, and the custom
+collector turns them into metric families when Prometheus scrapes.  Usage
+gauges cover only the months ``months()`` returns (by default the current and
+the previous UTC month) so label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meter import __version__
+from meter.domain import OUTCOMES, REJECTION_CODES, Ledger
+from meter.stream.worker import Worker
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+def recent_months(
+    count: int = 2, now: Callable[[], datetime] | None = None
+) -> Callable[[], set[str]]:
+    """The current UTC month and the ``count - 1`` before it."""
+
+    def months() -> set[str]:
+        t = (now or (lambda: datetime.now(UTC)))()
+        y, m = t.year, t.month
+        out = set()
+        for _ in range(count):
+            out.add(f"{y:04d}-{m:02d}")
+            m -= 1
+            if m == 0:
+                y, m = y - 1, 12
+        return out
+
+    return months
+
+
+class WorkerCollector(Collector):
+    def __init__(self, worker: Worker, months: Callable[[], set[str]]) -> None:
+        self.worker = worker
+        self.months = months
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.worker.stats
+        t = s.tally
+        events = CounterMetricFamily(
+            "meter_events", "Input messages by outcome.", labels=["outcome"]
+        )
+        for outcome in OUTCOMES:
+            events.add_metric([outcome], getattr(t, outcome))
+        yield events
+        rejected = CounterMetricFamily(
+            "meter_events_rejected", "Rejected input messages by reason.", labels=["reason"]
+        )
+        for code in REJECTION_CODES:
+            rejected.add_metric([code], s.rejected_by_code.get(code, 0))
+        yield rejected
+        yield _counter(
+            "meter_events_forwarded",
+            "Events re-keyed to their tenant's home partition.",
+            s.forwarded,
+        )
+        yield _counter("meter_usage_records_published", "Usage records published.", s.published)
+        yield _counter("meter_changelog_records", "Changelog records written.", s.changelog_records)
+        yield _counter("meter_rebalances", "Consumer group rebalances seen.", s.rebalances)
+        yield _counter(
+            "meter_ledger_entries_recovered",
+            "Ledger entries replayed from the changelog.",
+            s.recovered_entries,
+        )
+        newest = GaugeMetricFamily(
+            "meter_newest_event_timestamp_seconds",
+            "Time (Unix seconds) of the newest job event processed.",
+        )
+        if s.newest_event_ts:
+            newest.add_metric([], s.newest_event_ts)
+        yield newest
+        homes = GaugeMetricFamily("meter_home_partitions", "Home partitions this worker owns.")
+        homes.add_metric([], len(self.worker.ledgers))
+        yield homes
+        lag = GaugeMetricFamily(
+            "meter_consumer_lag_messages",
+            "Messages not yet processed, per input partition (Fetch high watermark - position).",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), value in sorted(self.worker.lag().items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag
+        yield from usage_families(self.worker.ledgers.values(), self.months())
+
+
+def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metric]:
+    workloads = GaugeMetricFamily(
+        "meter_workloads",
+        "Distinct counted workloads this month so far.",
+        labels=["tenant_id", "month", "workload_type"],
+    )
+    points = GaugeMetricFamily(
+        "meter_points",
+        "Points the counted workloads consume this month so far.",
+        labels=["tenant_id", "month", "workload_type"],
+    )
+    for ledger in ledgers:
+        for tm in ledger.tenant_months():
+            if tm.month not in months:
+                continue
+            for wtype, (n, p) in sorted(tm.totals.items()):
+                labels = [tm.tenant_id, tm.month, wtype]
+                workloads.add_metric(labels, n)
+                points.add_metric(labels, p)
+    yield workloads
+    yield points
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class BuildInfo(Collector):
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "meter_build_info", "meter version (value is always 1).", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+def instrument(
+    worker: Worker, registry: CollectorRegistry, months: Callable[[], set[str]] | None = None
+) -> None:
+    """Register a worker's metrics in ``registry`` (passed in, so tests use their own)."""
+    registry.register(WorkerCollector(worker, months or recent_months()))
+    registry.register(BuildInfo())
+    latency = Histogram(
+        "meter_event_to_total_latency_seconds",
+        "From a job event's arrival in Kafka (record timestamp) to the usage record that "
+        "includes it being acknowledged.",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    worker.on_latency = latency.observe
