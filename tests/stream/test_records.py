@@ -1,0 +1,95 @@
+"""What the worker writes, without a broker."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from meter.domain import Ledger
+from meter.stream.records import (
+    ChangelogError,
+    decode_changelog,
+    encode_changelog,
+    encode_usage,
+    headers_dict,
+    rejected_headers,
+    usage_key,
+)
+from meter.stream.usage import keep_latest, usage_rows
+
+
+def test_changelog_round_trip_and_replay_is_a_join() -> None:
+    entries = [
+        ("acme", "2026-11", "vm", "vm-1", (5, "vcsp-2026")),
+        ("acme", "2026-11", "vm", "vm-1", (0, "vcsp-2026")),
+        ("acme", "2026-11", "replica", "vm-1", (10, "vcsp-2026")),
+    ]
+    raw = encode_changelog(entries)
+    assert decode_changelog(raw) == entries
+    once, twice = Ledger(), Ledger()
+    for e in decode_changelog(raw):
+        once.add(*e)
+    for e in decode_changelog(raw) + list(reversed(decode_changelog(raw))):
+        twice.add(*e)
+    assert once == twice
+    assert [(u.workload_type, u.workloads, u.points) for u in once.usage()] == [
+        ("replica", 1, 10),
+        ("vm", 1, 5),
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"nope", b"{}", b'{"v": 2, "entries": []}', b'{"v":1,"entries":[[1]]}']
+)
+def test_unreadable_changelog_is_a_clear_error(raw: bytes) -> None:
+    with pytest.raises(ChangelogError):
+        decode_changelog(raw)
+
+
+def test_usage_record_shape() -> None:
+    ledger = Ledger()
+    ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026"))
+    ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026"))
+    ledger.add("acme", "2026-11", "replica", "a", (10, "vcsp-2026"))
+    tm = ledger.tenant_month("acme", "2026-11")
+    assert tm is not None
+    doc = orjson.loads(encode_usage(tm, "2026-11-27T19:00:00Z"))
+    assert doc == {
+        "tenant_id": "acme",
+        "month": "2026-11",
+        "revision": 23,
+        "usage": {"replica": {"workloads": 1, "points": 10}, "vm": {"workloads": 2, "points": 10}},
+        "workloads": 3,
+        "points": 20,
+        "ratecard": "vcsp-2026",
+        "ratecards": ["vcsp-2026"],
+        "updated_at": "2026-11-27T19:00:00Z",
+    }
+    assert usage_key("acme", "2026-11") == b"acme/2026-11"
+
+
+def test_highest_revision_wins_whatever_the_order() -> None:
+    old = {"tenant_id": "a", "month": "2026-11", "revision": 3,
+           "usage": {"vm": {"workloads": 1, "points": 2}}}  # fmt: skip
+    new = {"tenant_id": "a", "month": "2026-11", "revision": 9,
+           "usage": {"vm": {"workloads": 2, "points": 7}}}  # fmt: skip
+    for order in ([old, new], [new, old], [new, old, new, old]):
+        latest: dict[str, dict[str, object]] = {}
+        for rec in order:
+            keep_latest(latest, "a/2026-11", rec)  # type: ignore[arg-type]
+        assert latest["a/2026-11"] is new
+        assert [(r.workloads, r.points) for r in usage_rows(latest)] == [(2, 7)]  # type: ignore[arg-type]
+
+
+def test_rejected_headers_name_the_source() -> None:
+    h = headers_dict(
+        rejected_headers("data.license: missing", "missing_field", "meter.jobs", 2, 41, "t")
+    )
+    assert h == {
+        "meter.reason": "data.license: missing",
+        "meter.code": "missing_field",
+        "meter.source.topic": "meter.jobs",
+        "meter.source.partition": "2",
+        "meter.source.offset": "41",
+        "meter.rejected_at": "t",
+    }
