@@ -41,3 +41,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
+
+bench-stream: $(STAMP)
+	$(BIN)/python -m bench.bench_stream --events 200000

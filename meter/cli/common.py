@@ -8,12 +8,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from meter.domain.close import DEFAULT_GRACE
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
 from meter.observe.usage_view import UsageView
@@ -46,6 +49,21 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=10_000,
         help="consumer group session timeout; a group join waits half of it [10000]",
+    )
+    g.add_argument(
+        "--close-grace",
+        type=parse_grace,
+        default=DEFAULT_GRACE,
+        metavar="DURATION",
+        help="close a month this long after it ends, e.g. 2d, 36h, 0, or off [2d: the 3rd "
+        "day of the next month, 00:00 UTC]",
+    )
+    g.add_argument("--reports-topic", default=DEFAULTS.reports, help=f"[{DEFAULTS.reports}]")
+    g.add_argument(
+        "--clock",
+        metavar="FILE",
+        help="for drills and tests: read the current time (RFC 3339) from FILE instead of "
+        "the system clock",
     )
     g.add_argument(
         "--idempotence",
@@ -115,6 +133,8 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         jobs=args.jobs_topic,
         usage=args.usage_topic,
         rejected=args.rejected_topic,
+        reports=args.reports_topic,
+        corrections=f"{args.usage_topic}.corrections",
         by_tenant=f"{args.jobs_topic}.by-tenant",
         changelog=f"{args.jobs_topic}.ledger.changelog",
     )
@@ -125,7 +145,41 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         flush_interval_s=args.flush_interval,
         session_timeout_ms=args.session_timeout_ms,
         idempotence=args.idempotence,
+        close_grace=args.close_grace,
     )
+
+
+def parse_grace(text: str) -> timedelta | None:
+    """``2d``, ``36h``, ``90m``, ``0`` or ``off``."""
+    t = text.strip().lower()
+    if t in {"off", "never", "none"}:
+        return None
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    try:
+        if t and t[-1] in units:
+            return timedelta(**{units[t[-1]]: float(t[:-1])})
+        return timedelta(days=float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use e.g. 2d, 36h, off)"
+        ) from None
+
+
+def clock_from(path: str | None) -> Callable[[], datetime]:
+    """The system clock, or one read from a file (for drills and tests)."""
+    if path is None:
+        return lambda: datetime.now(UTC)
+    file = Path(path)
+
+    def now() -> datetime:
+        try:
+            value = datetime.fromisoformat(file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            log.warning("clock file %s unusable (%s); using the system clock", file, exc)
+            return datetime.now(UTC)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    return now
 
 
 def run_until_signalled(main: Coroutine[Any, Any, int], stop: asyncio.Event) -> int:

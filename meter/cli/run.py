@@ -18,6 +18,7 @@ from meter.broker import EmbeddedBroker
 from meter.cli.common import (
     add_http_arguments,
     add_stream_arguments,
+    clock_from,
     run_until_signalled,
     start_http,
     stream_config,
@@ -83,7 +84,7 @@ async def meter_stack(
         )
     else:
         say(f"Kafka broker: {settings}")
-    worker = Worker(settings, config, cards, stats=stats)
+    worker = Worker(settings, config, cards, stats=stats, now=clock_from(args.clock))
     view = UsageView(settings, config.topics.usage)
     view_task = asyncio.create_task(view.run(stop), name="meter-usage-view")
     runner = await start_http(args, worker, CollectorRegistry(), view)

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from meter.cli.common import (
     add_http_arguments,
     add_stream_arguments,
+    clock_from,
     run_until_signalled,
     start_http,
     stream_config,
@@ -72,7 +73,7 @@ def worker(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
 
     async def main() -> int:
-        w = Worker(settings, config, cards)
+        w = Worker(settings, config, cards, now=clock_from(args.clock))
         runner = await start_http(args, w, CollectorRegistry())
         try:
             await w.run(stop)

@@ -33,7 +33,7 @@ class TenantMonth:
         self.tenant_id = tenant_id
         self.month = month
         self.workloads: dict[tuple[str, str], Rate] = {}
-        #: workload_type -> [workloads, points]; derived from ``workloads``.
+        #: workload_type -> [workloads, points, charged as rental]; derived from ``workloads``.
         self.totals: dict[str, list[int]] = {}
 
     def add(self, workload_type: str, workload_id: str, rate: Rate) -> bool:
@@ -43,15 +43,19 @@ class TenantMonth:
         if old is None:
             self.workloads[key] = rate
             t = self.totals.get(workload_type)
+            rental = rate[2] == "rental"
             if t is None:
-                self.totals[workload_type] = [1, rate[0]]
+                self.totals[workload_type] = [1, rate[0], rental]
             else:
                 t[0] += 1
                 t[1] += rate[0]
+                t[2] += rental
             return True
         if rate > old:
             self.workloads[key] = rate
-            self.totals[workload_type][1] += rate[0] - old[0]
+            t = self.totals[workload_type]
+            t[1] += rate[0] - old[0]
+            t[2] += (rate[2] == "rental") - (old[2] == "rental")
             return True
         return False
 
@@ -62,6 +66,10 @@ class TenantMonth:
     @property
     def points(self) -> int:
         return sum(t[1] for t in self.totals.values())
+
+    @property
+    def rental_count(self) -> int:
+        return sum(t[2] for t in self.totals.values())
 
     @property
     def revision(self) -> int:
@@ -83,6 +91,8 @@ class UsageRow:
     workload_type: str
     workloads: int
     points: int
+    #: Of ``workloads``, those charged at their tenant's rental license.
+    rental: int = 0
 
 
 class Ledger:
@@ -139,7 +149,7 @@ class Ledger:
     def usage(self, month: str | None = None, tenant_id: str | None = None) -> list[UsageRow]:
         """Rows sorted by month, tenant_id, workload_type; one per non-empty group."""
         rows = [
-            UsageRow(tm.month, tm.tenant_id, wtype, t[0], t[1])
+            UsageRow(tm.month, tm.tenant_id, wtype, t[0], t[1], t[2])
             for tm in self._months.values()
             if (month is None or tm.month == month)
             and (tenant_id is None or tm.tenant_id == tenant_id)

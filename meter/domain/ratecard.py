@@ -23,9 +23,10 @@ from meter.domain.event import LICENSED_TYPES, LICENSES, WORKLOAD_TYPES, Event
 from meter.domain.month import days_in_month
 from meter.errors import RateCardError
 
-#: What rating one event gives: ``(points, card_version)``.  Tuples order by
-#: points first, so ``max`` is the "highest rate" rule (ties broken by version).
-Rate = tuple[int, str]
+#: What rating one event gives: ``(points, card_version, license)`` (license
+#: ``""`` when the event had none).  Tuples order by points first, so ``max`` is
+#: the "highest rate" rule; ties are broken by card version, then license.
+Rate = tuple[int, str, str]
 
 _DATE: Final = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 DEFAULT_RATECARD: Final = "default.json"
@@ -44,7 +45,7 @@ class RateCard:
     def __post_init__(self) -> None:
         for wtype, by_license in self.rates.items():
             for lic, points in by_license.items():
-                self._lookup[(wtype, lic)] = (points, self.version)
+                self._lookup[(wtype, lic)] = (points, self.version, lic or "")
 
     def points(self, workload_type: str, license: str | None) -> int:
         return self._lookup[(workload_type, license)][0]

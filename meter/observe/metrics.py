@@ -112,7 +112,7 @@ def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metr
         for tm in ledger.tenant_months():
             if tm.month not in months:
                 continue
-            for wtype, (n, p) in sorted(tm.totals.items()):
+            for wtype, (n, p, _) in sorted(tm.totals.items()):
                 labels = [tm.tenant_id, tm.month, wtype]
                 workloads.add_metric(labels, n)
                 points.add_metric(labels, p)

@@ -6,8 +6,10 @@ Built once at the edge (the CLI) and passed in; nothing below reads the environm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Final
 
+from meter.domain.close import DEFAULT_GRACE
 from meter.kafka.topics import TopicSpec
 
 #: Kafka retention.ms meaning "keep forever".
@@ -27,6 +29,10 @@ class Topics:
     #: partition, holding the ledger entries that batch changed.  Replayed as a
     #: join, so it needs neither compaction nor ordering.
     changelog: str = "meter.ledger.changelog"
+    #: Month-close reports: one record per tenant-month, per partition, and the provider.
+    reports: str = "meter.reports"
+    #: Corrections to closed months, keyed per workload.
+    corrections: str = "meter.usage.corrections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,8 @@ class StreamConfig:
     #: "auto": idempotent producer where the broker supports it (Apache Kafka),
     #: plain acks=all where it does not (the embedded Tansu broker).
     idempotence: str = "auto"
+    #: A month closes this long after its end (None: never close).
+    close_grace: timedelta | None = DEFAULT_GRACE
 
     def topic_specs(self) -> list[TopicSpec]:
         t = self.topics
@@ -59,4 +67,6 @@ class StreamConfig:
             ),
             TopicSpec(t.usage, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.rejected, n, rf, {"retention.ms": str(90 * DAY_MS)}),
+            TopicSpec(t.reports, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.corrections, n, rf, {"cleanup.policy": "compact"}),
         ]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -30,22 +31,58 @@ class ChangelogError(ValueError):
     """A changelog record that this version of meter cannot read."""
 
 
-def encode_changelog(entries: Sequence[Entry]) -> bytes:
-    return orjson.dumps(
-        {"v": CHANGELOG_VERSION, "entries": [[t, m, w, i, r[0], r[1]] for t, m, w, i, r in entries]}
-    )
+def encode_changelog(entries: Sequence[Entry], event_ids: Sequence[str | None] = ()) -> bytes:
+    """Ledger entries; a late change (to a closed month) carries its event id."""
+    rows: list[list[object]] = []
+    for n, (t, m, w, i, r) in enumerate(entries):
+        eid = event_ids[n] if n < len(event_ids) else None
+        row: list[object] = [t, m, w, i, r[0], r[1], r[2]]
+        if eid is not None:
+            row.append(eid)
+        rows.append(row)
+    return orjson.dumps({"v": CHANGELOG_VERSION, "entries": rows})
 
 
-def decode_changelog(raw: bytes) -> list[Entry]:
+@dataclass
+class ChangelogRecord:
+    """One decoded changelog record: ledger entries, a final snapshot chunk, or a close marker."""
+
+    entries: list[Entry] = field(default_factory=list)
+    event_ids: dict[int, str] = field(default_factory=dict)
+    final: str | None = None  # month of a final snapshot chunk
+    final_entries: list[tuple[str, str, str, Rate]] = field(default_factory=list)
+    closed: str | None = None  # month of a close marker
+
+
+def read_changelog(raw: bytes) -> ChangelogRecord:
     try:
         doc = orjson.loads(raw)
         if doc.get("v") != CHANGELOG_VERSION:
             raise ChangelogError(f"unknown changelog version {doc.get('v')!r}")
-        return [(t, m, w, i, (int(p), str(c))) for t, m, w, i, p, c in doc["entries"]]
+        rec = ChangelogRecord()
+        if "closed" in doc:
+            rec.closed = str(doc["closed"])
+        elif "final" in doc:
+            rec.final = str(doc["final"])
+            rec.final_entries = [
+                (t, w, i, (int(p), str(c), str(lic))) for t, w, i, p, c, lic in doc["entries"]
+            ]
+        else:
+            for n, row in enumerate(doc["entries"]):
+                t, m, w, i, p, c, lic = row[:7]
+                rec.entries.append((t, m, w, i, (int(p), str(c), str(lic))))
+                if len(row) > 7:
+                    rec.event_ids[n] = str(row[7])
+        return rec
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ChangelogError):
             raise
         raise ChangelogError(f"malformed changelog record: {exc}") from exc
+
+
+def decode_changelog(raw: bytes) -> list[Entry]:
+    """The ledger entries of a changelog record (none for snapshot chunks and markers)."""
+    return read_changelog(raw).entries
 
 
 def usage_key(tenant_id: str, month: str) -> bytes:
@@ -59,7 +96,8 @@ def usage_record(tm: TenantMonth, updated_at: str, **extra: Any) -> dict[str, An
         "month": tm.month,
         "revision": tm.revision,
         "usage": {
-            wtype: {"workloads": t[0], "points": t[1]} for wtype, t in sorted(tm.totals.items())
+            wtype: {"workloads": t[0], "points": t[1], "rental_workloads": t[2]}
+            for wtype, t in sorted(tm.totals.items())
         },
         "workloads": tm.workload_count,
         "points": tm.points,

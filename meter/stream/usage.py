@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from meter.domain import UsageRow
-from meter.kafka import KafkaSettings, iter_to_end
+from meter.kafka import KafkaSettings, TopicError, iter_to_end
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,56 @@ def keep_latest(
     if held is None or record.get("revision", -1) >= held.get("revision", -1):
         latest[key] = record
     return latest
+
+
+def keep_correction(
+    latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per workload, the correction with the most added is the truth (both only grow)."""
+    held = latest.get(key)
+
+    def size(r: dict[str, Any]) -> tuple[int, int]:
+        return int(r.get("workloads_added", 0)), int(r.get("points_added", 0))
+
+    if held is None or size(record) >= size(held):
+        latest[key] = record
+    return latest
+
+
+async def read_corrections(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
+    """Every workload's latest correction on ``topic`` (none if the topic does not exist)."""
+    latest: dict[str, dict[str, Any]] = {}
+    try:
+        async for rec in iter_to_end(settings, topic):
+            if rec.key is None or rec.value is None:
+                continue
+            try:
+                record = orjson.loads(rec.value)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                keep_correction(latest, rec.key.decode("utf-8", "replace"), record)
+    except TopicError:
+        return {}
+    return latest
+
+
+def fold(
+    records: dict[str, dict[str, Any]], corrections: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Usage records with the corrections after them added in: what the events say now."""
+    out: dict[str, dict[str, Any]] = {
+        k: {**r, "usage": {w: dict(u) for w, u in r.get("usage", {}).items()}}
+        for k, r in records.items()
+    }
+    for c in corrections.values():
+        key = f"{c['tenant_id']}/{c['month']}"
+        rec = out.setdefault(key, {"tenant_id": c["tenant_id"], "month": c["month"], "usage": {}})
+        u = rec["usage"].setdefault(c["workload_type"], {"workloads": 0, "points": 0})
+        u["workloads"] += int(c["workloads_added"])
+        u["points"] += int(c["points_added"])
+        u["rental_workloads"] = u.get("rental_workloads", 0) + int(c.get("rental_added", 0))
+    return out
 
 
 async def read_usage(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
@@ -43,7 +93,14 @@ def usage_rows(
     records: dict[str, dict[str, Any]], month: str | None = None, tenant_id: str | None = None
 ) -> list[UsageRow]:
     rows = [
-        UsageRow(r["month"], r["tenant_id"], wtype, u["workloads"], u["points"])
+        UsageRow(
+            r["month"],
+            r["tenant_id"],
+            wtype,
+            u["workloads"],
+            u["points"],
+            u.get("rental_workloads", 0),
+        )
         for r in records.values()
         if (month is None or r.get("month") == month)
         and (tenant_id is None or r.get("tenant_id") == tenant_id)

@@ -30,23 +30,41 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from meter.domain import Event, Ledger, RateCards, Rejected, Tally, parse
+from meter.domain import Event, Ledger, Rate, RateCards, Rejected, Tally, parse
+from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.rating import no_ratecard
-from meter.kafka import KafkaSettings, close_consumer, describe_partitions, ensure_topics
+from meter.kafka import (
+    KafkaSettings,
+    close_consumer,
+    describe_partitions,
+    ensure_topics,
+    iter_to_end,
+)
+from meter.stream.closing import (
+    HomeClose,
+    correction_record,
+    encode_closed_marker,
+    encode_final_chunk,
+    iso,
+    partition_summary,
+    provider_summary,
+    tenant_report,
+)
 from meter.stream.config import StreamConfig
 from meter.stream.records import (
     ChangelogError,
     Entry,
-    decode_changelog,
     encode_changelog,
     encode_usage,
+    read_changelog,
     rejected_headers,
     usage_key,
 )
@@ -54,6 +72,8 @@ from meter.stream.records import (
 log = logging.getLogger(__name__)
 
 CHANGELOG_CHUNK = 2_000
+#: Rejections logged one by one per batch; the rest are summed up in one line.
+REJECTIONS_LOGGED_PER_BATCH = 5
 
 
 def utc_now() -> str:
@@ -72,6 +92,7 @@ class WorkerStats:
     recovered_entries: int = 0
     rebalances: int = 0
     rejected_by_code: dict[str, int] = field(default_factory=dict)
+    corrections: int = 0
     #: Unix time of the newest job event processed (0 before the first).
     newest_event_ts: float = 0.0
 
@@ -84,12 +105,22 @@ class Worker:
         cards: RateCards,
         *,
         clock: Callable[[], str] = utc_now,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
         stats: WorkerStats | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
         self.cards = cards
         self.clock = clock
+        #: The close clock (injectable so tests can move time).
+        self.now = now
+        self.closes: dict[int, HomeClose] = {}
+        #: home -> workloads of closed months changed since the last flush
+        self._corr_dirty: dict[int, set[tuple[str, str, str, str]]] = defaultdict(set)
+        #: months some partition has closed (from meter.reports and our own closes)
+        self._known_months: set[str] = set()
+        self._last_close_check = 0.0
+        self._known_refreshed = 0.0
         self.stats = stats or WorkerStats()
         self.ledgers: dict[int, Ledger] = {}
         #: home -> (tenant, month) -> earliest Kafka timestamp (ms) of a change not yet published
@@ -107,6 +138,7 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None
         self._restore: AIOKafkaConsumer | None = None
         self._last_flush = 0.0
+        self._rejected_logged = 0
         self._last_progress = time.monotonic()
         self.ready = asyncio.Event()
         #: Where this worker serves /metrics, once it does (for logs and tests).
@@ -168,7 +200,11 @@ class Worker:
         self._producer = await self._start_producer()
         kw = self.settings.client_kwargs()
         self._restore = AIOKafkaConsumer(
-            **kw, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+            **kw,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
         )
         await self._restore.start()
         self._consumer = AIOKafkaConsumer(
@@ -274,6 +310,9 @@ class Worker:
                 if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
                     async with self._lock:
                         await self._flush()
+                if time.monotonic() - self._last_close_check >= 1.0:
+                    async with self._lock:
+                        await self._close_due()
                 self._progress()
         finally:
             stopper.cancel()
@@ -291,6 +330,8 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         now = self.clock()
         last_time = ""
+        late_ids: dict[int, dict[int, str]] = {}
+        self._rejected_logged = 0
         for tp, records in batch.items():
             from_jobs = tp.topic == t.jobs
             if not from_jobs and tp.partition not in ledgers:
@@ -341,6 +382,14 @@ class Worker:
                     changes[home].append(
                         (tenant, month, result.workload_type, result.workload_id, rate)
                     )
+                    hc = self.closes.get(home)
+                    if hc is not None and month in hc.closed:
+                        # Late: the final record stays; the difference is a correction.
+                        wkey = (tenant, month, result.workload_type, result.workload_id)
+                        hc.late_ids[wkey] = result.id
+                        self._corr_dirty[home].add(wkey)
+                        late_ids.setdefault(home, {})[len(changes[home]) - 1] = result.id
+                        continue
                     dirty = self._dirty[home]
                     ts = rec.timestamp  # type: ignore[attr-defined]
                     if dirty.get((tenant, month), ts) >= ts:
@@ -350,9 +399,15 @@ class Worker:
             else:
                 offsets[tp] = records[-1].offset + 1  # type: ignore[attr-defined]
         self.stats.batches += 1
+        if self._rejected_logged > REJECTIONS_LOGGED_PER_BATCH:
+            log.warning(
+                "... and %d more rejected in this batch (every one is on %s with its reason)",
+                self._rejected_logged - REJECTIONS_LOGGED_PER_BATCH,
+                t.rejected,
+            )
         if last_time:
             self._note_event_time(last_time)
-        await self._write(changes, forwards, rejects, stop)
+        await self._write(changes, forwards, rejects, stop, late_ids)
         await self._commit(offsets)
         for tp, offset in offsets.items():
             self._positions[(tp.topic, tp.partition)] = offset
@@ -386,7 +441,9 @@ class Worker:
         self.stats.tally.rejected += 1
         codes = self.stats.rejected_by_code
         codes[why.code] = codes.get(why.code, 0) + 1
-        log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
+        self._rejected_logged += 1
+        if self._rejected_logged <= REJECTIONS_LOGGED_PER_BATCH:
+            log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
         headers = rejected_headers(why.reason, why.code, topic, partition, offset, now)
         return rec.key, raw, headers  # type: ignore[attr-defined]
 
@@ -396,6 +453,7 @@ class Worker:
         forwards: list[tuple[int, bytes, bytes]],
         rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
         stop: asyncio.Event,
+        late_ids: dict[int, dict[int, str]] | None = None,
     ) -> None:
         """Write everything a batch caused and wait for acks=all, retrying on failure.
 
@@ -412,8 +470,12 @@ class Worker:
             try:
                 futures = []
                 for home, entries in changes.items():
+                    eids = (late_ids or {}).get(home, {})
                     for i in range(0, len(entries), CHANGELOG_CHUNK):
-                        value = encode_changelog(entries[i : i + CHANGELOG_CHUNK])
+                        chunk_ids = [
+                            eids.get(n) for n in range(i, min(i + CHANGELOG_CHUNK, len(entries)))
+                        ]
+                        value = encode_changelog(entries[i : i + CHANGELOG_CHUNK], chunk_ids)
                         futures.append(await producer.send(t.changelog, value, partition=home))
                         self.stats.changelog_records += 1
                 for home, key, raw in forwards:
@@ -457,6 +519,7 @@ class Worker:
     async def _flush(self, *, force: bool = False) -> None:
         """Publish the usage record of every tenant-month that changed."""
         self._last_flush = time.monotonic()
+        await self._publish_corrections()
         if not any(self._dirty.values()):
             return
         producer = self._producer
@@ -495,6 +558,176 @@ class Worker:
         if force:
             log.debug("published %d usage records", len(futures))
 
+    # ------------------------------------------------------------------ month close
+
+    def _caught_up(self) -> bool:
+        """True when every assigned input partition has been read to its high watermark."""
+        consumer = self._consumer
+        if consumer is None or not self.ready.is_set():
+            return False
+        lags = self.lag()
+        return all(lags.get((tp.topic, tp.partition), 1) == 0 for tp in consumer.assignment())
+
+    async def _close_due(self) -> None:
+        """Close every due month of our home partitions, once we have read what arrived."""
+        self._last_close_check = time.monotonic()
+        grace = self.config.close_grace
+        if grace is None or not self.ledgers or not self._caught_up():
+            return
+        now = self.now()
+        if time.monotonic() - self._known_refreshed >= 30.0:
+            self._known_refreshed = time.monotonic()
+            await self._refresh_known_months()
+        # A month closes on every home partition once any of ours has usage in it or any
+        # partition anywhere closed it, so that every partition publishes its summary.
+        months = set(self._known_months)
+        for ledger in self.ledgers.values():
+            months.update(tm.month for tm in ledger.tenant_months())
+        for home in sorted(self.ledgers):
+            hc = self.closes.setdefault(home, HomeClose())
+            for month in months_to_close(months, hc.closed, now, grace):
+                await self._close(home, month)
+
+    async def _close(self, home: int, month: str) -> None:
+        ledger = self.ledgers[home]
+        hc = self.closes[home]
+        t = self.config.topics
+        grace = self.config.close_grace
+        assert grace is not None
+        snap = hc.snapshot(ledger, month)
+        rows = [(tenant, w, i, r) for tenant, wl in snap.items() for (w, i), r in wl.items()]
+        producer = self._producer
+        assert producer is not None
+        futures = []
+        for i in range(0, len(rows), CHANGELOG_CHUNK):
+            chunk = encode_final_chunk(month, rows[i : i + CHANGELOG_CHUNK])
+            futures.append(await producer.send(t.changelog, chunk, partition=home))
+        await asyncio.gather(*futures)
+        # The marker goes last: a snapshot without it is not a close.
+        marker = encode_closed_marker(month, closes_at(month, grace))
+        await (await producer.send(t.changelog, marker, partition=home))
+        hc.closed.add(month)
+        hc.finals[month] = snap
+        self._known_months.add(month)
+        dirty = self._dirty.get(home, {})
+        for tenant in list(snap):
+            dirty.pop((tenant, month), None)
+        log.info(
+            "closed %s on home partition %d: %d tenants, final records published",
+            month,
+            home,
+            len(snap),
+        )
+        await self._publish_close(home, month)
+
+    async def _publish_close(self, home: int, month: str) -> None:
+        """Final usage records, tenant reports and this partition's summary (idempotent)."""
+        hc = self.closes[home]
+        t = self.config.topics
+        grace = self.config.close_grace or timedelta(0)
+        producer = self._producer
+        assert producer is not None
+        closed_at = iso(closes_at(month, grace))
+        tms = [hc.final_tenant_month(tenant, month) for tenant in sorted(hc.finals[month])]
+        futures = []
+        for tm in tms:
+            if not tm.workloads:
+                continue
+            key = usage_key(tm.tenant_id, month)
+            futures.append(
+                await producer.send(
+                    t.usage,
+                    encode_usage(tm, self.clock(), final=True, closed_at=closed_at),
+                    key=key,
+                )
+            )
+            futures.append(
+                await producer.send(t.reports, orjson.dumps(tenant_report(tm, grace)), key=key)
+            )
+        summary = partition_summary(month, home, self._n_home, tms, grace)
+        futures.append(
+            await producer.send(
+                t.reports, orjson.dumps(summary), key=f"partition/{month}/{home}".encode()
+            )
+        )
+        await asyncio.gather(*futures)
+        self.stats.published += len(futures)
+        await self._maybe_provider_summary(month)
+
+    async def _read_reports(self) -> dict[str, dict[str, object]]:
+        latest: dict[str, dict[str, object]] = {}
+        async for rec in iter_to_end(self.settings, self.config.topics.reports):
+            if rec.key is not None and rec.value:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    latest[rec.key.decode()] = orjson.loads(rec.value)
+        return latest
+
+    async def _refresh_known_months(self) -> None:
+        try:
+            reports = await self._read_reports()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("could not read %s: %s", self.config.topics.reports, exc)
+            return
+        self._known_months |= {
+            str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
+        }
+
+    async def _maybe_provider_summary(self, month: str) -> None:
+        """Publish the provider summary once every home partition has closed ``month``."""
+        try:
+            reports = await self._read_reports()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("could not read %s: %s", self.config.topics.reports, exc)
+            return
+        self._known_months |= {
+            str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
+        }
+        parts = [reports.get(f"partition/{month}/{p}") for p in range(self._n_home)]
+        if any(p is None for p in parts):
+            return
+        grace = self.config.close_grace or timedelta(0)
+        doc = provider_summary(month, parts, grace)  # type: ignore[arg-type]
+        producer = self._producer
+        assert producer is not None
+        await producer.send_and_wait(
+            self.config.topics.reports, orjson.dumps(doc), key=f"provider/{month}".encode()
+        )
+        log.info("month %s closed on every partition: provider summary published", month)
+
+    async def _publish_corrections(self) -> None:
+        if not any(self._corr_dirty.values()):
+            return
+        producer = self._producer
+        if producer is None:
+            return
+        now = self.clock()
+        futures = []
+        for home, keys in self._corr_dirty.items():
+            ledger = self.ledgers.get(home)
+            hc = self.closes.get(home)
+            if ledger is None or hc is None:
+                continue
+            for tenant, month, wtype, wid in keys:
+                tm = ledger.tenant_month(tenant, month)
+                if tm is None or (wtype, wid) not in tm.workloads:
+                    continue
+                rate = tm.workloads[(wtype, wid)]
+                before = hc.finals.get(month, {}).get(tenant, {}).get((wtype, wid))
+                for c in correction_for(tenant, month, wtype, wid, rate, before):
+                    doc = correction_record(c, hc.late_ids.get((tenant, month, wtype, wid)), now)
+                    futures.append(
+                        await producer.send(
+                            self.config.topics.corrections, orjson.dumps(doc), key=c.key.encode()
+                        )
+                    )
+        try:
+            await asyncio.gather(*futures)
+        except (KafkaError, OSError) as exc:
+            log.warning("publishing %d corrections failed (%s); will retry", len(futures), exc)
+            return
+        self._corr_dirty.clear()
+        self.stats.corrections += len(futures)
+
     # ------------------------------------------------------------------ rebalance
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
@@ -522,6 +755,8 @@ class Worker:
             for home in gone:
                 self.ledgers.pop(home, None)
                 self._dirty.pop(home, None)
+                self.closes.pop(home, None)
+                self._corr_dirty.pop(home, None)
             if gone:
                 log.info("gave up home partitions %s", gone)
             # Kept only if revoked and assigned in this same rebalance.
@@ -529,6 +764,8 @@ class Worker:
                 self.ledgers.pop(home, None)
             self._revoked = set()
             new = sorted(homes - set(self.ledgers))
+            if new and self.config.close_grace is not None:
+                await self._refresh_known_months()
             if new:
                 started = time.monotonic()
                 entries = await self._recover(new)
@@ -546,6 +783,10 @@ class Worker:
         assert restore is not None
         tps = [TopicPartition(self.config.topics.changelog, p) for p in homes]
         ledgers = {p: Ledger() for p in homes}
+        closes = {p: HomeClose() for p in homes}
+        pendings: dict[int, dict[str, dict[str, dict[tuple[str, str], Rate]]]] = {
+            p: {} for p in homes
+        }
         restore.assign(tps)
         await restore.seek_to_beginning(*tps)
         targets: dict[TopicPartition, int] = {}
@@ -562,19 +803,34 @@ class Worker:
                     remaining.discard(tp)
             if not remaining:
                 break
-            batch = await restore.getmany(*remaining, timeout_ms=200, max_records=10_000)
+            batch = await restore.getmany(*remaining, timeout_ms=50, max_records=10_000)
             for tp, records in batch.items():
                 if tp not in targets:
                     hw = restore.highwater(tp)
                     targets[tp] = hw if hw is not None else records[-1].offset + 1
                 ledger = ledgers[tp.partition]
+                hc = closes[tp.partition]
+                pending = pendings[tp.partition]
                 for rec in records:
                     if rec.offset >= targets[tp] or not rec.value:
                         continue
                     try:
-                        for entry in decode_changelog(rec.value):
+                        cl = read_changelog(rec.value)
+                        for n, entry in enumerate(cl.entries):
                             ledger.add(*entry)
                             total += 1
+                            if n in cl.event_ids:
+                                hc.late_ids[entry[:4]] = cl.event_ids[n]
+                        if cl.final is not None:
+                            snap = pending.setdefault(cl.final, {})
+                            for tenant, wtype, wid, rate in cl.final_entries:
+                                ledger.add(tenant, cl.final, wtype, wid, rate)
+                                held = snap.setdefault(tenant, {}).get((wtype, wid))
+                                if held is None or rate > held:
+                                    snap[tenant][(wtype, wid)] = rate
+                        if cl.closed is not None:
+                            hc.closed.add(cl.closed)
+                            hc.finals[cl.closed] = pending.pop(cl.closed, {})
                     except ChangelogError as exc:
                         log.error(  # noqa: TRY400 - the traceback adds nothing
                             "%s[%d]@%d unreadable changelog record skipped: %s",
@@ -585,8 +841,22 @@ class Worker:
                         )
         restore.assign([])
         for p, ledger in ledgers.items():
+            hc = closes[p]
             self.ledgers[p] = ledger
-            self._dirty[p].update(((tm.tenant_id, tm.month), -1) for tm in ledger.tenant_months())
+            self.closes[p] = hc
+            self._known_months |= hc.closed
+            self._dirty[p].update(
+                ((tm.tenant_id, tm.month), -1)
+                for tm in ledger.tenant_months()
+                if tm.month not in hc.closed
+            )
+            for month in sorted(hc.closed):
+                # Publish the close again (same content) and every correction since.
+                await self._publish_close(p, month)
+                self._corr_dirty[p].update(
+                    (c.tenant_id, c.month, c.workload_type, c.workload_id)
+                    for c in hc.corrections(ledger, month)
+                )
         self.stats.recovered_entries += total
         return total
 

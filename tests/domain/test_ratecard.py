@@ -48,7 +48,7 @@ def card(version: str = "c1", effective: str = "2026-01-01", **over: Any) -> dic
 def test_default_card_is_the_vendor_table(wtype: str, lic: str | None, points: int) -> None:
     ev = parse(line(wtype=wtype, license=lic))
     assert isinstance(ev, Event)
-    assert DEFAULT.rate(ev) == (points, "vcsp-2026")
+    assert DEFAULT.rate(ev) == (points, "vcsp-2026", lic or "")
 
 
 def test_event_is_rated_by_the_card_in_effect_at_its_time() -> None:
@@ -66,9 +66,9 @@ def test_event_is_rated_by_the_card_in_effect_at_its_time() -> None:
     assert isinstance(after, Event)
     assert isinstance(local_after, Event)
     assert isinstance(too_early, Event)
-    assert cards.rate(before) == (5, "old")
-    assert cards.rate(local_after) == (6, "new")
-    assert cards.rate(after) == (6, "new")
+    assert cards.rate(before) == (5, "old", "subscription")
+    assert cards.rate(local_after) == (6, "new", "subscription")
+    assert cards.rate(after) == (6, "new", "subscription")
     assert cards.rate(too_early) is None
     r = Rater(cards)
     rej = r.feed(line(time="2025-12-31T23:59:59Z"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from meter.domain import Rater, UsageRow, load_ratecards
 from meter.kafka import KafkaSettings, read_to_end
 from meter.stream.send import send_lines
-from meter.stream.usage import read_usage, usage_rows
+from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -36,6 +36,7 @@ class Names:
     jobs: str = ""
     usage: str = ""
     rejected: str = ""
+    reports: str = ""
     group: str = ""
     extra: list[str] = field(default_factory=list)
 
@@ -43,6 +44,7 @@ class Names:
         self.jobs = f"jobs-{self.suffix}"
         self.usage = f"usage-{self.suffix}"
         self.rejected = f"rejected-{self.suffix}"
+        self.reports = f"reports-{self.suffix}"
         self.group = f"meter-{self.suffix}"
 
     def worker_args(self) -> list[str]:
@@ -50,6 +52,7 @@ class Names:
             "--jobs-topic", self.jobs,
             "--usage-topic", self.usage,
             "--rejected-topic", self.rejected,
+            "--reports-topic", self.reports,
             "--group", self.group,
             "--session-timeout-ms", "6000",
             "--http-port", "0",
@@ -107,8 +110,16 @@ def send(settings: KafkaSettings, topic: str, lines: Iterable[bytes]) -> int:
 
 
 def current_usage(settings: KafkaSettings, topic: str) -> list[UsageRow]:
+    """What the usage topic says now: records with their corrections folded in."""
+
+    async def read() -> dict[str, dict[str, object]]:
+        return fold(
+            await read_usage(settings, topic),
+            await read_corrections(settings, f"{topic}.corrections"),
+        )
+
     try:
-        return usage_rows(asyncio.run(read_usage(settings, topic)))
+        return usage_rows(asyncio.run(read()))  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - topic not created yet
         return []
 

@@ -16,10 +16,12 @@ from meter.stream.worker import Worker
 def make_worker() -> Worker:
     w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), StreamConfig(), load_ratecards())
     ledger = Ledger()
-    ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026"))
-    ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026"))
-    ledger.add("acme", "2026-10", "replica", "a", (10, "vcsp-2026"))
-    ledger.add("acme", "2026-08", "replica", "a", (10, "vcsp-2026"))  # outside the window
+    ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026", "subscription"))
+    ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026", "subscription"))
+    ledger.add("acme", "2026-10", "replica", "a", (10, "vcsp-2026", "subscription"))
+    ledger.add(
+        "acme", "2026-08", "replica", "a", (10, "vcsp-2026", "subscription")
+    )  # outside the window
     w.ledgers[0] = ledger
     w.stats.tally.counted = 4
     w.stats.tally.rejected = 2
@@ -48,7 +50,7 @@ def test_usage_gauges_are_read_from_state_for_recent_months_only() -> None:
         is None
     )
     # Read at scrape time: a change in state shows without touching any metric object.
-    w.ledgers[0].add("acme", "2026-11", "vm", "c", (5, "vcsp-2026"))
+    w.ledgers[0].add("acme", "2026-11", "vm", "c", (5, "vcsp-2026", "subscription"))
     assert registry.get_sample_value("meter_workloads", labels) == 3
 
 

@@ -20,9 +20,9 @@ from meter.stream.usage import keep_latest, usage_rows
 
 def test_changelog_round_trip_and_replay_is_a_join() -> None:
     entries = [
-        ("acme", "2026-11", "vm", "vm-1", (5, "vcsp-2026")),
-        ("acme", "2026-11", "vm", "vm-1", (0, "vcsp-2026")),
-        ("acme", "2026-11", "replica", "vm-1", (10, "vcsp-2026")),
+        ("acme", "2026-11", "vm", "vm-1", (5, "vcsp-2026", "subscription")),
+        ("acme", "2026-11", "vm", "vm-1", (0, "vcsp-2026", "rental")),
+        ("acme", "2026-11", "replica", "vm-1", (10, "vcsp-2026", "subscription")),
     ]
     raw = encode_changelog(entries)
     assert decode_changelog(raw) == entries
@@ -48,9 +48,9 @@ def test_unreadable_changelog_is_a_clear_error(raw: bytes) -> None:
 
 def test_usage_record_shape() -> None:
     ledger = Ledger()
-    ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026"))
-    ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026"))
-    ledger.add("acme", "2026-11", "replica", "a", (10, "vcsp-2026"))
+    ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026", "subscription"))
+    ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026", "subscription"))
+    ledger.add("acme", "2026-11", "replica", "a", (10, "vcsp-2026", "subscription"))
     tm = ledger.tenant_month("acme", "2026-11")
     assert tm is not None
     doc = orjson.loads(encode_usage(tm, "2026-11-27T19:00:00Z"))
@@ -58,7 +58,10 @@ def test_usage_record_shape() -> None:
         "tenant_id": "acme",
         "month": "2026-11",
         "revision": 23,
-        "usage": {"replica": {"workloads": 1, "points": 10}, "vm": {"workloads": 2, "points": 10}},
+        "usage": {
+            "replica": {"workloads": 1, "points": 10, "rental_workloads": 0},
+            "vm": {"workloads": 2, "points": 10, "rental_workloads": 0},
+        },
         "workloads": 3,
         "points": 20,
         "ratecard": "vcsp-2026",

@@ -1,0 +1,96 @@
+"""Closing a month: when it closes, its final state, and corrections after it.
+
+A month M closes at ``grace`` after its end (default: the 3rd day of the next
+month, 00:00 UTC — the vendor's automatic submission day).  At close the
+tenant-month's ledger is snapshotted as its *final* state.  The ledger keeps
+joining late events; a **correction** is the difference between a workload's
+state now and in the final snapshot.  Corrections are keyed per workload, so
+publishing them again (after a replay or restart) changes nothing: the
+latest correction per key is the truth, and final + corrections is exactly
+what the raw events say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from meter.domain.ledger import TenantMonth
+from meter.domain.ratecard import Rate
+
+DEFAULT_GRACE = timedelta(days=2)
+
+#: ``(workload_type, workload_id) -> Rate`` of a tenant-month at close.
+Snapshot = Mapping[tuple[str, str], Rate]
+
+
+def month_end(month: str) -> datetime:
+    """00:00 UTC of the first day after ``month`` (``YYYY-MM``)."""
+    y, m = int(month[:4]), int(month[5:7])
+    y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return datetime(y, m, 1, tzinfo=UTC)
+
+
+def closes_at(month: str, grace: timedelta = DEFAULT_GRACE) -> datetime:
+    return month_end(month) + grace
+
+
+def is_closed(month: str, now: datetime, grace: timedelta = DEFAULT_GRACE) -> bool:
+    return now >= closes_at(month, grace)
+
+
+def months_to_close(
+    months: set[str], closed: set[str], now: datetime, grace: timedelta = DEFAULT_GRACE
+) -> list[str]:
+    """Months with state that are due and not closed yet, oldest first."""
+    return sorted(m for m in months - closed if is_closed(m, now, grace))
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    tenant_id: str
+    month: str
+    workload_type: str
+    workload_id: str
+    #: 1 when the workload is new since the close, else 0.
+    workloads_added: int
+    points_added: int
+    ratecard: str
+    #: +1 when the workload is now charged as rental and was not, -1 the other way.
+    rental_added: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant_id}/{self.month}/{self.workload_type}/{self.workload_id}"
+
+
+def corrections(tm: TenantMonth, final: Snapshot) -> Iterator[Correction]:
+    """Every workload whose state differs from the final snapshot."""
+    for (wtype, wid), rate in tm.workloads.items():
+        yield from correction_for(tm.tenant_id, tm.month, wtype, wid, rate, final.get((wtype, wid)))
+
+
+def correction_for(
+    tenant_id: str, month: str, wtype: str, wid: str, rate: Rate, before: Rate | None
+) -> Iterator[Correction]:
+    """The correction for one workload now at ``rate`` and ``before`` at close."""
+    rental = int(rate[2] == "rental")
+    if before is None:
+        yield Correction(tenant_id, month, wtype, wid, 1, rate[0], rate[1], rental)
+    elif rate != before:
+        yield Correction(
+            tenant_id, month, wtype, wid, 0, rate[0] - before[0], rate[1],
+            rental - int(before[2] == "rental"),
+        )  # fmt: skip
+
+
+def snapshot_totals(final: Snapshot) -> dict[str, list[int]]:
+    """``workload_type -> [workloads, points]`` of a final snapshot."""
+    totals: dict[str, list[int]] = {}
+    for (wtype, _), rate in final.items():
+        t = totals.setdefault(wtype, [0, 0, 0])
+        t[0] += 1
+        t[1] += rate[0]
+        t[2] += rate[2] == "rental"
+    return totals

@@ -1,0 +1,221 @@
+"""The HTTP side, served in-process: /metrics, /healthz, the status page, /api/usage.
+
+No broker: the usage view's ``records`` are filled by hand.  aiohttp's test server and
+client are driven with ``asyncio.run`` (no pytest-asyncio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry, Counter
+
+from meter.kafka import KafkaSettings
+from meter.observe import http
+from meter.observe.http import build_app, default_month
+from meter.observe.usage_view import UsageView
+
+
+def run_with_client(app: web.Application, body: Callable[[TestClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with TestClient(TestServer(app)) as client:
+            return await body(client)
+
+    return asyncio.run(main())
+
+
+def record(tenant: str, month: str, usage: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    u = {t: {"workloads": w, "points": p} for t, (w, p) in usage.items()}
+    workloads = sum(w for w, _ in usage.values())
+    points = sum(p for _, p in usage.values())
+    return {
+        "tenant_id": tenant,
+        "month": month,
+        "revision": workloads + points,
+        "usage": u,
+        "workloads": workloads,
+        "points": points,
+        "ratecard": "vcsp-2026",
+        "ratecards": ["vcsp-2026"],
+        "updated_at": f"{month}-27T19:00:00Z",
+    }
+
+
+def filled_view() -> UsageView:
+    view = UsageView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.usage")
+    for r in [
+        record("acme", "2026-11", {"vm": (3, 15), "replica": (1, 10)}),
+        record("globex", "2026-11", {"server": (2, 7), "cloud_vpc": (1, 0)}),
+        record("acme", "2026-10", {"vm": (1, 5)}),
+        record("initech", "2026-12", {"replica": (1, 10), "vm": (0, 0)}),
+    ]:
+        view.records[f"{r['tenant_id']}/{r['month']}"] = r
+    view.version = 7
+    return view
+
+
+def test_metrics_is_prometheus_text_from_the_given_registry() -> None:
+    registry = CollectorRegistry()
+    Counter("meter_test_things", "things seen", registry=registry).inc(3)
+
+    async def body(client: TestClient) -> tuple[int, str, str]:
+        resp = await client.get("/metrics")
+        return resp.status, resp.headers["Content-Type"], await resp.text()
+
+    status, ctype, text = run_with_client(build_app(registry), body)
+    assert status == 200
+    assert ctype.startswith("text/plain")
+    assert "# TYPE meter_test_things_total counter" in text
+    assert "meter_test_things_total 3.0" in text
+
+
+def test_healthz_is_503_until_ready_then_200() -> None:
+    ready = {"ok": False}
+    app = build_app(CollectorRegistry(), ready=lambda: ready["ok"])
+
+    async def body(client: TestClient) -> list[tuple[int, Any]]:
+        out = []
+        for ok in (False, True):
+            ready["ok"] = ok
+            resp = await client.get("/healthz")
+            out.append((resp.status, await resp.json()))
+        return out
+
+    assert run_with_client(app, body) == [(503, {"ready": False}), (200, {"ready": True})]
+
+
+def test_without_a_view_there_is_no_status_page_or_api() -> None:
+    async def body(client: TestClient) -> list[int]:
+        return [(await client.get(p)).status for p in ("/", "/api/usage")]
+
+    assert run_with_client(build_app(CollectorRegistry()), body) == [404, 404]
+
+
+def test_status_page_is_the_packaged_self_contained_html() -> None:
+    async def body(client: TestClient) -> tuple[int, str, str]:
+        resp = await client.get("/")
+        return resp.status, resp.headers["Content-Type"], await resp.text()
+
+    status, ctype, html = run_with_client(build_app(CollectorRegistry(), filled_view()), body)
+    assert status == 200
+    assert ctype.startswith("text/html")
+    assert "api/usage" in html
+    assert 'data-testid="total-points"' in html
+    # No external assets: the machine that serves it may have no internet.
+    for needle in ("http://", "https://", "<link", "src="):
+        assert needle not in html, needle
+
+
+def test_api_usage_for_a_month_has_the_documented_shape() -> None:
+    view = filled_view()
+
+    async def body(client: TestClient) -> tuple[int, Any]:
+        resp = await client.get("/api/usage", params={"month": "2026-11"})
+        return resp.status, await resp.json()
+
+    status, doc = run_with_client(build_app(CollectorRegistry(), view), body)
+    assert status == 200
+    assert doc == {
+        "usage": [
+            {"month": "2026-11", "tenant_id": "acme", "workload_type": "replica",
+             "workloads": 1, "points": 10},
+            {"month": "2026-11", "tenant_id": "acme", "workload_type": "vm",
+             "workloads": 3, "points": 15},
+            {"month": "2026-11", "tenant_id": "globex", "workload_type": "cloud_vpc",
+             "workloads": 1, "points": 0},
+            {"month": "2026-11", "tenant_id": "globex", "workload_type": "server",
+             "workloads": 2, "points": 7},
+        ],
+        "month": "2026-11",
+        "months": ["2026-12", "2026-11", "2026-10"],
+        "version": 7,
+    }  # fmt: skip
+
+
+def test_api_usage_filters_by_month_and_tenant_and_drops_empty_types() -> None:
+    view = filled_view()
+
+    async def body(client: TestClient) -> dict[str, Any]:
+        out = {}
+        for name, params in {
+            "oct": {"month": "2026-10"},
+            "dec": {"month": "2026-12"},
+            "globex": {"month": "2026-11", "tenant": "globex"},
+            "nobody": {"month": "2026-11", "tenant": "nobody"},
+            "empty_month": {"month": "2025-01"},
+        }.items():
+            resp = await client.get("/api/usage", params=params)
+            assert resp.status == 200
+            out[name] = await resp.json()
+        return out
+
+    docs = run_with_client(build_app(CollectorRegistry(), view), body)
+    assert [(r["tenant_id"], r["workload_type"]) for r in docs["oct"]["usage"]] == [("acme", "vm")]
+    # initech's vm entry has no workloads: no row for it.
+    assert [(r["tenant_id"], r["workload_type"]) for r in docs["dec"]["usage"]] == [
+        ("initech", "replica")
+    ]
+    assert {r["tenant_id"] for r in docs["globex"]["usage"]} == {"globex"}
+    assert sum(r["points"] for r in docs["globex"]["usage"]) == 7
+    assert docs["nobody"]["usage"] == []
+    assert docs["empty_month"]["usage"] == []
+    assert docs["empty_month"]["month"] == "2025-01"
+    for doc in docs.values():
+        assert doc["months"] == ["2026-12", "2026-11", "2026-10"]
+        assert doc["version"] == 7
+
+
+def test_api_usage_without_month_uses_the_default_month(monkeypatch: Any) -> None:
+    view = filled_view()
+    app = build_app(CollectorRegistry(), view)
+
+    async def body(client: TestClient) -> list[Any]:
+        out = []
+        for now in ("2026-11", "2027-03"):
+            monkeypatch.setattr(http, "current_month", lambda now=now: now)
+            resp = await client.get("/api/usage")
+            out.append(await resp.json())
+        return out
+
+    this_month, newest = run_with_client(app, body)
+    # The current month has usage: it is shown.
+    assert this_month["month"] == "2026-11"
+    assert {r["month"] for r in this_month["usage"]} == {"2026-11"}
+    # The current month has none: the newest month that has.
+    assert newest["month"] == "2026-12"
+    assert [r["tenant_id"] for r in newest["usage"]] == ["initech"]
+
+
+def test_api_usage_version_follows_the_view() -> None:
+    view = filled_view()
+
+    async def body(client: TestClient) -> list[int]:
+        first = await (await client.get("/api/usage", params={"month": "2026-11"})).json()
+        view._take(
+            b"acme/2026-11",
+            b'{"tenant_id":"acme","month":"2026-11","revision":99,'
+            b'"usage":{"vm":{"workloads":9,"points":90}},"workloads":9,"points":90}',
+        )
+        second = await (await client.get("/api/usage", params={"month": "2026-11"})).json()
+        return [first["version"], second["version"], sum(r["points"] for r in second["usage"])]
+
+    assert run_with_client(build_app(CollectorRegistry(), view), body) == [7, 8, 97]
+
+
+def test_default_month(monkeypatch: Any) -> None:
+    monkeypatch.setattr(http, "current_month", lambda: "2026-11")
+    assert default_month([]) == "2026-11"
+    assert default_month(["2026-12", "2026-11", "2026-10"]) == "2026-11"
+    assert default_month(["2026-10", "2026-09"]) == "2026-10"
+    assert default_month(["2027-01"]) == "2027-01"
+
+
+def test_current_month_is_utc_year_month() -> None:
+    m = http.current_month()
+    assert len(m) == 7
+    assert m[4] == "-"
+    assert 1 <= int(m[5:]) <= 12
