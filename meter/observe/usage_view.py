@@ -17,24 +17,28 @@ from aiokafka.errors import KafkaError
 
 from meter.kafka import KafkaSettings, close_consumer, describe_partitions
 from meter.report import UsageReport
-from meter.stream.usage import keep_latest, usage_rows
+from meter.stream.usage import fold, keep_correction, keep_latest, usage_rows
 
 log = logging.getLogger(__name__)
 
 
 class UsageView:
-    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str, corrections: str | None = None) -> None:
         self.settings = settings
         self.topic = topic
+        self.corrections_topic = corrections or f"{topic}.corrections"
         self.records: dict[str, dict[str, Any]] = {}
+        self.corrections: dict[str, dict[str, Any]] = {}
         self.version = 0  # bumps on every change, for cheap polling
 
     def months(self) -> list[str]:
-        return sorted({r["month"] for r in self.records.values() if "month" in r}, reverse=True)
+        months = {r["month"] for r in self.records.values() if "month" in r}
+        months |= {c["month"] for c in self.corrections.values() if "month" in c}
+        return sorted(months, reverse=True)
 
     def document(self, month: str | None = None, tenant_id: str | None = None) -> dict[str, Any]:
         """The same shape as ``meter report --format json``."""
-        rows = usage_rows(self.records, month=month, tenant_id=tenant_id)
+        rows = usage_rows(fold(self.records, self.corrections), month=month, tenant_id=tenant_id)
         return UsageReport(usage=rows).as_dict()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -42,8 +46,9 @@ class UsageView:
         while not stop.is_set():
             consumer = None
             try:
-                parts = (await describe_partitions(self.settings, [self.topic])).get(self.topic)
-                if not parts:
+                topics = [self.topic, self.corrections_topic]
+                counts = await describe_partitions(self.settings, topics)
+                if not counts.get(self.topic):
                     await _sleep(stop, 1.0)
                     continue
                 consumer = AIOKafkaConsumer(
@@ -53,14 +58,15 @@ class UsageView:
                     auto_offset_reset="earliest",
                 )
                 await consumer.start()
-                tps = [TopicPartition(self.topic, p) for p in range(parts)]
+                tps = [TopicPartition(t, p) for t in topics for p in range(counts.get(t, 0))]
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
                 while not stop.is_set():
                     batch = await consumer.getmany(timeout_ms=250)
-                    for records in batch.values():
+                    for tp, records in batch.items():
+                        into = self.records if tp.topic == self.topic else self.corrections
                         for rec in records:
-                            self._take(rec.key, rec.value)
+                            self._take(rec.key, rec.value, into)
             except (KafkaError, OSError) as exc:
                 log.warning("usage view: %s; retrying", exc)
                 await _sleep(stop, 1.0)
@@ -68,7 +74,9 @@ class UsageView:
                 if consumer is not None:
                     await close_consumer(consumer, max_seconds=5.0)
 
-    def _take(self, key: bytes | None, value: bytes | None) -> None:
+    def _take(
+        self, key: bytes | None, value: bytes | None, into: dict[str, dict[str, Any]]
+    ) -> None:
         if key is None or value is None:
             return
         try:
@@ -76,9 +84,13 @@ class UsageView:
         except orjson.JSONDecodeError:
             return
         if isinstance(record, dict):
-            before = self.records.get(key.decode("utf-8", "replace"))
-            keep_latest(self.records, key.decode("utf-8", "replace"), record)
-            if self.records.get(key.decode("utf-8", "replace")) is not before:
+            k = key.decode("utf-8", "replace")
+            before = into.get(k)
+            if into is self.records:
+                keep_latest(into, k, record)
+            else:
+                keep_correction(into, k, record)
+            if into.get(k) is not before:
                 self.version += 1
 
 

@@ -199,6 +199,7 @@ def test_api_usage_version_follows_the_view() -> None:
             b"acme/2026-11",
             b'{"tenant_id":"acme","month":"2026-11","revision":99,'
             b'"usage":{"vm":{"workloads":9,"points":90}},"workloads":9,"points":90}',
+            view.records,
         )
         second = await (await client.get("/api/usage", params={"month": "2026-11"})).json()
         return [first["version"], second["version"], sum(r["points"] for r in second["usage"])]
