@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -21,8 +22,9 @@ from meter.cli.rate import open_input
 from meter.domain import load_ratecards
 from meter.kafka import add_kafka_arguments, settings_from_args
 from meter.report import FORMATS, UsageReport, render
+from meter.report.vspc import render_vspc
 from meter.stream.send import send_lines
-from meter.stream.usage import read_usage, usage_rows
+from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 from meter.stream.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--month", help="only this month (YYYY-MM)")
     r.add_argument("--tenant", help="only this tenant")
-    r.add_argument("--format", choices=FORMATS, default="table")
+    r.add_argument("--format", choices=(*FORMATS, "vspc-csv"), default="table")
     r.add_argument("--topic", default="meter.usage", help="usage topic [meter.usage]")
+    r.add_argument(
+        "--with-corrections",
+        action="store_true",
+        help="with --month of a closed month: list the corrections after its final report",
+    )
+    r.add_argument("--ratecard", metavar="FILE", help="rate card file, for vspc-csv [built-in]")
     add_kafka_arguments(r)
     r.set_defaults(func=report)
 
@@ -94,8 +102,44 @@ def send(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+    """The month's report.
+
+    Without ``--month``: what the events say now (usage records with every
+    correction folded in).  With ``--month M`` of a closed month: its final
+    report as submitted, and with ``--with-corrections`` the corrections after
+    it and the corrected totals.
+    """
     settings = settings_from_args(args)
-    records = asyncio.run(read_usage(settings, args.topic))
-    rows = usage_rows(records, month=args.month, tenant_id=args.tenant)
-    sys.stdout.write(render(UsageReport(usage=rows), args.format))
+    cards = load_ratecards(args.ratecard)
+
+    async def read() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        return (
+            await read_usage(settings, args.topic),
+            await read_corrections(settings, f"{args.topic}.corrections"),
+        )
+
+    records, corrections = asyncio.run(read())
+    month, tenant = args.month, args.tenant
+    finals = [r for r in records.values() if r.get("final") and r.get("month") == month]
+    extra: dict[str, Any] = {}
+    if month is not None and finals:
+        rows = usage_rows(records, month=month, tenant_id=tenant)
+        extra = {"month": month, "final": True, "closed_at": finals[0].get("closed_at")}
+        if args.with_corrections:
+            mine = sorted(
+                (c for c in corrections.values()
+                 if c.get("month") == month and tenant in (None, c.get("tenant_id"))),
+                key=lambda c: (c["tenant_id"], c["workload_type"], c["workload_id"]),
+            )  # fmt: skip
+            extra["corrections"] = mine
+            corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
+            extra["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
+    else:
+        rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
+        if month is not None:
+            extra = {"month": month, "final": False}
+    if args.format == "vspc-csv":
+        sys.stdout.write(render_vspc(rows, cards))
+        return 0
+    sys.stdout.write(render(UsageReport(usage=rows, extra=extra), args.format))
     return 0

@@ -92,5 +92,5 @@ def snapshot_totals(final: Snapshot) -> dict[str, list[int]]:
         t = totals.setdefault(wtype, [0, 0, 0])
         t[0] += 1
         t[1] += rate[0]
-        t[2] += rate[2] == "rental"
+        t[2] += 1 if rate[2] == "rental" else 0
     return totals

@@ -43,7 +43,7 @@ class TenantMonth:
         if old is None:
             self.workloads[key] = rate
             t = self.totals.get(workload_type)
-            rental = rate[2] == "rental"
+            rental = 1 if rate[2] == "rental" else 0
             if t is None:
                 self.totals[workload_type] = [1, rate[0], rental]
             else:

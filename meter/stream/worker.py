@@ -28,9 +28,10 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 CHANGELOG_CHUNK = 2_000
 #: Rejections logged one by one per batch; the rest are summed up in one line.
 REJECTIONS_LOGGED_PER_BATCH = 5
+#: On stop, how long work in flight may take before it is abandoned (and replayed later).
+STOP_GRACE_S = 3.0
 
 
 def utc_now() -> str:
@@ -275,7 +278,7 @@ class Worker:
     async def _shutdown(self) -> None:
         try:
             async with self._lock:
-                await asyncio.wait_for(self._flush(force=True), 10.0)
+                await asyncio.wait_for(self._flush(force=True), 5.0)
         except (TimeoutError, KafkaError, OSError) as exc:
             log.warning("could not publish the last usage records on shutdown: %s", exc)
         await self._close_clients()
@@ -305,17 +308,39 @@ class Worker:
                     await asyncio.sleep(0.5)
                     continue
                 if batch:
-                    async with self._lock:
-                        await self._process(batch, stop)
+                    await self._step(self._process(batch, stop), stopper)
                 if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
-                    async with self._lock:
-                        await self._flush()
+                    await self._step(self._flush(), stopper)
                 if time.monotonic() - self._last_close_check >= 1.0:
-                    async with self._lock:
-                        await self._close_due()
+                    await self._step(self._close_checked(), stopper)
                 self._progress()
         finally:
             stopper.cancel()
+
+    async def _step(self, work: Coroutine[Any, Any, None], stopper: asyncio.Future[Any]) -> None:
+        """Run one unit of work under the lock; on stop, give it a moment, then cancel it.
+
+        Cancelling is always safe: offsets are committed only after everything a
+        batch caused is acknowledged, so cancelled work is replayed, into a join.
+        """
+        async with self._lock:
+            task = asyncio.ensure_future(work)
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+                if not done:
+                    log.warning("stopping: abandoning work in flight (it will be replayed)")
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _close_checked(self) -> None:
+        try:
+            await self._close_due()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # Nothing is marked closed until its marker is acknowledged, so the next
+            # check simply closes again.
+            log.warning("closing a month failed (%s); will retry", exc)
 
     async def _process(
         self, batch: dict[TopicPartition, list[object]], stop: asyncio.Event
@@ -656,7 +681,7 @@ class Worker:
 
     async def _read_reports(self) -> dict[str, dict[str, object]]:
         latest: dict[str, dict[str, object]] = {}
-        async for rec in iter_to_end(self.settings, self.config.topics.reports):
+        async for rec in iter_to_end(self.settings, self.config.topics.reports, max_seconds=15):
             if rec.key is not None and rec.value:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     latest[rec.key.decode()] = orjson.loads(rec.value)
@@ -852,7 +877,10 @@ class Worker:
             )
             for month in sorted(hc.closed):
                 # Publish the close again (same content) and every correction since.
-                await self._publish_close(p, month)
+                try:
+                    await self._publish_close(p, month)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    log.warning("could not republish the close of %s: %s", month, exc)
                 self._corr_dirty[p].update(
                     (c.tenant_id, c.month, c.workload_type, c.workload_id)
                     for c in hc.corrections(ledger, month)

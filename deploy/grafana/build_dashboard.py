@@ -1,0 +1,399 @@
+"""Generate the Grafana dashboard for meter: ``deploy/grafana/dashboards/meter.json``.
+
+    python deploy/grafana/build_dashboard.py          # (re)write the JSON
+    python deploy/grafana/build_dashboard.py --check  # exit 1 if the committed JSON is stale
+
+Plain Python, no dependencies: the dashboard is data, and the JSON is committed so
+Grafana provisions it from files (see ``provisioning/dashboards/meter.yml``).  Edit this
+file, not the JSON; a test checks that the JSON is what this script writes.
+
+Queries use two Grafana variables: ``$month`` (the dashboard's month, YYYY-MM, from the
+``month`` label of ``meter_points``, newest first, so it defaults to the current month)
+and Grafana's ``$__rate_interval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "meter.json"
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+MONTH = 'month="$month"'
+RATE = "$__rate_interval"
+
+Panel = dict[str, Any]
+
+
+def target(expr: str, legend: str = "", ref: str = "A", *, instant: bool = False) -> Panel:
+    t: Panel = {"datasource": DATASOURCE, "refId": ref, "expr": expr, "legendFormat": legend}
+    if instant:
+        t.update(instant=True, range=False, format="table")
+    else:
+        t.update(range=True)
+    return t
+
+
+def panel(kind: str, title: str, description: str, targets: list[Panel], **extra: Any) -> Panel:
+    p: Panel = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": targets,
+    }
+    p.update(extra)
+    return p
+
+
+def defaults(unit: str = "short", **custom: Any) -> Panel:
+    d: Panel = {"unit": unit}
+    if custom:
+        d["custom"] = custom
+    return {"defaults": d, "overrides": []}
+
+
+def stat(title: str, description: str, expr: str, unit: str = "short", **extra: Any) -> Panel:
+    return panel(
+        "stat",
+        title,
+        description,
+        [target(expr)],
+        fieldConfig=defaults(unit),
+        options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "textMode": "auto",
+        },
+        **extra,
+    )
+
+
+def timeseries(
+    title: str, description: str, targets: list[Panel], unit: str = "short", **extra: Any
+) -> Panel:
+    fc = extra.pop("fieldConfig", None) or defaults(unit, fillOpacity=10, showPoints="never")
+    return panel(
+        "timeseries",
+        title,
+        description,
+        targets,
+        fieldConfig=fc,
+        options={
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull"]},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+        **extra,
+    )
+
+
+def row(title: str) -> Panel:
+    return {"type": "row", "title": title, "collapsed": False, "panels": []}
+
+
+def usage_panels() -> list[Panel]:
+    per_tenant = panel(
+        "table",
+        "Points and workloads per tenant ($month)",
+        "What each tenant is billed on so far this month: distinct counted workloads and "
+        "the points they consume, from the workers' ledgers at scrape time.",
+        [
+            target(f"sum by (tenant_id) (meter_points{{{MONTH}}})", ref="A", instant=True),
+            target(f"sum by (tenant_id) (meter_workloads{{{MONTH}}})", ref="B", instant=True),
+        ],
+        fieldConfig=defaults("short"),
+        options={"showHeader": True, "sortBy": [{"displayName": "Points", "desc": True}]},
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "indexByName": {"tenant_id": 0, "Value #A": 1, "Value #B": 2},
+                    "renameByName": {
+                        "tenant_id": "Tenant",
+                        "Value #A": "Points",
+                        "Value #B": "Workloads",
+                    },
+                },
+            },
+        ],
+    )
+    by_type = panel(
+        "bargauge",
+        "Points by workload type ($month)",
+        "Points this month per workload type, all tenants.",
+        [
+            target(
+                f"sum by (workload_type) (meter_points{{{MONTH}}})",
+                "{{workload_type}}",
+                instant=True,
+            )
+        ],
+        fieldConfig=defaults("short"),
+        options={
+            "orientation": "horizontal",
+            "displayMode": "gradient",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": True},
+        },
+    )
+    trend = timeseries(
+        "Month-to-date points",
+        "Total points of the month as they accumulate (the panel shows this month so "
+        "far). A dip is a worker's series going stale while its partitions move.",
+        [
+            target(f"sum(meter_points{{{MONTH}}})", "total", "A"),
+            target(f"sum by (workload_type) (meter_points{{{MONTH}}})", "{{workload_type}}", "B"),
+        ],
+        timeFrom="now/M",
+    )
+    return [
+        stat("Points ($month)", "Points of all tenants this month so far.",
+             f"sum(meter_points{{{MONTH}}})"),
+        stat("Workloads ($month)", "Distinct counted workloads of all tenants this month.",
+             f"sum(meter_workloads{{{MONTH}}})"),
+        stat("Tenants ($month)", "Tenants with at least one counted workload this month.",
+             f"count(count by (tenant_id) (meter_workloads{{{MONTH}}}))"),
+        stat("Newest event age",
+             "Now minus the time field of the newest job event processed. Grows when no "
+             "events arrive; negative if a job system's clock runs ahead.",
+             "time() - max(meter_newest_event_timestamp_seconds)", "s"),
+        per_tenant,
+        by_type,
+        trend,
+    ]  # fmt: skip
+
+
+def pipeline_panels() -> list[Panel]:
+    latency = timeseries(
+        "Event-to-total latency",
+        "From a job event's arrival in Kafka to the usage record including it being "
+        "acknowledged, per published usage record. Target: p99 under 1 s.",
+        [
+            target(
+                "histogram_quantile(0.5, sum by (le) "
+                f"(rate(meter_event_to_total_latency_seconds_bucket[{RATE}])))",
+                "p50",
+                "A",
+            ),
+            target(
+                "histogram_quantile(0.99, sum by (le) "
+                f"(rate(meter_event_to_total_latency_seconds_bucket[{RATE}])))",
+                "p99",
+                "B",
+            ),
+        ],
+        fieldConfig={
+            "defaults": {
+                "unit": "s",
+                "custom": {
+                    "fillOpacity": 10,
+                    "showPoints": "never",
+                    "thresholdsStyle": {"mode": "line"},
+                },
+                "thresholds": {
+                    "mode": "absolute",
+                    "steps": [{"color": "green", "value": None}, {"color": "red", "value": 1}],
+                },
+            },
+            "overrides": [],
+        },
+    )
+    return [
+        timeseries(
+            "Events by outcome",
+            "Input messages per second by outcome: counted, duplicate, not_counted (failed "
+            "session), rejected.",
+            [target(f"sum by (outcome) (rate(meter_events_total[{RATE}]))", "{{outcome}}")],
+            "ops",
+        ),
+        timeseries(
+            "Rejections by reason",
+            "Rejected messages per second by reason; each is on the rejected topic with its "
+            "original bytes and a meter.reason header.",
+            [target(f"sum by (reason) (rate(meter_events_rejected_total[{RATE}]))", "{{reason}}")],
+            "ops",
+        ),
+        timeseries(
+            "Consumer lag",
+            "Messages not yet processed per input partition (Fetch high watermark minus "
+            "position), as reported by the worker that owns the partition.",
+            [
+                target(
+                    "sum by (topic, partition) (meter_consumer_lag_messages)",
+                    "{{topic}}/{{partition}}",
+                )
+            ],
+        ),
+        latency,
+        timeseries(
+            "Newest event age",
+            "Now minus the time field of the newest job event processed.",
+            [target("time() - max(meter_newest_event_timestamp_seconds)", "age")],
+            "s",
+        ),
+        timeseries(
+            "Forwarded, changelog, published",
+            "Events re-keyed to their tenant's home partition, ledger changes written to the "
+            "changelog and usage records published, per second.",
+            [
+                target(f"sum(rate(meter_events_forwarded_total[{RATE}]))", "forwarded", "A"),
+                target(f"sum(rate(meter_changelog_records_total[{RATE}]))", "changelog", "B"),
+                target(f"sum(rate(meter_usage_records_published_total[{RATE}]))", "published", "C"),
+            ],
+            "ops",
+        ),
+    ]
+
+
+def worker_panels() -> list[Panel]:
+    return [
+        timeseries(
+            "Home partitions per worker",
+            "Home partitions (tenant ledgers) each worker owns; they move on rebalances.",
+            [target("sum by (instance) (meter_home_partitions)", "{{instance}}")],
+        ),
+        timeseries(
+            "Rebalances and recovery",
+            "Consumer group rebalances seen, and ledger entries replayed from the changelog "
+            "when a worker took a home partition.",
+            [
+                target(
+                    f"sum by (instance) (increase(meter_rebalances_total[{RATE}]))",
+                    "rebalances {{instance}}",
+                    "A",
+                ),
+                target(
+                    f"sum by (instance) (increase(meter_ledger_entries_recovered_total[{RATE}]))",
+                    "recovered {{instance}}",
+                    "B",
+                ),
+            ],
+        ),
+        panel(
+            "table",
+            "Workers",
+            "Each scraped worker: up (1) or not, and its meter and Python versions.",
+            [
+                target('up{job="meter"}', ref="A", instant=True),
+                target("meter_build_info", ref="B", instant=True),
+            ],
+            fieldConfig=defaults("short"),
+            options={"showHeader": True},
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "__name__": True, "Value #B": True},
+                        "renameByName": {"Value #A": "up"},
+                    },
+                },
+            ],
+        ),
+    ]
+
+
+def layout(sections: list[tuple[str, list[Panel], list[tuple[int, int]]]]) -> list[Panel]:
+    """Place panels left to right in a 24-column grid; sizes are (width, height)."""
+    out: list[Panel] = []
+    y = 0
+    pid = 1
+    for title, panels, sizes in sections:
+        r = row(title)
+        r.update(id=pid, gridPos={"h": 1, "w": 24, "x": 0, "y": y})
+        out.append(r)
+        pid += 1
+        y += 1
+        x = 0
+        line_h = 0
+        for p, (w, h) in zip(panels, sizes, strict=True):
+            if x + w > 24:
+                x, y, line_h = 0, y + line_h, 0
+            p["id"] = pid
+            p["gridPos"] = {"h": h, "w": w, "x": x, "y": y}
+            out.append(p)
+            pid += 1
+            x += w
+            line_h = max(line_h, h)
+        y += line_h
+    return out
+
+
+def build() -> dict[str, Any]:
+    month = {
+        "type": "query",
+        "name": "month",
+        "label": "Month",
+        "description": "UTC month (YYYY-MM); workers export the current and previous month.",
+        "datasource": DATASOURCE,
+        "definition": "label_values(meter_points, month)",
+        "query": {"query": "label_values(meter_points, month)", "refId": "month"},
+        "refresh": 2,  # on time range change
+        "sort": 2,  # alphabetical, descending: the current month first
+        "current": {},  # none saved: Grafana selects the first, the current month
+        "includeAll": False,
+        "multi": False,
+        "hide": 0,
+    }
+    panels = layout(
+        [
+            ("Usage", usage_panels(), [(6, 4)] * 4 + [(12, 10), (12, 10), (24, 8)]),
+            ("Pipeline", pipeline_panels(), [(12, 8)] * 6),
+            ("Workers", worker_panels(), [(8, 8)] * 3),
+        ]
+    )
+    return {
+        "uid": "meter",
+        "title": "meter",
+        "description": "Usage per tenant and month, and the health of the meter workers.",
+        "tags": ["meter", "kafka", "billing"],
+        "timezone": "utc",
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {"list": [month]},
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL expr) of every query in a dashboard."""
+    return [
+        (p["title"], t["expr"])
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+        if t.get("expr")
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the JSON is out of date")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
+            print(f"{OUT} is out of date: run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

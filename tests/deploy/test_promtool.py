@@ -1,0 +1,158 @@
+"""deploy/prometheus and deploy/grafana, checked with the real promtool (no server)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import (
+    DASHBOARD_JSON,
+    PROMETHEUS_DIR,
+    ROOT,
+    current_month,
+    dashboard,
+    dashboard_queries,
+    generator,
+    require_binary,
+)
+
+ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
+          "MeterLatencyHigh"}  # fmt: skip
+PANELS = {
+    "Points and workloads per tenant ($month)",
+    "Points by workload type ($month)",
+    "Month-to-date points",
+    "Events by outcome",
+    "Rejections by reason",
+    "Consumer lag",
+    "Event-to-total latency",
+    "Newest event age",
+}
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> str:
+    exe = require_binary("promtool")
+    proc = subprocess.run(
+        [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{out}"
+    return out
+
+
+def test_prometheus_config_is_valid_and_finds_its_rules() -> None:
+    # run from the repository root: rule_files must resolve relative to the config file
+    out = promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert "1 rule files found" in out
+    assert "SUCCESS" in out
+
+
+def test_rules_are_valid() -> None:
+    out = promtool("check", "rules", str(PROMETHEUS_DIR / "rules.yml"))
+    assert re.search(r"SUCCESS: \d+ rules found", out), out
+
+
+def test_rule_unit_tests_pass() -> None:
+    out = promtool("test", "rules", "rules.test.yml", cwd=PROMETHEUS_DIR)
+    assert "SUCCESS" in out
+
+
+def test_every_alert_fires_and_stays_quiet_in_the_unit_tests() -> None:
+    rules = (PROMETHEUS_DIR / "rules.yml").read_text(encoding="utf-8")
+    tests = (PROMETHEUS_DIR / "rules.test.yml").read_text(encoding="utf-8")
+    assert set(re.findall(r"^\s*- alert: (\w+)$", rules, re.M)) == ALERTS
+    # each alert_rule_test case: alertname, then exp_alerts empty ([]) or a list
+    cases = re.findall(r"alertname: (\w+)\n\s+exp_alerts:( \[\])?", tests)
+    fires = {name for name, empty in cases if not empty}
+    quiet = {name for name, empty in cases if empty}
+    assert fires == ALERTS, f"no firing case for {ALERTS - fires}"
+    assert quiet == ALERTS, f"no quiet case for {ALERTS - quiet}"
+
+
+def test_dashboard_json_is_what_the_generator_writes() -> None:
+    gen = generator()
+    assert DASHBOARD_JSON.read_text(encoding="utf-8") == gen.render(), (
+        "meter.json is stale: run python deploy/grafana/build_dashboard.py"
+    )
+    assert gen.main(["--check"]) == 0
+
+
+def test_dashboard_shape() -> None:
+    d = dashboard()
+    assert d["uid"] == "meter"
+    (month,) = d["templating"]["list"]
+    assert month["name"] == "month"
+    assert month["query"]["query"] == "label_values(meter_points, month)"
+    assert month["sort"] == 2  # descending: the current month is the first, the default
+    assert not month["current"]
+    titles = {p["title"] for p in d["panels"]}
+    assert titles >= PANELS, PANELS - titles
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in d["panels"]:
+        if p["type"] != "row":
+            assert p["targets"], p["title"]
+            assert p["datasource"] == {"type": "prometheus", "uid": "prometheus"}
+            g = p["gridPos"]
+            assert g["x"] + g["w"] <= 24, p["title"]
+
+
+def test_every_dashboard_query_parses(tmp_path: Path) -> None:
+    """promtool check rules parses every expr; the queries go in as recording rules
+    (a JSON document is YAML too)."""
+    queries = dashboard_queries(current_month())
+    assert len(queries) >= 15
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}", "expr": q}
+                          for i, (_, q) in enumerate(queries)],
+            }
+        ]
+    }  # fmt: skip
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps(rules), encoding="utf-8")
+    out = promtool("check", "rules", str(path))
+    assert f"SUCCESS: {len(queries)} rules found" in out
+
+
+def test_compose_wires_prometheus_and_grafana() -> None:
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    assert {"kafka", "worker-1", "worker-2", "prometheus", "grafana"} <= set(services)
+    for w in ("worker-1", "worker-2"):
+        assert services[w]["command"] == ["worker", "--http-host", "0.0.0.0"]
+        assert services[w]["environment"]["METER_BROKER"] == "kafka:9092"
+    prom = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = prom["scrape_configs"]
+    assert job["job_name"] == "meter"  # the dashboard's up{job="meter"} and the rules
+    (static,) = job["static_configs"]
+    assert sorted(static["targets"]) == ["worker-1:9464", "worker-2:9464"]
+    assert prom["global"]["scrape_interval"] == "5s"
+    # every host path mounted into prometheus and grafana exists
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana_env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    ds = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text("utf-8")
+    )
+    (source,) = ds["datasources"]
+    assert source["uid"] == "prometheus"  # what every dashboard panel refers to
+    assert source["url"] == "http://prometheus:9090"
+    boards = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/meter.yml").read_text("utf-8")
+    )
+    (provider,) = boards["providers"]
+    mounted = {v.split(":")[1] for v in services["grafana"]["volumes"]}
+    assert provider["options"]["path"] in mounted
