@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from meter import __version__
-from meter.cli import broker, logs, rate, stream
+from meter.cli import audit, broker, logs, rate, stream
 from meter.cli import run as run_cmd
 from meter.errors import MeterError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_parser(sub)
     stream.add_parsers(sub)
     run_cmd.add_parsers(sub)
+    audit.add_parser(sub)
     return parser
 
 

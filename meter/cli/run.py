@@ -31,7 +31,7 @@ from meter.report import UsageReport, render
 from meter.sim.fleet import generate
 from meter.stream.config import StreamConfig
 from meter.stream.send import tenant_key
-from meter.stream.usage import read_usage, usage_rows
+from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 from meter.stream.worker import Worker, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,12 @@ def demo(args: argparse.Namespace) -> int:
             rows: list[UsageRow] = []
             deadline = time.monotonic() + 60
             while not stop.is_set() and time.monotonic() < deadline:
-                rows = usage_rows(await read_usage(settings, config.topics.usage))
+                rows = usage_rows(
+                    fold(
+                        await read_usage(settings, config.topics.usage),
+                        await read_corrections(settings, config.topics.corrections),
+                    )
+                )
                 progress.show(final=False)
                 if rows == expected and stats.tally.read >= len(lines):
                     break

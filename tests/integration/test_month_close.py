@@ -1,0 +1,180 @@
+"""Month close with a controllable clock: finals never move, corrections add up, audit agrees."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from meter.kafka import KafkaSettings
+from meter.sim.fleet import generate
+from meter.stream.usage import read_usage
+from tests.domain.events import line
+from tests.integration.harness import (
+    Names,
+    WorkerProcess,
+    expected_usage,
+    read_all,
+    send,
+    wait_for_usage,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def finals(settings: KafkaSettings, topic: str, month: str) -> dict[str, dict[str, Any]]:
+    records = asyncio.run(read_usage(settings, topic))
+    return {
+        k: {key: v for key, v in r.items() if key != "updated_at"}
+        for k, r in records.items()
+        if r.get("month") == month and r.get("final")
+    }
+
+
+def reports(settings: KafkaSettings, topic: str) -> dict[str, Any]:
+    latest: dict[str, Any] = {}
+    try:
+        for rec in read_all(settings, topic):
+            latest[rec.key.decode()] = orjson.loads(rec.value)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not created yet
+        return {}
+    return latest
+
+
+def wait_until(check: Any, what: str, timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def meter(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "meter", *args], capture_output=True, timeout=120, check=False
+    )
+
+
+def test_close_late_events_restart_two_workers_and_audit(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    clock = tmp_path / "clock"
+    clock.write_text("2026-10-20T00:00:00Z")
+    names = Names(unique)
+    names.extra = ["--clock", str(clock)]
+    bootstrap = kafka_settings.bootstrap
+    on_time = [
+        *generate(3000, seed=61, month="2026-10", tenants=16, workloads=12),
+        line(tenant="upgrade-co", workload="vm-up", license="rental",
+             time="2026-10-10T10:00:00Z", id="on-time-rental"),
+    ]  # fmt: skip
+    late = [
+        *generate(400, seed=62, month="2026-10", tenants=20, workloads=14),
+        # the same workload, now charged higher: rental -> subscription
+        line(tenant="upgrade-co", workload="vm-up", license="subscription",
+             time="2026-10-15T10:00:00Z", id="late-upgrade"),
+    ]  # fmt: skip
+    a = WorkerProcess(bootstrap, names, "a")
+    b = WorkerProcess(bootstrap, names, "b")
+    try:
+        a.wait_for_log("took home partitions")
+        b.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, on_time)
+        wait_for_usage(kafka_settings, names.usage, expected_usage(on_time), workers=[a, b])
+        assert not finals(kafka_settings, names.usage, "2026-10")
+
+        # The clock passes the 3rd of November: October closes on both workers.
+        clock.write_text("2026-11-03T00:00:01Z")
+        provider = wait_until(
+            lambda: reports(kafka_settings, names.reports).get("provider/2026-10"),
+            "the provider summary",
+        )
+        closed = finals(kafka_settings, names.usage, "2026-10")
+        october = [r for r in expected_usage(on_time) if r.month == "2026-10"]
+        assert sum(r["points"] for r in closed.values()) == sum(r.points for r in october)
+        assert provider["points"] == sum(r.points for r in october)
+        assert provider["workloads"] == sum(r.workloads for r in october)
+        assert provider["tenants"] == len({r.tenant_id for r in october})
+        assert all(r["closed_at"] == "2026-11-03T00:00:00Z" for r in closed.values())
+
+        # Restart around the close: SIGKILL one worker, start it again.
+        b.kill()
+        b.close()
+        b = WorkerProcess(bootstrap, names, "b2")
+        b.wait_for_log("took home partitions", timeout=60)
+        time.sleep(2)
+        assert finals(kafka_settings, names.usage, "2026-10") == closed
+        assert reports(kafka_settings, names.reports)["provider/2026-10"] == provider
+
+        # Late events: the final records never move; corrections make up the difference.
+        send(kafka_settings, names.jobs, late)
+        everything = on_time + late
+        wait_for_usage(kafka_settings, names.usage, expected_usage(everything), workers=[a, b])
+        assert finals(kafka_settings, names.usage, "2026-10") == closed
+        corrections = [
+            orjson.loads(r.value)  # type: ignore[attr-defined]
+            for r in read_all(kafka_settings, f"{names.usage}.corrections")
+        ]
+        assert corrections
+        assert all(c["reason"] == "late" and c["event_id"] for c in corrections)
+        assert any(c["event_id"] == "late-upgrade" and c["workloads_added"] == 0
+                   and c["points_added"] == 5 for c in corrections)  # fmt: skip
+
+        # The user's view: the final report, then with its corrections.
+        out = meter("report", "--broker", bootstrap, "--topic", names.usage,
+                    "--month", "2026-10", "--format", "json", "--with-corrections")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        doc = orjson.loads(out.stdout)
+        assert doc["final"] is True
+        assert sum(r["points"] for r in doc["usage"]) == sum(r.points for r in october)
+        want = [r for r in expected_usage(everything) if r.month == "2026-10"]
+        assert [(r["tenant_id"], r["workload_type"], r["workloads"], r["points"])
+                for r in doc["corrected_usage"]] == [
+            (r.tenant_id, r.workload_type, r.workloads, r.points) for r in want
+        ]  # fmt: skip
+        vspc = meter("report", "--broker", bootstrap, "--topic", names.usage,
+                     "--month", "2026-10", "--format", "vspc-csv")  # fmt: skip
+        total = vspc.stdout.decode().strip().splitlines()[-1].split(",")
+        assert total[:3] == ["2026-10", "*", "TOTAL"]
+        assert int(total[-1]) == sum(r.points for r in october)
+
+        # The audit recomputes October from the raw topic: no difference.
+        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10",
+                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+        assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
+        assert b"0 difference(s)" in audit.stdout
+
+        # Corrupt one usage record by hand: the audit finds it.
+        victim = next(iter(closed.values()))
+        forged = {**victim, "revision": victim["revision"] + 1000, "points": 0,
+                  "usage": {w: {**u, "points": u["points"] + 7}
+                            for w, u in victim["usage"].items()}}  # fmt: skip
+
+        async def corrupt() -> None:
+            p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+            await p.start()
+            try:
+                key = f"{victim['tenant_id']}/2026-10".encode()
+                await p.send_and_wait(names.usage, orjson.dumps(forged), key=key)
+            finally:
+                await p.stop()
+
+        asyncio.run(corrupt())
+        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10",
+                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+        assert audit.returncode == 1
+        assert f"2026-10 {victim['tenant_id']} ".encode() in audit.stdout
+        assert b"DIFFERENCE" in audit.stdout
+    finally:
+        for w in (a, b):
+            w.terminate()
+            w.close()
