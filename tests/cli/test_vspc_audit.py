@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from meter.domain import UsageRow, load_ratecards
+from meter.report.audit import compare
+from meter.report.vspc import render_vspc
+
+
+def test_vspc_csv_rows_and_provider_totals() -> None:
+    rows = [
+        UsageRow("2026-10", "acme", "vm", 3, 10, 1),
+        UsageRow("2026-10", "acme", "replica", 1, 10, 1),
+        UsageRow("2026-10", "globex", "vm", 2, 0, 2),
+        UsageRow("2026-10", "globex", "cloud_vm", 1, 11, 0),
+    ]
+    lines = render_vspc(rows, load_ratecards()).splitlines()
+    assert lines == [
+        "month,tenant_id,workload,count,rental_count,points_per_unit,points",
+        "2026-10,acme,CC_VM_Backup,3,1,5,10",
+        "2026-10,acme,CC_VM_Replica,1,1,10,10",
+        "2026-10,globex,CC_VM_Backup,2,2,5,0",
+        "2026-10,globex,PC_VM_Backup,1,0,11,11",
+        "2026-10,*,CC_VM_Backup,5,3,5,10",
+        "2026-10,*,CC_VM_Replica,1,1,10,10",
+        "2026-10,*,PC_VM_Backup,1,0,11,11",
+        "2026-10,*,TOTAL,7,4,,31",
+    ]
+
+
+def test_audit_names_every_difference() -> None:
+    want = [UsageRow("2026-10", "acme", "vm", 3, 15), UsageRow("2026-10", "b", "vm", 1, 5)]
+    got = [UsageRow("2026-10", "acme", "vm", 3, 10), UsageRow("2026-10", "c", "vm", 1, 0)]
+    diffs = compare(want, got)
+    assert [(d.tenant_id, d.expected, d.published) for d in diffs] == [
+        ("acme", (3, 15), (3, 10)),
+        ("b", (1, 5), (0, 0)),
+        ("c", (0, 0), (1, 0)),
+    ]
+    assert "events say 3 workloads / 15 points, published 3 / 10" in str(diffs[0])
+    assert compare(want, want) == []
