@@ -286,7 +286,8 @@ def test_status_page_shows_what_meter_rate_computes_and_updates_live(
         # Nothing chosen: the page shows the current month, which has usage.
         seen = wait_until(page, shows(want_this, this), f"the {this} totals")
         assert_shows_exactly(seen, want_this)
-        assert seen["months"] == [following, this]
+        # Newest first; generated times with zones may also land in the month before.
+        assert seen["months"][:2] == [following, this]
 
         select_month(page, following)
         seen = wait_until(page, shows(want_next, following), f"the {following} totals")
