@@ -80,35 +80,44 @@ def month_key(year: int, month: int) -> str:
 
 _CACHE: dict[str, tuple[str, int]] = {}
 _CACHE_MAX: Final = 200_000
+_BAD: Final = (
+    "not an RFC 3339 date-time with seconds and a zone "
+    "(expected e.g. 2026-11-03T10:00:00Z or 2026-11-03T10:00:00+02:00)"
+)
+# One match validates the shape and the minute/second ranges and captures the
+# cache key's parts: date and hour, minutes, zone.
+_FAST: Final = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}):([0-5][0-9]):(?:[0-5][0-9]|60)(?:\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def utc_month(value: str) -> tuple[str, int]:
     """``(YYYY-MM, YYYYMMDD)`` of the UTC date of an RFC 3339 time.
 
-    The hot path: the result depends only on the date, hour and zone (and the
-    minutes, for zones with minutes), so it is cached on those; the parts left
-    out of the key are range-checked here.
+    The hot path.  The result depends only on the date, the hour and the zone
+    (and, for a zone with minutes, on which side of the one minute boundary in
+    that hour where the UTC date changes), so it is cached on those.  The date,
+    hour and zone are validated once, when their key is first seen.
     """
-    if _RFC3339.fullmatch(value) is None:
-        raise TimeError(
-            "not an RFC 3339 date-time with seconds and a zone "
-            "(expected e.g. 2026-11-03T10:00:00Z or 2026-11-03T10:00:00+02:00)"
-        )
-    if value[17:19] > "60":
+    m = _FAST.fullmatch(value)
+    if m is None:
+        if _RFC3339.fullmatch(value) is None:
+            raise TimeError(_BAD)
         raise TimeError("time of day is out of range")
-    # The UTC date depends on the minutes only when the zone offset has minutes.
-    last = value[-1]
-    if last in {"Z", "z"}:
-        key = value[:13]
+    hour, minutes, zone = m.group(1, 2, 3)
+    if len(zone) == 1:
+        key = hour
+    elif zone[4] == "0" and zone[5] == "0":
+        key = hour + zone
     else:
-        zone = value[-6:]
-        key = value[:13] + zone if zone[-2:] == "00" else value[:16] + zone
-    if value[14:16] > "59":
-        raise TimeError("time of day is out of range")
+        # "+hh:mm": UTC midnight is local hh:mm; "-hh:mm": local (23-hh):(60-mm).
+        threshold = zone[4:] if zone[0] == "+" else f"{60 - int(zone[4:]):02d}"
+        key = hour + zone + ("1" if minutes >= threshold else "0")
     hit = _CACHE.get(key)
     if hit is None:
-        y, m, d = utc_date(value)
-        hit = (month_key(y, m), y * 10000 + m * 100 + d)
+        y, mo, d = utc_date(value)
+        hit = (month_key(y, mo), y * 10000 + mo * 100 + d)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit

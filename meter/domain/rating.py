@@ -46,15 +46,23 @@ class Rater:
     def feed(self, raw: bytes | str) -> Event | Rejected:
         """Rate one raw event.  Returns the parsed event or why it was rejected."""
         event = parse(raw)
+        tally = self.tally
         if event.__class__ is Rejected:
-            self.tally.rejected += 1
+            tally.rejected += 1
             return event
         assert isinstance(event, Event)
-        outcome = self.rate(event)
-        if outcome is REJECTED:
-            no_card = no_ratecard(event, self.cards)
-            self.tally.rejected += 1
-            return no_card
+        rate = self.cards.rate(event)
+        if rate is None:
+            tally.rejected += 1
+            return no_ratecard(event, self.cards)
+        if event.result == "failed":
+            tally.not_counted += 1
+        elif self.ledger.add(
+            event.tenant_id, event.month, event.workload_type, event.workload_id, rate
+        ):
+            tally.counted += 1
+        else:
+            tally.duplicate += 1
         return event
 
     def rate(self, event: Event) -> str:
