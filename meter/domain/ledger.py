@@ -98,27 +98,31 @@ class UsageRow:
 class Ledger:
     """Join-shaped monthly state.  ``observe`` is the hot path."""
 
-    __slots__ = ("_months",)
+    __slots__ = ("_months", "_rates")
 
     def __init__(self) -> None:
         self._months: dict[tuple[str, str], TenantMonth] = {}
+        #: (tenant, month, type, workload) -> rate: one lookup answers "already counted
+        #: at this rate or higher?", which is what most events are.
+        self._rates: dict[tuple[str, str, str, str], Rate] = {}
 
     def observe(self, event: Event, rate: Rate) -> str:
         """Apply one valid event rated ``rate``; return its outcome."""
         if event.result == "failed":
             return NOT_COUNTED
-        key = (event.tenant_id, event.month)
-        tm = self._months.get(key)
-        if tm is None:
-            tm = self._months[key] = TenantMonth(event.tenant_id, event.month)
-        if tm.add(event.workload_type, event.workload_id, rate):
+        if self.add(event.tenant_id, event.month, event.workload_type, event.workload_id, rate):
             return COUNTED
         return DUPLICATE
 
     def add(
         self, tenant_id: str, month: str, workload_type: str, workload_id: str, rate: Rate
     ) -> bool:
-        """Join one ledger entry in (from a changelog or another ledger)."""
+        """Join one ledger entry in; True when the state changed."""
+        flat = (tenant_id, month, workload_type, workload_id)
+        old = self._rates.get(flat)
+        if old is not None and old >= rate:
+            return False
+        self._rates[flat] = rate
         key = (tenant_id, month)
         tm = self._months.get(key)
         if tm is None:
@@ -144,7 +148,10 @@ class Ledger:
         return self._months.values()
 
     def drop(self, tenant_id: str, month: str) -> None:
-        self._months.pop((tenant_id, month), None)
+        tm = self._months.pop((tenant_id, month), None)
+        if tm is not None:
+            for wtype, wid in tm.workloads:
+                self._rates.pop((tenant_id, month, wtype, wid), None)
 
     def usage(self, month: str | None = None, tenant_id: str | None = None) -> list[UsageRow]:
         """Rows sorted by month, tenant_id, workload_type; one per non-empty group."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from meter.domain.event import Event, Rejected, parse
 from meter.domain.ledger import COUNTED, DUPLICATE, NOT_COUNTED, REJECTED, Ledger
-from meter.domain.ratecard import RateCards
+from meter.domain.ratecard import Rate, RateCards
 
 
 @dataclass
@@ -51,7 +51,11 @@ class Rater:
             tally.rejected += 1
             return event
         assert isinstance(event, Event)
-        rate = self.cards.rate(event)
+        cards = self.cards
+        if cards._single is not None and event.date >= cards._first:
+            rate: Rate | None = cards._single[(event.workload_type, event.license)]
+        else:
+            rate = cards.rate(event)
         if rate is None:
             tally.rejected += 1
             return no_ratecard(event, self.cards)
@@ -67,7 +71,11 @@ class Rater:
 
     def rate(self, event: Event) -> str:
         """Apply a parsed event; return its outcome and count it."""
-        rate = self.cards.rate(event)
+        cards = self.cards
+        if cards._single is not None and event.date >= cards._first:
+            rate: Rate | None = cards._single[(event.workload_type, event.license)]
+        else:
+            rate = cards.rate(event)
         if rate is None:
             return REJECTED
         outcome = self.ledger.observe(event, rate)
