@@ -72,6 +72,33 @@ class WorkerCollector(Collector):
         yield _counter("meter_changelog_records", "Changelog records written.", s.changelog_records)
         yield _counter("meter_rebalances", "Consumer group rebalances seen.", s.rebalances)
         yield _counter(
+            "meter_corrections_published",
+            "Corrections to closed months published (late events).",
+            s.corrections,
+        )
+        ready = GaugeMetricFamily("meter_ready", "1 once the worker owns its partitions.")
+        ready.add_metric([], 1 if self.worker.ready.is_set() else 0)
+        yield ready
+        closed = GaugeMetricFamily(
+            "meter_last_closed_month_timestamp_seconds",
+            "Start (Unix seconds) of the newest month closed on this worker's partitions.",
+        )
+        months = {m for hc in self.worker.closes.values() for m in hc.closed}
+        if months:
+            last = max(months)
+            closed.add_metric(
+                [], datetime(int(last[:4]), int(last[5:7]), 1, tzinfo=UTC).timestamp()
+            )
+        yield closed
+        cards = GaugeMetricFamily(
+            "meter_ratecard_info",
+            "Rate cards loaded (value is always 1).",
+            labels=["version", "effective"],
+        )
+        for card in self.worker.cards.cards:
+            cards.add_metric([card.version, card.effective], 1)
+        yield cards
+        yield _counter(
             "meter_ledger_entries_recovered",
             "Ledger entries replayed from the changelog.",
             s.recovered_entries,

@@ -784,6 +784,9 @@ class Worker:
                 self._corr_dirty.pop(home, None)
             if gone:
                 log.info("gave up home partitions %s", gone)
+            mine = {(tp.topic, tp.partition) for tp in assigned}
+            for key in set(self._positions) - mine:
+                del self._positions[key]
             # Kept only if revoked and assigned in this same rebalance.
             for home in set(self.ledgers) - self._revoked:
                 self.ledgers.pop(home, None)

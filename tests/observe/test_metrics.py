@@ -63,6 +63,14 @@ def test_counters_and_build_info() -> None:
     assert registry.get_sample_value("meter_events_rejected_total", {"reason": "invalid_json"}) == 0
     assert registry.get_sample_value("meter_usage_records_published_total") == 7
     assert registry.get_sample_value("meter_home_partitions") == 1
+    assert registry.get_sample_value("meter_ready") == 0
+    assert (
+        registry.get_sample_value(
+            "meter_ratecard_info", {"version": "vcsp-2026", "effective": "0001-01-01"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("meter_corrections_published_total") == 0
     from meter import __version__
 
     samples = [s for m in registry.collect() if m.name == "meter_build_info" for s in m.samples]
