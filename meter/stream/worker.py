@@ -585,19 +585,32 @@ class Worker:
 
     # ------------------------------------------------------------------ month close
 
-    def _caught_up(self) -> bool:
+    async def _caught_up(self) -> bool:
         """True when every assigned input partition has been read to its high watermark."""
         consumer = self._consumer
         if consumer is None or not self.ready.is_set():
             return False
-        lags = self.lag()
-        return all(lags.get((tp.topic, tp.partition), 1) == 0 for tp in consumer.assignment())
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None:
+                return False  # no Fetch answer for it yet
+            key = (tp.topic, tp.partition)
+            pos = self._positions.get(key)
+            if pos is None:
+                # Nothing read from it since we took it: where the group left off.
+                pos = await asyncio.wait_for(consumer.position(tp), 5.0)
+                if pos is None:
+                    return False
+                self._positions[key] = pos
+            if pos < hw:
+                return False
+        return True
 
     async def _close_due(self) -> None:
         """Close every due month of our home partitions, once we have read what arrived."""
         self._last_close_check = time.monotonic()
         grace = self.config.close_grace
-        if grace is None or not self.ledgers or not self._caught_up():
+        if grace is None or not self.ledgers or not await self._caught_up():
             return
         now = self.now()
         if time.monotonic() - self._known_refreshed >= 30.0:

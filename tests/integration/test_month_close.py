@@ -178,3 +178,35 @@ def test_close_late_events_restart_two_workers_and_audit(
         for w in (a, b):
             w.terminate()
             w.close()
+
+
+def test_a_worker_restarted_before_the_close_closes_with_nothing_new_to_read(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    clock = tmp_path / "clock"
+    clock.write_text("2026-10-20T00:00:00Z")
+    names = Names(unique)
+    names.extra = ["--clock", str(clock)]
+    lines = list(generate(1500, seed=71, month="2026-10", tenants=10, workloads=10))
+    first = WorkerProcess(kafka_settings.bootstrap, names, "before")
+    try:
+        send(kafka_settings, names.jobs, lines)
+        wait_for_usage(kafka_settings, names.usage, expected_usage(lines), workers=[first])
+        assert first.terminate() == 0, first.log()
+    finally:
+        first.close()
+    # Down across the close moment; back up with every offset already committed.
+    clock.write_text("2026-11-05T12:00:00Z")
+    second = WorkerProcess(kafka_settings.bootstrap, names, "after")
+    try:
+        provider = wait_until(
+            lambda: reports(kafka_settings, names.reports).get("provider/2026-10"),
+            "the provider summary after the restart",
+        )
+        october = [r for r in expected_usage(lines) if r.month == "2026-10"]
+        assert provider["points"] == sum(r.points for r in october)
+        closed = finals(kafka_settings, names.usage, "2026-10")
+        assert sum(r["workloads"] for r in closed.values()) == sum(r.workloads for r in october)
+    finally:
+        second.terminate()
+        second.close()
