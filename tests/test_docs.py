@@ -1,0 +1,66 @@
+"""The README's examples run: what it shows is what meter does."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+from jsonschema import Draft202012Validator, FormatChecker
+
+from meter.cli import build_parser
+from meter.domain import Event, parse, parse_ratecards
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+
+
+def json_blocks() -> list[str]:
+    return [body for lang, body in BLOCKS if lang == "json"]
+
+
+def test_the_event_example_meets_the_contract() -> None:
+    [example] = [b for b in json_blocks() if '"specversion"' in b]
+    assert isinstance(parse(example.encode()), Event)
+
+
+def test_the_rate_card_example_loads() -> None:
+    [example] = [b for b in json_blocks() if '"effective"' in b]
+    doc = orjson.loads(example)
+    doc["ratecards"] = [
+        c for c in doc["ratecards"] if "..." not in orjson.dumps(c["rates"]).decode()
+    ]
+    cards = parse_ratecards(doc, "README")
+    assert cards.versions == ("vcsp-2026",)
+    assert cards.cards[0].points("vm", "rental") == 0
+    assert cards.cards[0].points("replica", "rental") == 10
+
+
+def test_the_rate_json_example_is_real_output() -> None:
+    [example] = [b for b in json_blocks() if '"rejected_not_listed"' in b]
+    out = subprocess.run(
+        [sys.executable, "-m", "meter", "rate", "examples/readme.jsonl", "--format", "json"],
+        cwd=ROOT, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert orjson.loads(out.stdout) == orjson.loads(example)
+
+
+def test_the_usage_record_example_follows_its_schema() -> None:
+    [example] = [b for b in json_blocks() if '"revision"' in b]
+    schema = orjson.loads((ROOT / "schemas" / "usage-record.v1.schema.json").read_bytes())
+    record = orjson.loads(example)
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(record)
+    assert record["revision"] == record["workloads"] + record["points"]
+
+
+def test_every_command_the_readme_shows_exists() -> None:
+    commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    shown = set(
+        re.findall(r"^\s*meter (\w+)", "\n".join(b for lang, b in BLOCKS if lang == "sh"), re.M)
+    )
+    shown |= set(re.findall(r"`meter (\w+)", README))
+    assert shown, "no commands found in the README"
+    assert shown <= commands, shown - commands
