@@ -91,7 +91,12 @@ def _table(report: UsageReport) -> str:
         return f"{left}  {right}".rstrip()
 
     rule = "-" * len(line(head))
-    parts = [line(head), rule, *(line(r) for r in rows)]
+    parts = []
+    extra = report.extra
+    if extra.get("final"):
+        parts.append(f"FINAL report for {extra.get('month')} (closed {extra.get('closed_at')})")
+        parts.append("")
+    parts += [line(head), rule, *(line(r) for r in rows)]
     if not rows:
         parts.append("(no counted workloads)")
     parts += [rule, line(footer)]
@@ -106,4 +111,18 @@ def _table(report: UsageReport) -> str:
             parts.append(f"  rejected line {rej['line']}: {rej['reason']}")
         if report.rejected_not_listed:
             parts.append(f"  ... and {report.rejected_not_listed} more rejected lines not listed")
+    if "corrections" in extra:
+        parts.append("")
+        parts.append(f"corrections after the close ({len(extra['corrections'])}):")
+        for c in extra["corrections"]:
+            parts.append(
+                f"  {c['tenant_id']}  {c['workload_type']}  {c['workload_id']}: "
+                f"+{c['workloads_added']} workloads, +{c['points_added']} points "
+                f"(event {c.get('event_id')}, {c.get('reason')})"
+            )
+        corrected = extra.get("corrected_usage", [])
+        parts.append(
+            f"corrected totals: {sum(u['workloads'] for u in corrected)} workloads, "
+            f"{sum(u['points'] for u in corrected)} points"
+        )
     return "\n".join(parts) + "\n"

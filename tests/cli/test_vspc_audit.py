@@ -37,3 +37,27 @@ def test_audit_names_every_difference() -> None:
     ]
     assert "events say 3 workloads / 15 points, published 3 / 10" in str(diffs[0])
     assert compare(want, want) == []
+
+
+def test_table_shows_a_final_report_and_its_corrections() -> None:
+    from meter.report import UsageReport, render
+
+    text = render(
+        UsageReport(
+            usage=[UsageRow("2026-10", "acme", "vm", 2, 10)],
+            extra={
+                "month": "2026-10",
+                "final": True,
+                "closed_at": "2026-11-03T00:00:00Z",
+                "corrections": [
+                    {"tenant_id": "acme", "workload_type": "vm", "workload_id": "vm-9",
+                     "workloads_added": 1, "points_added": 5, "event_id": "e-9", "reason": "late"}
+                ],
+                "corrected_usage": [{"workloads": 3, "points": 15}],
+            },
+        ),
+        "table",
+    )  # fmt: skip
+    assert text.startswith("FINAL report for 2026-10 (closed 2026-11-03T00:00:00Z)")
+    assert "acme  vm  vm-9: +1 workloads, +5 points (event e-9, late)" in text
+    assert "corrected totals: 3 workloads, 15 points" in text
