@@ -63,6 +63,7 @@ class _Envelope(msgspec.Struct, gc=False):
 
 
 _decoder: Final = msgspec.json.Decoder(_Envelope)
+_BOM: Final = b"\xef\xbb\xbf"
 
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -130,7 +131,12 @@ REJECTION_CODES: Final = (
 
 
 def parse(raw: bytes | str) -> Event | Rejected:
-    """Decode and validate one event.  Never raises on bad input."""
+    """Decode and validate one event.  Never raises on bad input.
+
+    A UTF-8 byte order mark before the JSON is ignored, as RFC 8259 allows.
+    """
+    if raw.__class__ is bytes and raw.startswith(_BOM):
+        raw = raw[3:]
     try:
         env = _decoder.decode(raw)
     except msgspec.ValidationError as exc:

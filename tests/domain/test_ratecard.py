@@ -131,3 +131,8 @@ def test_unreadable_card_file(tmp_path: Any) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(RateCardError, match="not valid JSON"):
         load_ratecards(tmp_path / "bad.json")
+
+
+def test_a_byte_order_mark_before_the_json_is_ignored() -> None:
+    # `meter send` keeps bytes untouched, so the worker must read what `meter rate` reads.
+    assert isinstance(parse(b"\xef\xbb\xbf" + line()), Event)
