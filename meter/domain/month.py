@@ -79,6 +79,8 @@ def month_key(year: int, month: int) -> str:
 
 
 _CACHE: dict[str, tuple[str, int]] = {}
+#: ":mm:ss[.fraction]zone" already validated -> the zone part of the cache key.
+_TAILS: dict[str, str] = {}
 _CACHE_MAX: Final = 200_000
 _BAD: Final = (
     "not an RFC 3339 date-time with seconds and a zone "
@@ -100,6 +102,11 @@ def utc_month(value: str) -> tuple[str, int]:
     that hour where the UTC date changes), so it is cached on those.  The date,
     hour and zone are validated once, when their key is first seen.
     """
+    tail = _TAILS.get(value[13:])
+    if tail is not None:
+        hit = _CACHE.get(value[:13] + tail)
+        if hit is not None:
+            return hit
     m = _FAST.fullmatch(value)
     if m is None:
         if _RFC3339.fullmatch(value) is None:
@@ -121,4 +128,9 @@ def utc_month(value: str) -> tuple[str, int]:
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit
+    if len(_TAILS) >= _CACHE_MAX:
+        _TAILS.clear()
+    # The part after the hour (":mm:ss[.f]zone") was just validated: remember which
+    # key suffix it gives, so the next time with the same tail needs no regex.
+    _TAILS[value[13:]] = key[13:]
     return hit
