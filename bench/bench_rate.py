@@ -23,6 +23,14 @@ from meter.sim.fleet import generate
 OUT = Path(__file__).parent / "out"
 
 
+def reference() -> float:
+    """Seconds for a fixed pure-Python workload: how fast the host is right now."""
+    t0 = time.perf_counter()
+    for _ in range(20_000):
+        sum(range(1000))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--events", type=int, default=1_000_000)
@@ -39,6 +47,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})  # one core, as the target says
 
+    ref_before = reference()
     core = []
     for _ in range(a.repeat):
         rater = Rater(cards)
@@ -67,6 +76,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         whole.append(len(lines) / (time.perf_counter() - t0))
+    ref_after = reference()
     t = rater.tally
     print(
         f"events: {len(lines):,} ({t.counted:,} counted, {t.duplicate:,} duplicate, "
@@ -80,6 +90,11 @@ def main() -> None:
     print(
         f"whole command (meter rate FILE --format json): best {max(whole):,.0f} events/s "
         f"(runs: {', '.join(f'{x:,.0f}' for x in whole)})"
+    )
+    print(
+        f"host speed reference (a fixed pure-Python loop, lower is faster): "
+        f"{ref_before:.3f}s before, {ref_after:.3f}s after; this VM's speed drifts, "
+        "so compare figures from one run"
     )
 
 
