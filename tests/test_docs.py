@@ -64,3 +64,8 @@ def test_every_command_the_readme_shows_exists() -> None:
     shown |= set(re.findall(r"`meter (\w+)", README))
     assert shown, "no commands found in the README"
     assert shown <= commands, shown - commands
+
+
+def test_no_section_appears_twice() -> None:
+    headers = re.findall(r"^#+ .*$", README, re.M)
+    assert len(headers) == len(set(headers)), [h for h in headers if headers.count(h) > 1]
