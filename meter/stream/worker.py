@@ -19,6 +19,12 @@ On assignment a home partition's ledger is rebuilt by replaying its changelog
 partition up to the high watermark reported by Fetch (never ListOffsets:
 the embedded broker answers it short), and every tenant-month it holds is
 republished (same revision for the same state).
+
+Month close (rules in :mod:`meter.domain.close`, state and records in
+:mod:`meter.stream.closing`): once a month is due and the worker has read
+what arrived, each home partition writes its final snapshot and a close marker
+to the changelog, then publishes final usage records and reports.  Later
+changes to a closed month become corrections keyed per workload.
 """
 
 from __future__ import annotations
