@@ -1,5 +1,6 @@
 """Embedded Kafka-protocol broker (Tansu) for local runs and tests."""
 
-from meter.broker.tansu import BrokerError, EmbeddedBroker, find_tansu_binary
+from meter.broker.tansu import EmbeddedBroker, EmbeddedBrokerError, find_tansu_binary
+from meter.errors import BrokerError
 
-__all__ = ["BrokerError", "EmbeddedBroker", "find_tansu_binary"]
+__all__ = ["BrokerError", "EmbeddedBroker", "EmbeddedBrokerError", "find_tansu_binary"]

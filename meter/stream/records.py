@@ -14,6 +14,7 @@ from typing import Any, Final
 import orjson
 
 from meter.domain import Rate, TenantMonth
+from meter.errors import MeterError
 
 CHANGELOG_VERSION: Final = 1
 Entry = tuple[str, str, str, str, Rate]
@@ -27,7 +28,7 @@ H_OFFSET: Final = "meter.source.offset"
 H_REJECTED_AT: Final = "meter.rejected_at"
 
 
-class ChangelogError(ValueError):
+class ChangelogError(MeterError, ValueError):
     """A changelog record that this version of meter cannot read."""
 
 

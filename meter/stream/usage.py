@@ -76,16 +76,19 @@ def fold(
 async def read_usage(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
     """Every tenant-month's highest-revision record on ``topic``, read to its end."""
     latest: dict[str, dict[str, Any]] = {}
-    async for rec in iter_to_end(settings, topic):
-        if rec.value is None or rec.key is None:
-            continue
-        try:
-            record = orjson.loads(rec.value)
-        except orjson.JSONDecodeError:
-            log.warning("%s[%d]@%d is not JSON; skipped", rec.topic, rec.partition, rec.offset)
-            continue
-        if isinstance(record, dict):
-            keep_latest(latest, rec.key.decode("utf-8", "replace"), record)
+    try:
+        async for rec in iter_to_end(settings, topic):
+            if rec.value is None or rec.key is None:
+                continue
+            try:
+                record = orjson.loads(rec.value)
+            except orjson.JSONDecodeError:
+                log.warning("%s[%d]@%d is not JSON; skipped", rec.topic, rec.partition, rec.offset)
+                continue
+            if isinstance(record, dict):
+                keep_latest(latest, rec.key.decode("utf-8", "replace"), record)
+    except TopicError:
+        log.warning("%s does not exist yet: no usage published so far", topic)
     return latest
 
 
