@@ -1,4 +1,4 @@
-"""One error tree: every error meter raises on purpose is a MeterError, and the CLI says it plainly."""
+"""One error tree: every error meter raises on purpose is a MeterError; the CLI says it plainly."""
 
 from __future__ import annotations
 
