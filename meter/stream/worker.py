@@ -444,10 +444,17 @@ class Worker:
             self._positions[(tp.topic, tp.partition)] = offset
 
     def _note_event_time(self, value: str) -> None:
+        """For the freshness metric only; never stops a batch."""
+        text = value.upper()
         try:
-            ts = datetime.fromisoformat(value.upper()).timestamp()
+            ts = datetime.fromisoformat(text).timestamp()
         except ValueError:  # a leap second: close enough without it
-            ts = datetime.fromisoformat(value.upper().replace(":60", ":59", 1)).timestamp()
+            try:
+                ts = datetime.fromisoformat(text.replace(":60", ":59", 1)).timestamp()
+            except (ValueError, OverflowError):
+                return
+        except OverflowError:
+            return
         self.stats.newest_event_ts = max(self.stats.newest_event_ts, ts)
 
     def lag(self) -> dict[tuple[str, int], int]:
