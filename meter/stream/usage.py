@@ -95,20 +95,42 @@ async def read_usage(settings: KafkaSettings, topic: str) -> dict[str, dict[str,
 def usage_rows(
     records: dict[str, dict[str, Any]], month: str | None = None, tenant_id: str | None = None
 ) -> list[UsageRow]:
-    rows = [
-        UsageRow(
-            r["month"],
-            r["tenant_id"],
-            wtype,
-            u["workloads"],
-            u["points"],
-            u.get("rental_workloads", 0),
-        )
-        for r in records.values()
-        if (month is None or r.get("month") == month)
-        and (tenant_id is None or r.get("tenant_id") == tenant_id)
-        for wtype, u in r.get("usage", {}).items()
-        if u.get("workloads", 0) > 0
-    ]
+    """Report rows from usage records; a record not in the documented shape is skipped."""
+    rows = []
+    for r in records.values():
+        if not _well_formed(r):
+            log.warning("usage record %r is not in the documented shape; skipped", r)
+            continue
+        if (month is not None and r["month"] != month) or (
+            tenant_id is not None and r["tenant_id"] != tenant_id
+        ):
+            continue
+        for wtype, u in r["usage"].items():
+            if u["workloads"] > 0:
+                rows.append(
+                    UsageRow(
+                        r["month"],
+                        r["tenant_id"],
+                        wtype,
+                        u["workloads"],
+                        u["points"],
+                        int(u.get("rental_workloads", 0)),
+                    )
+                )
     rows.sort(key=lambda r: (r.month, r.tenant_id, r.workload_type))
     return rows
+
+
+def _well_formed(r: dict[str, Any]) -> bool:
+    usage = r.get("usage")
+    return (
+        isinstance(r.get("month"), str)
+        and isinstance(r.get("tenant_id"), str)
+        and isinstance(usage, dict)
+        and all(
+            isinstance(u, dict)
+            and isinstance(u.get("workloads"), int)
+            and isinstance(u.get("points"), int)
+            for u in usage.values()
+        )
+    )

@@ -96,3 +96,10 @@ def test_rejected_headers_name_the_source() -> None:
         "meter.source.offset": "41",
         "meter.rejected_at": "t",
     }
+
+
+def test_malformed_usage_records_are_skipped_not_fatal() -> None:
+    good = {"tenant_id": "a", "month": "2026-11", "revision": 2,
+            "usage": {"vm": {"workloads": 1, "points": 1}}}  # fmt: skip
+    records = {"a/2026-11": good, "x": {"revision": 9}, "y": {"month": "2026-11", "usage": 3}}
+    assert [(r.tenant_id, r.points) for r in usage_rows(records)] == [("a", 1)]  # type: ignore[arg-type]
