@@ -64,6 +64,15 @@ def fold(
         for k, r in records.items()
     }
     for c in corrections.values():
+        if not (
+            isinstance(c.get("tenant_id"), str)
+            and isinstance(c.get("month"), str)
+            and isinstance(c.get("workload_type"), str)
+            and isinstance(c.get("workloads_added"), int)
+            and isinstance(c.get("points_added"), int)
+        ):
+            log.warning("correction %r is not in the documented shape; skipped", c)
+            continue
         key = f"{c['tenant_id']}/{c['month']}"
         rec = out.setdefault(key, {"tenant_id": c["tenant_id"], "month": c["month"], "usage": {}})
         u = rec["usage"].setdefault(c["workload_type"], {"workloads": 0, "points": 0})
