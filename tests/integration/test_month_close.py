@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from jsonschema import Draft202012Validator, FormatChecker
 
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
@@ -126,6 +127,19 @@ def test_close_late_events_restart_two_workers_and_audit(
         ]
         assert corrections
         assert all(c["reason"] == "late" and c["event_id"] for c in corrections)
+        # What the close published follows the documented schemas.
+        schemas = Path(__file__).resolve().parents[2] / "schemas"
+        for name, docs in [
+            ("usage-correction.v1.schema.json", corrections),
+            ("report.v1.schema.json", list(reports(kafka_settings, names.reports).values())),
+            ("usage-record.v1.schema.json", list(closed.values())),
+        ]:
+            validator = Draft202012Validator(
+                orjson.loads((schemas / name).read_bytes()), format_checker=FormatChecker()
+            )
+            for doc in docs:
+                validator.validate({**doc, "updated_at": "2026-11-03T00:00:00Z"}
+                                   if name.startswith("usage-record") else doc)  # fmt: skip
         assert any(c["event_id"] == "late-upgrade" and c["workloads_added"] == 0
                    and c["points_added"] == 5 for c in corrections)  # fmt: skip
 
