@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from meter.domain.event import Event
 from meter.domain.ratecard import Rate
 
 COUNTED: Final = "counted"
@@ -68,10 +67,6 @@ class TenantMonth:
         return sum(t[1] for t in self.totals.values())
 
     @property
-    def rental_count(self) -> int:
-        return sum(t[2] for t in self.totals.values())
-
-    @property
     def revision(self) -> int:
         """A number that grows with every change of the totals and is the same
         for the same state: workloads + points.  Both only grow under the join,
@@ -96,7 +91,7 @@ class UsageRow:
 
 
 class Ledger:
-    """Join-shaped monthly state.  ``observe`` is the hot path."""
+    """Join-shaped monthly state.  ``add`` is the hot path."""
 
     __slots__ = ("_months", "_rates")
 
@@ -105,14 +100,6 @@ class Ledger:
         #: (tenant, month, type, workload) -> rate: one lookup answers "already counted
         #: at this rate or higher?", which is what most events are.
         self._rates: dict[tuple[str, str, str, str], Rate] = {}
-
-    def observe(self, event: Event, rate: Rate) -> str:
-        """Apply one valid event rated ``rate``; return its outcome."""
-        if event.result == "failed":
-            return NOT_COUNTED
-        if self.add(event.tenant_id, event.month, event.workload_type, event.workload_id, rate):
-            return COUNTED
-        return DUPLICATE
 
     def add(
         self, tenant_id: str, month: str, workload_type: str, workload_id: str, rate: Rate
@@ -146,12 +133,6 @@ class Ledger:
 
     def tenant_months(self) -> Iterable[TenantMonth]:
         return self._months.values()
-
-    def drop(self, tenant_id: str, month: str) -> None:
-        tm = self._months.pop((tenant_id, month), None)
-        if tm is not None:
-            for wtype, wid in tm.workloads:
-                self._rates.pop((tenant_id, month, wtype, wid), None)
 
     def usage(self, month: str | None = None, tenant_id: str | None = None) -> list[UsageRow]:
         """Rows sorted by month, tenant_id, workload_type; one per non-empty group."""

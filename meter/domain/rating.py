@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meter.domain.event import Event, Rejected, parse
-from meter.domain.ledger import COUNTED, DUPLICATE, NOT_COUNTED, REJECTED, Ledger
+from meter.domain.ledger import Ledger
 from meter.domain.ratecard import Rate, RateCards
 
 
@@ -68,25 +68,6 @@ class Rater:
         else:
             tally.duplicate += 1
         return event
-
-    def rate(self, event: Event) -> str:
-        """Apply a parsed event; return its outcome and count it."""
-        cards = self.cards
-        if cards._single is not None and event.date >= cards._first:
-            rate: Rate | None = cards._single[(event.workload_type, event.license)]
-        else:
-            rate = cards.rate(event)
-        if rate is None:
-            return REJECTED
-        outcome = self.ledger.observe(event, rate)
-        if outcome is COUNTED:
-            self.tally.counted += 1
-        elif outcome is DUPLICATE:
-            self.tally.duplicate += 1
-        else:
-            assert outcome is NOT_COUNTED
-            self.tally.not_counted += 1
-        return outcome
 
 
 def no_ratecard(event: Event, cards: RateCards) -> Rejected:

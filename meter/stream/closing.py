@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from meter.domain import Ledger, Rate, TenantMonth
-from meter.domain.close import Correction, closes_at, corrections, is_closed
+from meter.domain.close import Correction, closes_at, corrections
 
 FINAL = "final"
 CLOSED = "closed"
@@ -23,17 +23,6 @@ CLOSED = "closed"
 
 def iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def last_due_month(now: datetime, grace: timedelta) -> str | None:
-    """The newest month whose close moment has passed."""
-    y, m = now.year, now.month
-    for _ in range(3):
-        month = f"{y:04d}-{m:02d}"
-        if is_closed(month, now, grace):
-            return month
-        y, m = (y - 1, 12) if m == 1 else (y, m - 1)
-    return None
 
 
 @dataclass
