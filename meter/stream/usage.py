@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -39,20 +40,10 @@ def keep_correction(
 
 async def read_corrections(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
     """Every workload's latest correction on ``topic`` (none if the topic does not exist)."""
-    latest: dict[str, dict[str, Any]] = {}
     try:
-        async for rec in iter_to_end(settings, topic):
-            if rec.key is None or rec.value is None:
-                continue
-            try:
-                record = orjson.loads(rec.value)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                keep_correction(latest, rec.key.decode("utf-8", "replace"), record)
+        return await read_keyed(settings, topic, keep_correction)
     except TopicError:
         return {}
-    return latest
 
 
 def fold(
@@ -84,20 +75,42 @@ def fold(
 
 async def read_usage(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
     """Every tenant-month's highest-revision record on ``topic``, read to its end."""
-    latest: dict[str, dict[str, Any]] = {}
     try:
-        async for rec in iter_to_end(settings, topic):
-            if rec.value is None or rec.key is None:
-                continue
-            try:
-                record = orjson.loads(rec.value)
-            except orjson.JSONDecodeError:
-                log.warning("%s[%d]@%d is not JSON; skipped", rec.topic, rec.partition, rec.offset)
-                continue
-            if isinstance(record, dict):
-                keep_latest(latest, rec.key.decode("utf-8", "replace"), record)
+        return await read_keyed(settings, topic, keep_latest)
     except TopicError:
         log.warning("%s does not exist yet: no usage published so far", topic)
+        return {}
+
+
+def keep_last(
+    latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The last record per key wins (what compaction keeps)."""
+    latest[key] = record
+    return latest
+
+
+Keep = Callable[[dict[str, dict[str, Any]], str, dict[str, Any]], object]
+
+
+async def read_keyed(
+    settings: KafkaSettings, topic: str, keep: Keep, *, max_seconds: float | None = 60.0
+) -> dict[str, dict[str, Any]]:
+    """Every keyed JSON object on ``topic``, read to its end, reduced per key by ``keep``.
+
+    Raises :class:`~meter.kafka.TopicError` if the topic does not exist.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    async for rec in iter_to_end(settings, topic, max_seconds=max_seconds):
+        if rec.key is None or not rec.value:
+            continue
+        try:
+            record = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            log.warning("%s[%d]@%d is not JSON; skipped", rec.topic, rec.partition, rec.offset)
+            continue
+        if isinstance(record, dict):
+            keep(latest, rec.key.decode("utf-8", "replace"), record)
     return latest
 
 

@@ -48,12 +48,12 @@ from aiokafka.partitioner import murmur2
 from meter.domain import Event, Ledger, Rate, RateCards, Rejected, Tally, parse
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.rating import no_ratecard
+from meter.errors import BrokerError
 from meter.kafka import (
     KafkaSettings,
     close_consumer,
     describe_partitions,
     ensure_topics,
-    iter_to_end,
 )
 from meter.stream.closing import (
     HomeClose,
@@ -75,6 +75,7 @@ from meter.stream.records import (
     rejected_headers,
     usage_key,
 )
+from meter.stream.usage import keep_last, read_keyed
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,17 @@ STOP_GRACE_S = 3.0
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(datetime.now(UTC))
+
+
+async def _acked(futures: list[asyncio.Future[Any]], what: str) -> bool:
+    """Wait for every send's acknowledgement; False (logged) if one failed, to retry later."""
+    try:
+        await asyncio.gather(*futures)
+    except (KafkaError, OSError) as exc:
+        log.warning("publishing %d %s failed (%s); will retry", len(futures), what, exc)
+        return False
+    return True
 
 
 @dataclass
@@ -284,7 +295,7 @@ class Worker:
     async def _shutdown(self) -> None:
         try:
             async with self._lock:
-                await asyncio.wait_for(self._flush(force=True), 5.0)
+                await asyncio.wait_for(self._flush(), 5.0)
         except (TimeoutError, KafkaError, OSError) as exc:
             log.warning("could not publish the last usage records on shutdown: %s", exc)
         await self._close_clients()
@@ -394,13 +405,9 @@ class Worker:
                     home = self._homes[tenant] = (murmur2(tenant.encode()) & 0x7FFFFFFF) % (
                         self._n_home
                     )
-                if from_jobs:
-                    if not (self._co_partitioned and home == tp.partition):
-                        forwards.append((home, tenant.encode(), raw))
-                        self.stats.forwarded += 1
-                        continue
-                elif home != tp.partition:
-                    forwards.append((home, tenant.encode(), raw))  # misrouted: send it home
+                if home != tp.partition or (from_jobs and not self._co_partitioned):
+                    # Not on its home partition (or misrouted on by-tenant): send it home.
+                    forwards.append((home, tenant.encode(), raw))
                     self.stats.forwarded += 1
                     continue
                 ledger = ledgers.get(home)
@@ -554,7 +561,7 @@ class Worker:
                 "commit of %d partitions failed (%s); they will be replayed", len(offsets), exc
             )
 
-    async def _flush(self, *, force: bool = False) -> None:
+    async def _flush(self) -> None:
         """Publish the usage record of every tenant-month that changed."""
         self._last_flush = time.monotonic()
         await self._publish_corrections()
@@ -581,10 +588,7 @@ class Worker:
                     )
                 )
                 published.append(ts)
-        try:
-            await asyncio.gather(*futures)
-        except (KafkaError, OSError) as exc:
-            log.warning("publishing %d usage records failed (%s); will retry", len(futures), exc)
+        if not await _acked(futures, "usage records"):
             return
         self._dirty.clear()
         self.stats.published += len(futures)
@@ -593,8 +597,6 @@ class Worker:
             for ts in published:
                 if ts >= 0:  # recovered state has no arrival time
                     self.on_latency(max(0.0, (acked - ts) / 1000))
-        if force:
-            log.debug("published %d usage records", len(futures))
 
     # ------------------------------------------------------------------ month close
 
@@ -705,34 +707,25 @@ class Worker:
         self.stats.published += len(futures)
         await self._maybe_provider_summary(month)
 
-    async def _read_reports(self) -> dict[str, dict[str, object]]:
-        latest: dict[str, dict[str, object]] = {}
-        async for rec in iter_to_end(self.settings, self.config.topics.reports, max_seconds=15):
-            if rec.key is not None and rec.value:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    latest[rec.key.decode()] = orjson.loads(rec.value)
-        return latest
-
-    async def _refresh_known_months(self) -> None:
+    async def _refresh_known_months(self) -> dict[str, dict[str, Any]] | None:
+        """Read ``meter.reports``; learn every month some partition closed.  None on failure."""
         try:
-            reports = await self._read_reports()
-        except (KafkaError, OSError, TimeoutError) as exc:
+            reports = await read_keyed(
+                self.settings, self.config.topics.reports, keep_last, max_seconds=15
+            )
+        except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
             log.warning("could not read %s: %s", self.config.topics.reports, exc)
-            return
+            return None
         self._known_months |= {
             str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
         }
+        return reports
 
     async def _maybe_provider_summary(self, month: str) -> None:
         """Publish the provider summary once every home partition has closed ``month``."""
-        try:
-            reports = await self._read_reports()
-        except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("could not read %s: %s", self.config.topics.reports, exc)
+        reports = await self._refresh_known_months()
+        if reports is None:
             return
-        self._known_months |= {
-            str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
-        }
         parts = [reports.get(f"partition/{month}/{p}") for p in range(self._n_home)]
         if any(p is None for p in parts):
             return
@@ -771,10 +764,7 @@ class Worker:
                             self.config.topics.corrections, orjson.dumps(doc), key=c.key.encode()
                         )
                     )
-        try:
-            await asyncio.gather(*futures)
-        except (KafkaError, OSError) as exc:
-            log.warning("publishing %d corrections failed (%s); will retry", len(futures), exc)
+        if not await _acked(futures, "corrections"):
             return
         self._corr_dirty.clear()
         self.stats.corrections += len(futures)
@@ -795,7 +785,7 @@ class Worker:
             }
             if self._revoked:
                 try:
-                    await asyncio.wait_for(self._flush(force=True), 10.0)
+                    await asyncio.wait_for(self._flush(), 10.0)
                 except (TimeoutError, KafkaError, OSError) as exc:
                     log.warning("could not publish usage before a rebalance: %s", exc)
 
