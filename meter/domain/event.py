@@ -8,28 +8,11 @@ raises on bad input.  The contract is written down as JSON Schema in
 from __future__ import annotations
 
 import re
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import msgspec
 
 from meter.domain.month import TimeError, utc_month
-
-WORKLOAD_TYPES: Final = (
-    "vm",
-    "replica",
-    "workstation",
-    "server",
-    "cloud_vm",
-    "cloud_database",
-    "cloud_file_share",
-    "cloud_vpc",
-)
-LICENSES: Final = ("rental", "subscription", "perpetual")
-RESULTS: Final = ("success", "warning", "failed")
-COUNTED_RESULTS: Final = frozenset({"success", "warning"})
-#: Workload types whose rate depends on the tenant's license: ``license`` is required.
-LICENSED_TYPES: Final = frozenset({"vm", "replica", "workstation", "server"})
-EVENT_TYPE: Final = "meter.job.workload"
 
 WorkloadType = Literal[
     "vm",
@@ -43,6 +26,14 @@ WorkloadType = Literal[
 ]
 License = Literal["rental", "subscription", "perpetual"]
 Result = Literal["success", "warning", "failed"]
+
+WORKLOAD_TYPES: Final[tuple[str, ...]] = get_args(WorkloadType)
+LICENSES: Final[tuple[str, ...]] = get_args(License)
+RESULTS: Final[tuple[str, ...]] = get_args(Result)
+COUNTED_RESULTS: Final = frozenset({"success", "warning"})
+#: Workload types whose rate depends on the tenant's license: ``license`` is required.
+LICENSED_TYPES: Final = frozenset({"vm", "replica", "workstation", "server"})
+EVENT_TYPE: Final = "meter.job.workload"
 
 
 class _Data(msgspec.Struct, gc=False):

@@ -138,12 +138,7 @@ def parse_ratecards(doc: object, where: str = "<rate cards>") -> RateCards:
         rates = item.get("rates")
         if not isinstance(rates, dict):
             raise RateCardError(f"{at}.rates: expected an object")
-        unknown = sorted(set(rates) - set(WORKLOAD_TYPES))
-        if unknown:
-            raise RateCardError(f"{at}.rates: unknown workload type(s) {', '.join(unknown)}")
-        missing = [t for t in WORKLOAD_TYPES if t not in rates]
-        if missing:
-            raise RateCardError(f"{at}.rates: missing workload type(s) {', '.join(missing)}")
+        _exactly(f"{at}.rates", rates, WORKLOAD_TYPES, "workload type")
         table: dict[str, dict[str | None, int]] = {}
         for wtype in WORKLOAD_TYPES:
             table[wtype] = _rates_for(f"{at}.rates.{wtype}", wtype, rates[wtype])
@@ -163,12 +158,7 @@ def _rates_for(at: str, wtype: str, spec: object) -> dict[str | None, int]:
         return flat
     if not isinstance(spec, dict):
         raise RateCardError(f"{at}: expected points (an integer >= 0) or an object by license")
-    unknown = sorted(set(spec) - set(LICENSES))
-    if unknown:
-        raise RateCardError(f"{at}: unknown license type(s) {', '.join(unknown)}")
-    missing = [lic for lic in LICENSES if lic not in spec]
-    if missing:
-        raise RateCardError(f"{at}: missing license type(s) {', '.join(missing)}")
+    _exactly(at, spec, LICENSES, "license type")
     out: dict[str | None, int] = {}
     for lic in LICENSES:
         if not _is_points(spec[lic]):
@@ -178,6 +168,16 @@ def _rates_for(at: str, wtype: str, spec: object) -> dict[str | None, int]:
         # No license given: charge the highest, never silently zero.
         out[None] = max(out.values())
     return out
+
+
+def _exactly(at: str, given: dict[str, object], allowed: tuple[str, ...], what: str) -> None:
+    """``given`` must have every key of ``allowed`` and no other."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise RateCardError(f"{at}: unknown {what}(s) {', '.join(unknown)}")
+    missing = [k for k in allowed if k not in given]
+    if missing:
+        raise RateCardError(f"{at}: missing {what}(s) {', '.join(missing)}")
 
 
 def _is_points(value: object) -> bool:
