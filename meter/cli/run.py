@@ -44,10 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Run a worker; with no --broker (or METER_BROKER) start the embedded "
         "broker first (memory only). Prints where everything listens. Ctrl-C stops it.",
     )
-    add_kafka_arguments(r)
-    add_stream_arguments(r)
-    r.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
-    add_http_arguments(r, default_port=8080)
+    add_stack_arguments(r, http_port=8080)
     r.set_defaults(func=run)
 
     d = sub.add_parser(
@@ -56,14 +53,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Start the meter, simulate tenants' job systems emitting events (license "
         "changes, duplicates, failures, bad events), show live progress, print the report.",
     )
-    add_kafka_arguments(d)
-    add_stream_arguments(d)
-    d.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
-    add_http_arguments(d, default_port=0)
+    add_stack_arguments(d, http_port=0)
     d.add_argument("--events", type=int, default=20_000, help="events to emit [20000]")
     d.add_argument("--rate", type=float, default=2_000.0, help="events per second [2000]")
     d.add_argument("--tenants", type=int, default=12, help="simulated tenants [12]")
     d.set_defaults(func=demo, session_timeout_ms=6_000)
+
+
+def add_stack_arguments(p: argparse.ArgumentParser, http_port: int) -> None:
+    """What `meter run` and `meter demo` both take: Kafka, streaming, broker and HTTP flags."""
+    add_kafka_arguments(p)
+    add_stream_arguments(p)
+    p.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
+    add_http_arguments(p, default_port=http_port)
 
 
 @contextlib.asynccontextmanager
