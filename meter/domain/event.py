@@ -34,6 +34,9 @@ COUNTED_RESULTS: Final = frozenset({"success", "warning"})
 #: Workload types whose rate depends on the tenant's license: ``license`` is required.
 LICENSED_TYPES: Final = frozenset({"vm", "replica", "workstation", "server"})
 EVENT_TYPE: Final = "meter.job.workload"
+#: Largest event (bytes) the meter accepts; larger inputs are rejected as ``too_large``.
+#: Events are ~300 bytes; Apache Kafka's default message limit is 1 MiB.
+DEFAULT_MAX_EVENT_BYTES: Final = 64 * 1024
 
 
 class _Data(msgspec.Struct, gc=False):
@@ -118,6 +121,8 @@ REJECTION_CODES: Final = (
     "invalid_value",
     "invalid_time",
     "no_ratecard",
+    "too_large",
+    "internal_error",
 )
 
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Final
 
 from meter.domain.close import DEFAULT_GRACE
+from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.kafka.topics import TopicSpec
 
 #: Kafka retention.ms meaning "keep forever".
@@ -55,6 +56,8 @@ class StreamConfig:
     idempotence: str = "auto"
     #: A month closes this long after its end (None: never close).
     close_grace: timedelta | None = DEFAULT_GRACE
+    #: Events larger than this are rejected as ``too_large`` (never forwarded or copied whole).
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     def topic_specs(self) -> list[TopicSpec]:
         t = self.topics
