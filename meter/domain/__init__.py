@@ -25,7 +25,15 @@ from meter.domain.ledger import (
     TenantMonth,
     UsageRow,
 )
-from meter.domain.ratecard import Rate, RateCard, RateCards, load_ratecards, parse_ratecards
+from meter.domain.ratecard import (
+    Height,
+    Rate,
+    RateCard,
+    RateCards,
+    load_ratecards,
+    parse_ratecards,
+    points_height,
+)
 from meter.domain.rating import Rater, Tally
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "RESULTS",
     "WORKLOAD_TYPES",
     "Event",
+    "Height",
     "Ledger",
     "Rate",
     "RateCard",
@@ -53,4 +62,5 @@ __all__ = [
     "load_ratecards",
     "parse",
     "parse_ratecards",
+    "points_height",
 ]

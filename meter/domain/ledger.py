@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from meter.domain.ratecard import Rate
+from meter.domain.ratecard import Height, Rate, points_height
 
 COUNTED: Final = "counted"
 DUPLICATE: Final = "duplicate"
@@ -24,16 +24,28 @@ OUTCOMES: Final = (COUNTED, DUPLICATE, NOT_COUNTED, REJECTED)
 
 
 class TenantMonth:
-    """One tenant's workloads in one month, with running totals per type."""
+    """One tenant's workloads in one month, with running totals per type.
 
-    __slots__ = ("month", "tenant_id", "totals", "workloads")
+    ``revision`` is the sum of the workloads' heights (``height`` maps the rate
+    order strictly into positive integers, see :attr:`RateCards.height`).  The
+    join only adds workloads or raises a workload's rate, so the revision
+    strictly grows with every change of state, whatever changed (a workload,
+    its points, its license, its card version), and is the same for the same
+    state, in whatever order the entries came.  It is kept as state changes.
+    """
 
-    def __init__(self, tenant_id: str, month: str) -> None:
+    __slots__ = ("card_counts", "height", "month", "revision", "tenant_id", "totals", "workloads")
+
+    def __init__(self, tenant_id: str, month: str, height: Height = points_height) -> None:
         self.tenant_id = tenant_id
         self.month = month
+        self.height = height
         self.workloads: dict[tuple[str, str], Rate] = {}
         #: workload_type -> [workloads, points, charged as rental]; derived from ``workloads``.
         self.totals: dict[str, list[int]] = {}
+        #: card version -> workloads rated by it; derived from ``workloads``.
+        self.card_counts: dict[str, int] = {}
+        self.revision = 0
 
     def add(self, workload_type: str, workload_id: str, rate: Rate) -> bool:
         """Join one workload's rate in; True when the state changed."""
@@ -49,12 +61,23 @@ class TenantMonth:
                 t[0] += 1
                 t[1] += rate[0]
                 t[2] += rental
+            self.revision += self.height(rate)
+            cards = self.card_counts
+            cards[rate[1]] = cards.get(rate[1], 0) + 1
             return True
         if rate > old:
             self.workloads[key] = rate
             t = self.totals[workload_type]
             t[1] += rate[0] - old[0]
             t[2] += (rate[2] == "rental") - (old[2] == "rental")
+            self.revision += self.height(rate) - self.height(old)
+            if rate[1] != old[1]:
+                cards = self.card_counts
+                cards[rate[1]] = cards.get(rate[1], 0) + 1
+                if cards[old[1]] == 1:
+                    del cards[old[1]]
+                else:
+                    cards[old[1]] -= 1
             return True
         return False
 
@@ -67,16 +90,9 @@ class TenantMonth:
         return sum(t[1] for t in self.totals.values())
 
     @property
-    def revision(self) -> int:
-        """A number that grows with every change of the totals and is the same
-        for the same state: workloads + points.  Both only grow under the join,
-        so a replay can never make it go backwards."""
-        return self.workload_count + self.points
-
-    @property
     def ratecards(self) -> list[str]:
         """The card versions that rated this tenant-month's workloads."""
-        return sorted({rate[1] for rate in self.workloads.values()})
+        return sorted(self.card_counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +107,18 @@ class UsageRow:
 
 
 class Ledger:
-    """Join-shaped monthly state.  ``add`` is the hot path."""
+    """Join-shaped monthly state.  ``add`` is the hot path.
 
-    __slots__ = ("_months", "_rates")
+    ``height`` gives each tenant-month's ``revision``; a ledger whose revisions
+    are published takes its rate cards' (``Ledger(height=cards.height)``).  The
+    default, :func:`~meter.domain.ratecard.points_height`, makes the revision
+    ``workloads + points``, which ties when only a card version or license changes.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_months", "_rates", "height")
+
+    def __init__(self, height: Height = points_height) -> None:
+        self.height = height
         self._months: dict[tuple[str, str], TenantMonth] = {}
         #: (tenant, month, type, workload) -> rate: one lookup answers "already counted
         #: at this rate or higher?", which is what most events are.
@@ -113,11 +136,13 @@ class Ledger:
         key = (tenant_id, month)
         tm = self._months.get(key)
         if tm is None:
-            tm = self._months[key] = TenantMonth(tenant_id, month)
+            tm = self._months[key] = TenantMonth(tenant_id, month, self.height)
         return tm.add(workload_type, workload_id, rate)
 
     def merge(self, other: Ledger) -> Ledger:
-        """Join ``other`` into this ledger (in place) and return self."""
+        """Join ``other`` into this ledger (in place) and return self.
+
+        Revisions are this ledger's, by this ledger's ``height``."""
         for entry in other.entries():
             self.add(*entry)
         return self

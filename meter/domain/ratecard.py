@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import importlib.resources
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,6 +27,11 @@ from meter.errors import RateCardError
 #: ``""`` when the event had none).  Tuples order by points first, so ``max`` is
 #: the "highest rate" rule; ties are broken by card version, then license.
 Rate = tuple[int, str, str]
+
+#: A strictly increasing map from the rate order into positive integers: a
+#: usage record's ``revision`` is the sum of its workloads' heights, so it grows
+#: whenever any workload's rate climbs (points, card version or license).
+Height = Callable[[Rate], int]
 
 _DATE: Final = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 DEFAULT_RATECARD: Final = "default.json"
@@ -61,6 +66,14 @@ class RateCards:
         self._starts = [_ordinal(c.effective) for c in self.cards]
         self._single = self.cards[0]._lookup if len(self.cards) == 1 else None
         self._first = self._starts[0]
+        heights = _Heights([r for c in self.cards for r in c._lookup.values()])
+        #: ``height(rate)``: ``points + 2*rank + 2``, where rank is the rate's position
+        #: among every rate these cards produce (every card, type and license, ``""``
+        #: for an event without one), in the :data:`Rate` order.  Strictly increasing
+        #: in that order, at least ``points + 1``, and never lower for a rate when
+        #: cards are *added* to the file.  A rate no card produces gets the odd value
+        #: between its neighbours.  A dict lookup, so it costs what a dict lookup does.
+        self.height: Height = heights.__getitem__
 
     def card_at(self, date: int) -> RateCard | None:
         """The card in effect on a UTC date given as ``YYYYMMDD``."""
@@ -85,6 +98,30 @@ class RateCards:
             {"version": c.version, "effective": c.effective, "description": c.description}
             for c in self.cards
         ]
+
+
+def points_height(rate: Rate) -> int:
+    """The height without rate cards: ``points + 1``.
+
+    Only weakly increasing (rates that differ in card version or license alone
+    tie), so a ledger that publishes revisions takes :attr:`RateCards.height`.
+    Summed over a tenant-month it is ``workloads + points``, the revision
+    before heights came from the cards.
+    """
+    return rate[0] + 1
+
+
+class _Heights(dict[Rate, int]):
+    """Height of every rate the cards can produce; any other rate is placed between them."""
+
+    def __init__(self, known: Sequence[Rate]) -> None:
+        self.known = sorted(set(known))
+        super().__init__((r, r[0] + 2 * i + 2) for i, r in enumerate(self.known))
+
+    def __missing__(self, rate: Rate) -> int:
+        # A rate no loaded card produces (a card since removed, in an old changelog):
+        # an odd step between its neighbours, not stored, so the map stays bounded.
+        return rate[0] + 2 * bisect.bisect_left(self.known, rate) + 1
 
 
 def _ordinal(date: str) -> int:

@@ -1,4 +1,5 @@
-"""A live view of ``meter.usage``: tails the topic, keeps the highest revision per key.
+"""A live view of ``meter.usage``: tails the topic, keeps the highest revision per key
+(of equal revisions the later record, as :func:`~meter.stream.usage.keep_latest` does).
 
 It serves the status page and ``/api/usage`` whatever number of workers there
 are, because it reads what all of them publish.

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from meter.domain import Ledger, Rate, TenantMonth
+from meter.domain import Height, Ledger, Rate, TenantMonth, points_height
 from meter.domain.close import Correction, closes_at, corrections
 
 FINAL = "final"
@@ -27,7 +27,12 @@ def iso(t: datetime) -> str:
 
 @dataclass
 class HomeClose:
-    """Close state of one home partition."""
+    """Close state of one home partition.
+
+    ``height`` must be the one the partition's :class:`Ledger` has
+    (``HomeClose(height=cards.height)``), so a final record carries the same
+    revision as the running record of the same state.
+    """
 
     closed: set[str] = field(default_factory=set)
     #: month -> tenant -> {(workload_type, workload_id): rate} at close
@@ -36,6 +41,7 @@ class HomeClose:
     )
     #: (tenant, month, workload_type, workload_id) -> id of the event behind a late change
     late_ids: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
+    height: Height = points_height
 
     def snapshot(self, ledger: Ledger, month: str) -> dict[str, dict[tuple[str, str], Rate]]:
         return {
@@ -43,7 +49,7 @@ class HomeClose:
         }
 
     def final_tenant_month(self, tenant: str, month: str) -> TenantMonth:
-        tm = TenantMonth(tenant, month)
+        tm = TenantMonth(tenant, month, self.height)
         for (wtype, wid), rate in self.finals[month].get(tenant, {}).items():
             tm.add(wtype, wid, rate)
         return tm

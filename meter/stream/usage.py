@@ -1,4 +1,7 @@
-"""Reading ``meter.usage``: the highest revision per tenant-month is the truth."""
+"""Reading ``meter.usage``: the highest revision per tenant-month is the truth.
+
+Of equal revisions (the same state), the later record wins: see :func:`keep_latest`.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +20,22 @@ log = logging.getLogger(__name__)
 def keep_latest(
     latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Keep ``record`` for ``key`` unless a higher revision is already held."""
+    """Keep ``record`` for ``key`` unless a higher revision is already held.
+
+    Ties keep the later record (``>=``): an equal revision means the same state,
+    and the later record is at least as new (a month's final record has the
+    revision of the running record it follows, and must win).
+    """
     held = latest.get(key)
-    if held is None or record.get("revision", -1) >= held.get("revision", -1):
+    if held is None or _revision(record) >= _revision(held):
         latest[key] = record
     return latest
+
+
+def _revision(record: dict[str, Any]) -> int:
+    """The record's revision; -1 when it has none that is an integer."""
+    rev = record.get("revision")
+    return rev if isinstance(rev, int) and not isinstance(rev, bool) else -1
 
 
 def keep_correction(

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.domain import Ledger, Rater, load_ratecards
+from meter.domain import (
+    LICENSES,
+    WORKLOAD_TYPES,
+    Ledger,
+    Rate,
+    RateCards,
+    Rater,
+    TenantMonth,
+    load_ratecards,
+    parse_ratecards,
+)
 from tests.domain.events import bad_events, events, line
 
 CARDS = load_ratecards()
@@ -93,7 +106,7 @@ def test_license_change_is_charged_once_at_the_highest_rate() -> None:
 
 
 def test_revision_grows_with_every_change_and_only_then() -> None:
-    r = Rater(CARDS)
+    r = Rater(CARDS, ledger=Ledger(height=CARDS.height))
     seen = []
     for raw in [
         line(license="rental"),
@@ -106,4 +119,193 @@ def test_revision_grows_with_every_change_and_only_then() -> None:
         tm = r.ledger.tenant_month("acme", "2026-11")
         assert tm is not None
         seen.append(tm.revision)
-    assert seen == [1, 1, 6, 7, 7]
+    h = CARDS.height
+    rental, subscription = h((0, "vcsp-2026", "rental")), h((5, "vcsp-2026", "subscription"))
+    assert seen == [rental, rental, subscription, subscription + rental, subscription + rental]
+
+
+def test_without_cards_the_revision_is_workloads_plus_points() -> None:
+    r = rate_all([line(license="rental"), line(workload="vm-2"), line(wtype="replica")])
+    [tm] = r.ledger.tenant_months()
+    assert tm.revision == tm.workload_count + tm.points == 3 + 15
+
+
+# ---------------------------------------------------------------- revision laws
+
+_FLAT = {"cloud_vm": 11, "cloud_database": 11, "cloud_file_share": 11, "cloud_vpc": 0}
+#: Two cards that rate a vm the same, so a vm's rate can climb by card version alone.
+CARDS2 = parse_ratecards(
+    {
+        "ratecards": [
+            {
+                "version": "v1",
+                "effective": "2026-01-01",
+                "rates": {
+                    "vm": {"rental": 5, "subscription": 5, "perpetual": 5},
+                    "replica": {"rental": 10, "subscription": 10, "perpetual": 10},
+                    "workstation": {"rental": 0, "subscription": 3, "perpetual": 3},
+                    "server": {"rental": 0, "subscription": 7, "perpetual": 7},
+                    **_FLAT,
+                },
+            },
+            {
+                "version": "v2",
+                "effective": "2026-06-01",
+                "rates": {
+                    "vm": {"rental": 5, "subscription": 5, "perpetual": 5},
+                    "replica": {"rental": 8, "subscription": 12, "perpetual": 12},
+                    "workstation": {"rental": 0, "subscription": 3, "perpetual": 4},
+                    "server": {"rental": 0, "subscription": 7, "perpetual": 7},
+                    **_FLAT,
+                },
+            },
+        ]
+    }
+)
+
+
+def producible(cards: RateCards) -> list[Rate]:
+    """Every rate the cards can give, from their public tables."""
+    return sorted(
+        {
+            (points, c.version, lic or "")
+            for c in cards.cards
+            for by_license in c.rates.values()
+            for lic, points in by_license.items()
+        }
+    )
+
+
+any_rates = st.tuples(
+    st.integers(0, 13),
+    st.sampled_from(["old", "v0", "v1", "v1a", "v2", "v3", "vcsp-2026", "zz"]),
+    st.sampled_from(["", *LICENSES, "other"]),
+)
+
+
+def entries(rates: st.SearchStrategy[Rate]) -> st.SearchStrategy[tuple[str, str, str, str, Rate]]:
+    return st.tuples(
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["2026-11", "2026-12"]),
+        st.sampled_from(["vm", "replica"]),
+        st.sampled_from(["1", "2", "3"]),
+        rates,
+    )
+
+
+known_entries = entries(st.sampled_from(producible(CARDS2)))
+
+
+def content(tm: TenantMonth | None) -> object:
+    """What a usage record says: usage per type (incl. rental) and the card versions."""
+    if tm is None:
+        return None
+    return sorted((w, tuple(t)) for w, t in tm.totals.items()), tm.ratecards
+
+
+def revisions(ledger: Ledger) -> dict[tuple[str, str], int]:
+    return {(tm.tenant_id, tm.month): tm.revision for tm in ledger.tenant_months()}
+
+
+@settings(max_examples=300)
+@given(st.lists(known_entries, max_size=80))
+def test_revision_climbs_with_every_change_and_only_then(log: list[Any]) -> None:
+    ledger = Ledger(height=CARDS2.height)
+    for t, m, w, i, rate in log:
+        tm = ledger.tenant_month(t, m)
+        rev, said, others = (tm.revision if tm else 0), content(tm), revisions(ledger)
+        changed = ledger.add(t, m, w, i, rate)
+        tm = ledger.tenant_month(t, m)
+        assert tm is not None
+        assert tm.revision > rev if changed else tm.revision == rev
+        if content(tm) != said:
+            assert tm.revision > rev
+        assert {k: v for k, v in revisions(ledger).items() if k != (t, m)} == {
+            k: v for k, v in others.items() if k != (t, m)
+        }
+        # Kept incrementally, equal to what it is from scratch.
+        assert tm.revision == sum(CARDS2.height(r) for r in tm.workloads.values())
+        assert tm.ratecards == sorted({r[1] for r in tm.workloads.values()})
+        assert tm.revision > tm.workload_count + tm.points
+
+
+@settings(max_examples=300)
+@given(st.lists(known_entries | entries(any_rates), max_size=80), st.randoms())
+def test_equal_state_equal_revision_in_any_order(log: list[Any], rnd: Any) -> None:
+    once = Ledger(height=CARDS2.height)
+    for e in log:
+        before = revisions(once)
+        once.add(*e)
+        after = revisions(once)
+        assert all(after[k] >= v for k, v in before.items())  # never down, known card or not
+    shuffled = log + log[: len(log) // 2]
+    rnd.shuffle(shuffled)
+    again = Ledger(height=CARDS2.height)
+    for e in shuffled:
+        again.add(*e)
+    cut = len(log) // 3
+    left, right = Ledger(height=CARDS2.height), Ledger()  # merge re-heights by the target
+    for e in log[:cut]:
+        left.add(*e)
+    for e in log[cut:]:
+        right.add(*e)
+    merged = Ledger(height=CARDS2.height).merge(right).merge(left)
+    assert revisions(once) == revisions(again) == revisions(merged)
+    assert {(tm.tenant_id, tm.month): tm.ratecards for tm in once.tenant_months()} == {
+        (tm.tenant_id, tm.month): tm.ratecards for tm in merged.tenant_months()
+    }
+
+
+def test_a_rate_that_climbs_by_card_version_alone_raises_the_revision() -> None:
+    ledger = Ledger(height=CARDS2.height)
+    ledger.add("a", "2026-11", "vm", "1", (5, "v1", "rental"))
+    tm = ledger.tenant_month("a", "2026-11")
+    assert tm is not None
+    before = tm.revision
+    assert ledger.add("a", "2026-11", "vm", "1", (5, "v2", "rental"))
+    assert tm.revision > before
+    assert tm.ratecards == ["v2"]
+    assert (tm.workload_count, tm.points) == (1, 5)  # same totals: the old revision tied here
+
+
+# ---------------------------------------------------------------- the height of a rate
+
+points = st.integers(0, 12)
+
+
+@st.composite
+def card_docs(draw: st.DrawFn, version: str, effective: str) -> dict[str, Any]:
+    rates: dict[str, Any] = {}
+    for w in WORKLOAD_TYPES:
+        rates[w] = draw(points) if draw(st.booleans()) else {lic: draw(points) for lic in LICENSES}
+    return {"version": version, "effective": effective, "rates": rates}
+
+
+@st.composite
+def card_files(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Some cards, and one more to add to them."""
+    versions = draw(st.permutations(["old", "v0", "v1", "v2", "zz"]))
+    days = draw(st.permutations(["2026-01-01", "2026-03-01", "2026-05-01", "2026-07-01"]))
+    n = draw(st.integers(1, 3))
+    docs = [draw(card_docs(versions[k], days[k])) for k in range(n + 1)]
+    return docs[:n], docs[n]
+
+
+@settings(max_examples=200)
+@given(card_files(), st.lists(any_rates, min_size=2, max_size=30))
+def test_height_is_strictly_increasing_and_adding_a_card_never_lowers_it(
+    files: tuple[list[dict[str, Any]], dict[str, Any]], extra: list[Rate]
+) -> None:
+    docs, added = files
+    cards = parse_ratecards({"ratecards": docs})
+    more = parse_ratecards({"ratecards": [*docs, added]})
+    known = producible(cards)
+    rates = sorted(set(known) | set(extra))
+    h = cards.height
+    for r in rates:
+        assert h(r) >= r[0] + 1
+        assert more.height(r) >= h(r)
+    for lo, hi in itertools.pairwise(rates):
+        assert h(lo) <= h(hi)
+        if lo in known or hi in known:
+            assert h(lo) < h(hi)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from meter.domain import Ledger
+from meter.domain import Ledger, load_ratecards
 from meter.stream.records import (
     ChangelogError,
     decode_changelog,
@@ -16,6 +16,8 @@ from meter.stream.records import (
     usage_key,
 )
 from meter.stream.usage import keep_latest, usage_rows
+
+CARDS = load_ratecards()
 
 
 def test_changelog_round_trip_and_replay_is_a_join() -> None:
@@ -47,7 +49,7 @@ def test_unreadable_changelog_is_a_clear_error(raw: bytes) -> None:
 
 
 def test_usage_record_shape() -> None:
-    ledger = Ledger()
+    ledger = Ledger(height=CARDS.height)
     ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026", "subscription"))
     ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026", "subscription"))
     ledger.add("acme", "2026-11", "replica", "a", (10, "vcsp-2026", "subscription"))
@@ -57,7 +59,8 @@ def test_usage_record_shape() -> None:
     assert doc == {
         "tenant_id": "acme",
         "month": "2026-11",
-        "revision": 23,
+        "revision": 2 * CARDS.height((5, "vcsp-2026", "subscription"))
+        + CARDS.height((10, "vcsp-2026", "subscription")),
         "usage": {
             "replica": {"workloads": 1, "points": 10, "rental_workloads": 0},
             "vm": {"workloads": 2, "points": 10, "rental_workloads": 0},
@@ -82,6 +85,27 @@ def test_highest_revision_wins_whatever_the_order() -> None:
             keep_latest(latest, "a/2026-11", rec)  # type: ignore[arg-type]
         assert latest["a/2026-11"] is new
         assert [(r.workloads, r.points) for r in usage_rows(latest)] == [(2, 7)]  # type: ignore[arg-type]
+
+
+def test_equal_revisions_keep_the_later_record() -> None:
+    running = {"tenant_id": "a", "month": "2026-11", "revision": 9,
+               "usage": {"vm": {"workloads": 2, "points": 7}}}  # fmt: skip
+    final = {**running, "final": True}
+    latest: dict[str, dict[str, object]] = {}
+    for rec in (running, final):
+        keep_latest(latest, "a/2026-11", rec)  # type: ignore[arg-type]
+    assert latest["a/2026-11"] is final
+
+
+@pytest.mark.parametrize("bad", [None, "12", 3.5, True, [1]])
+def test_a_record_without_an_integer_revision_never_wins_nor_raises(bad: object) -> None:
+    good = {"tenant_id": "a", "month": "2026-11", "revision": 1,
+            "usage": {"vm": {"workloads": 1, "points": 0}}}  # fmt: skip
+    for order in ([good, {"revision": bad}], [{"revision": bad}, good]):
+        latest: dict[str, dict[str, object]] = {}
+        for rec in order:
+            keep_latest(latest, "a/2026-11", rec)  # type: ignore[arg-type]
+        assert latest["a/2026-11"] is good
 
 
 def test_rejected_headers_name_the_source() -> None:
