@@ -2,7 +2,8 @@
 
 - changelog: ``{"v": 1, "entries": [[tenant, month, type, workload, points, card], ...]}``
 - usage: the record documented in ``schemas/usage-record.v1.schema.json``
-- rejected: the original bytes untouched; the reason travels in headers
+- rejected: the original bytes untouched when they fit, else a bounded prefix;
+  the reason and the source travel in bounded headers (:func:`dead_letter`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ H_TOPIC: Final = "meter.source.topic"
 H_PARTITION: Final = "meter.source.partition"
 H_OFFSET: Final = "meter.source.offset"
 H_REJECTED_AT: Final = "meter.rejected_at"
+H_ORIGINAL_SIZE: Final = "meter.original_size"
+H_TRUNCATED: Final = "meter.truncated"
+#: The class of the exception behind an ``internal_error`` (the caller passes it in ``extra``).
+H_EXCEPTION: Final = "meter.exception"
+#: At most this many bytes of UTF-8 in the reason header, and in each ``extra`` header.
+MAX_REASON_BYTES: Final = 512
+_ELLIPSIS: Final = b"..."
 
 
 class ChangelogError(MeterError, ValueError):
@@ -114,17 +122,75 @@ def encode_usage(tm: TenantMonth, updated_at: str, **extra: Any) -> bytes:
     return orjson.dumps(usage_record(tm, updated_at, **extra))
 
 
+def dead_letter(
+    raw: bytes,
+    reason: str,
+    code: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    rejected_at: str,
+    *,
+    max_bytes: int,
+    extra: Sequence[tuple[str, bytes]] = (),
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of one message on the dead-letter topic, bounded whatever ``raw`` is.
+
+    The value is ``raw`` itself when it has at most ``max_bytes`` bytes, else its
+    first ``max_bytes`` bytes with ``meter.original_size`` and ``meter.truncated:
+    true`` headers (the original stays on its source topic for that topic's
+    retention).  The reason, and each ``extra`` header, hold at most
+    :data:`MAX_REASON_BYTES` bytes, cut on a UTF-8 character boundary.  So value
+    plus headers stay under ``max_bytes`` + about 1 KiB (+ the key, which the
+    caller writes).
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    headers = rejected_headers(reason, code, topic, partition, offset, rejected_at)
+    value = raw
+    if len(raw) > max_bytes:
+        value = raw[:max_bytes]
+        headers += [(H_ORIGINAL_SIZE, str(len(raw)).encode()), (H_TRUNCATED, b"true")]
+    headers += [(k, _cut(v, MAX_REASON_BYTES)) for k, v in extra]
+    return value, headers
+
+
 def rejected_headers(
     reason: str, code: str, topic: str, partition: int, offset: int, rejected_at: str
 ) -> list[tuple[str, bytes]]:
+    """The dead-letter headers; the reason is cut to :data:`MAX_REASON_BYTES` bytes."""
     return [
-        (H_REASON, reason.encode()),
+        (H_REASON, bounded_text(reason, MAX_REASON_BYTES)),
         (H_CODE, code.encode()),
         (H_TOPIC, topic.encode()),
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
         (H_REJECTED_AT, rejected_at.encode()),
     ]
+
+
+def bounded_text(text: str, max_bytes: int) -> bytes:
+    """``text`` as UTF-8 in at most ``max_bytes`` bytes; a cut one ends in ``...``.
+
+    Never raises: a lone surrogate becomes ``?``.  Reads at most ``max_bytes + 1``
+    characters of ``text``, however long it is.
+    """
+    raw = text[: max_bytes + 1].encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return raw
+    if max_bytes < len(_ELLIPSIS):
+        return _cut(raw, max_bytes)
+    return _cut(raw, max_bytes - len(_ELLIPSIS)) + _ELLIPSIS
+
+
+def _cut(raw: bytes, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of ``raw``, never ending inside a UTF-8 character."""
+    if len(raw) <= max_bytes:
+        return raw
+    end = max_bytes
+    while end > 0 and raw[end] & 0xC0 == 0x80:  # a continuation byte: the cut splits a character
+        end -= 1
+    return raw[:end]
 
 
 def headers_dict(headers: Iterable[tuple[str, bytes]]) -> dict[str, str]:
