@@ -30,3 +30,9 @@ class InputError(MeterError, OSError):
 
 class BrokerError(MeterError, RuntimeError):
     """The Kafka broker cannot be started, reached or used as needed."""
+
+
+class AuthenticationError(BrokerError):
+    """The broker refused the SASL handshake: a wrong user name or password, or a mechanism
+    the broker does not offer.  Retrying with the same settings cannot succeed; the message
+    names the mechanism, the user and the broker, never the password."""

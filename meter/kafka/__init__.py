@@ -1,5 +1,12 @@
-"""aiokafka adapters: connection settings, topic management, whole-topic reads."""
+"""aiokafka adapters: connection settings, SASL checks, topic management, whole-topic reads."""
 
+from meter.errors import AuthenticationError
+from meter.kafka.auth import (
+    auth_failure,
+    check_authentication,
+    diagnose,
+    translate_auth_errors,
+)
 from meter.kafka.settings import (
     KafkaSettings,
     KafkaSettingsError,
@@ -15,19 +22,26 @@ from meter.kafka.topics import (
     ensure_topics,
     iter_to_end,
     read_to_end,
+    start_client,
 )
 
 __all__ = [
+    "AuthenticationError",
     "KafkaSettings",
     "KafkaSettingsError",
     "Secret",
     "TopicError",
     "TopicSpec",
     "add_kafka_arguments",
+    "auth_failure",
+    "check_authentication",
     "close_consumer",
     "describe_partitions",
+    "diagnose",
     "ensure_topics",
     "iter_to_end",
     "read_to_end",
     "settings_from_args",
+    "start_client",
+    "translate_auth_errors",
 ]

@@ -1,5 +1,9 @@
 """Explicit topic creation and "read a whole topic" helpers.
 
+Each helper checks the SASL handshake before it starts a client and raises
+:class:`~meter.errors.AuthenticationError` if the broker refuses it (see
+:mod:`meter.kafka.auth`).
+
 Neither helper relies on broker-side auto-creation (Tansu auto-creates 4-partition
 topics on metadata requests) nor on ListOffsets(latest) (Tansu 0.6.0 answers the last
 batch's *base* offset + 1, which is short when that batch held several records).
@@ -8,17 +12,19 @@ batch's *base* offset + 1, which is short when that batch held several records).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
 from meter.errors import BrokerError
+from meter.kafka.auth import check_authentication, translate_auth_errors
 from meter.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,46 @@ class TopicSpec:
             raise ValueError(f"topic {self.name}: replication_factor must be >= 1")
 
 
-def _admin(settings: KafkaSettings, request_timeout_ms: int) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(**settings.client_kwargs(), request_timeout_ms=request_timeout_ms)
+class Startable(Protocol):
+    """What :func:`start_client` needs: AIOKafkaProducer and AIOKafkaConsumer have it."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def start_client(client: Startable, settings: KafkaSettings) -> None:
+    """``await client.start()`` with a refused SASL handshake raised as
+    :class:`~meter.errors.AuthenticationError` (aiokafka raises ``KeyError: 'v'`` or an
+    "Unable to bootstrap" that hides the cause).  A client that fails to start is stopped,
+    so it leaks no connection and no "Unclosed" warning; the error propagates.
+
+    Does not check the handshake first: call
+    :func:`~meter.kafka.auth.check_authentication` once before starting several clients.
+    """
+    try:
+        async with translate_auth_errors(settings, check_first=False):
+            await client.start()
+    except Exception:
+        if isinstance(client, AIOKafkaConsumer):
+            await close_consumer(client, max_seconds=5.0)
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), 5.0)
+        raise
+
+
+async def _start_admin(settings: KafkaSettings, request_timeout_ms: int) -> AIOKafkaAdminClient:
+    await check_authentication(settings)
+    admin = AIOKafkaAdminClient(**settings.client_kwargs(), request_timeout_ms=request_timeout_ms)
+    try:
+        async with translate_auth_errors(settings, check_first=False):
+            await admin.start()
+    except Exception:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), 5.0)
+        raise
+    return admin
 
 
 async def _describe_all(admin: AIOKafkaAdminClient) -> dict[str, list[dict[str, Any]]]:
@@ -63,8 +107,7 @@ async def describe_partitions(
     settings: KafkaSettings, topics: list[str] | None = None, *, request_timeout_ms: int = 30000
 ) -> dict[str, int]:
     """Partition counts of existing topics (missing topics are absent, never auto-created)."""
-    admin = _admin(settings, request_timeout_ms)
-    await admin.start()
+    admin = await _start_admin(settings, request_timeout_ms)
     try:
         described = await _describe_all(admin)
     finally:
@@ -89,8 +132,7 @@ async def ensure_topics(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate topic names in {names}")
-    admin = _admin(settings, request_timeout_ms)
-    await admin.start()
+    admin = await _start_admin(settings, request_timeout_ms)
     try:
         existing = await _describe_all(admin)
         missing = [s for s in specs if s.name not in existing]
@@ -223,7 +265,7 @@ async def iter_to_end(
             **extra,
         }
     )
-    await consumer.start()
+    await start_client(consumer, settings)
     try:
         if not tps:
             return
