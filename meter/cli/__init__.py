@@ -12,7 +12,8 @@ from aiokafka.errors import KafkaError
 from meter import __version__
 from meter.cli import audit, broker, logs, rate, stream
 from meter.cli import run as run_cmd
-from meter.errors import MeterError
+from meter.errors import AuthenticationError, MeterError
+from meter.kafka import KafkaSettings, auth_failure, settings_from_args
 
 log = logging.getLogger("meter")
 
@@ -41,16 +42,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         return int(args.func(args))
+    except AuthenticationError as exc:
+        print(f"meter: {exc}", file=sys.stderr)
+        return 2
     except MeterError as exc:
         print(f"meter: error: {exc}", file=sys.stderr)
         return 2
-    except KafkaError as exc:
+    except (KafkaError, KeyError, ValueError) as exc:
+        # A refused SASL handshake that escaped translation (aiokafka raises KeyError: 'v').
+        refused = _auth_failure(args, exc)
+        if refused is not None:
+            print(f"meter: {refused}", file=sys.stderr)
+            return 2
+        if not isinstance(exc, KafkaError):
+            raise
         print(f"meter: error: Kafka: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+def _auth_failure(args: argparse.Namespace, exc: BaseException) -> AuthenticationError | None:
+    """What ``exc`` means if it is a refused SASL handshake of a command with Kafka flags."""
+    if not hasattr(args, "sasl_mechanism"):
+        return None
+    try:
+        settings: KafkaSettings = settings_from_args(args)
+    except MeterError:
+        return None
+    return auth_failure(exc, settings)
 
 
 if __name__ == "__main__":  # pragma: no cover

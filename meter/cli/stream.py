@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -20,7 +21,7 @@ from meter.cli.common import (
 )
 from meter.cli.rate import open_input
 from meter.domain import load_ratecards
-from meter.kafka import add_kafka_arguments, settings_from_args
+from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
 from meter.report.vspc import render_vspc
 from meter.stream.send import send_lines
@@ -95,8 +96,14 @@ def worker(args: argparse.Namespace) -> int:
 
 def send(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+
+    async def produce(lines: Iterable[bytes]) -> int:
+        # Checks the SASL handshake before the producer starts: a refusal is one line.
+        async with translate_auth_errors(settings):
+            return await send_lines(settings, args.topic, lines)
+
     with open_input(args.file) as stream:
-        n = asyncio.run(send_lines(settings, args.topic, stream))
+        n = asyncio.run(produce(stream))
     print(f"sent {n} messages to {args.topic} on {settings.bootstrap}", file=sys.stderr)
     return 0
 
@@ -113,10 +120,12 @@ def report(args: argparse.Namespace) -> int:
     cards = load_ratecards(args.ratecard)
 
     async def read() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        return (
-            await read_usage(settings, args.topic),
-            await read_corrections(settings, f"{args.topic}.corrections"),
-        )
+        # The readers check the SASL handshake first; this translates what escapes them.
+        async with translate_auth_errors(settings, check_first=False):
+            return (
+                await read_usage(settings, args.topic),
+                await read_corrections(settings, f"{args.topic}.corrections"),
+            )
 
     records, corrections = asyncio.run(read())
     month, tenant = args.month, args.tenant
