@@ -6,6 +6,14 @@ memory: a restart of the broker loses every topic, record and committed offset.
 Readiness is probed with raw Kafka ``ApiVersions`` and ``Metadata`` requests on the
 *listen* port, so an ``advertised_port`` that points at a not-yet-started TCP proxy
 does not block start-up.
+
+``authentication=True`` starts Tansu with ``--authentication``.  Measured on Tansu 0.6.0:
+it offers SASL SCRAM-SHA-256 and SCRAM-SHA-512 only (a PLAIN handshake gets the connection
+closed), and its memory storage keeps no credentials (AlterUserScramCredentials answers
+"ok" and stores nothing), so *every* login is refused: the server answers the SCRAM proof
+with ``e=unknown-user``.  That makes it a faithful broker for testing refused handshakes and
+useless for testing accepted ones.  It is no security boundary either: a connection whose
+SCRAM exchange *failed* is afterwards served as if it had authenticated.
 """
 
 from __future__ import annotations
@@ -135,17 +143,18 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def probe_kafka(host: str, port: int, timeout: float = 2.0) -> None:
+def probe_kafka(host: str, port: int, timeout: float = 2.0, *, metadata: bool = True) -> None:
     """Send ApiVersions v0 and Metadata v1 (all topics) and check both are answered.
 
-    Raises ``OSError``/``ConnectionError`` when the broker is not (yet) serving.
+    ``metadata=False`` sends ApiVersions only: the one request a broker that requires
+    authentication answers before the SASL handshake.  Raises ``OSError``/``ConnectionError``
+    when the broker is not (yet) serving.
     """
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        requests = [
-            (_API_VERSIONS, 0, 1, b""),
-            (_METADATA, 1, 2, struct.pack(">i", -1)),  # null topic array: all, no auto-create
-        ]
+        requests = [(_API_VERSIONS, 0, 1, b"")]
+        if metadata:  # null topic array: all topics, no auto-creation
+            requests.append((_METADATA, 1, 2, struct.pack(">i", -1)))
         for api_key, version, corr, body in requests:
             sock.sendall(_kafka_request(api_key, version, corr, body))
             (size,) = struct.unpack(">i", _recv_exact(sock, 4))
@@ -164,7 +173,9 @@ class EmbeddedBroker:
 
     ``port=0`` picks a free port.  ``advertised_port`` (default: ``port``) is what the
     broker puts in metadata, so clients can be routed through a TCP proxy listening
-    there.  ``bootstrap`` always points at the advertised address.
+    there.  ``bootstrap`` always points at the advertised address.  ``authentication=True``
+    makes the broker require SASL (see the module notes: Tansu 0.6.0 then refuses every
+    login).
 
     Use as ``with EmbeddedBroker() as broker: ...`` or call :meth:`start`/:meth:`stop`.
     """
@@ -181,6 +192,7 @@ class EmbeddedBroker:
         stop_timeout: float = 5.0,
         cluster_id: str = "meter",
         extra_env: dict[str, str] | None = None,
+        authentication: bool = False,
     ) -> None:
         self._requested_port = port
         self._requested_advertised_port = advertised_port
@@ -191,6 +203,7 @@ class EmbeddedBroker:
         self.stop_timeout = stop_timeout
         self.cluster_id = cluster_id
         self._extra_env = dict(extra_env or {})
+        self.authentication = authentication
         self._proc: subprocess.Popen[bytes] | None = None
         self._last_pid: int | None = None
         self._last_returncode: int | None = None
@@ -248,11 +261,12 @@ class EmbeddedBroker:
                 raise
             log.info(
                 "embedded Tansu broker pid=%d listening on %s:%d (advertised %s); "
-                "storage is memory-only: all data is lost when it stops",
+                "storage is memory-only: all data is lost when it stops%s",
                 self.pid,
                 self.host,
                 self.port,
                 self.bootstrap,
+                "; SASL authentication required" if self.authentication else "",
                 extra={"broker_log": str(self.log_path)},
             )
             return self
@@ -289,6 +303,8 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
+        if self.authentication:
+            cmd.append("--authentication")
         env = {**os.environ, **self._extra_env}
         log.debug("starting %s (log %s)", " ".join(cmd), self.log_path)
         try:
@@ -317,7 +333,7 @@ class EmbeddedBroker:
                     f"log tail:\n{self._log_tail()}"
                 )
             try:
-                probe_kafka(self.host, self.port, timeout=1.0)
+                probe_kafka(self.host, self.port, timeout=1.0, metadata=not self.authentication)
             except (OSError, ConnectionError, struct.error) as exc:
                 last_exc = exc
                 time.sleep(0.05)
@@ -424,6 +440,8 @@ class EmbeddedBroker:
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
+        auth = ", authentication" if self.authentication else ""
         return (
-            f"EmbeddedBroker({self.host}:{self.port}, advertised={self.advertised_port}, {state})"
+            f"EmbeddedBroker({self.host}:{self.port}, advertised={self.advertised_port}, "
+            f"{state}{auth})"
         )

@@ -1,0 +1,201 @@
+"""A refused SASL handshake is one line and exit 2; the right password works.
+
+Two brokers with authentication switched on:
+
+- the embedded Tansu with ``--authentication``: SCRAM only, and with memory storage it
+  refuses every login (``e=unknown-user``, which aiokafka turns into ``KeyError: 'v'``) and
+  closes the connection on a PLAIN handshake;
+- a plain embedded Tansu behind :class:`~tests.kafka.sasl_front.SaslFront`, which refuses
+  bad credentials the way Apache Kafka does (SaslAuthenticate error 58, which aiokafka
+  turns into "Unable to bootstrap") and accepts good ones, for the round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from meter.broker import EmbeddedBroker
+from tests.integration.harness import ARTIFACTS, expected_usage
+from tests.kafka.sasl_front import MECHANISMS, SaslFront, reserve_port
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "correct-horse-9"
+WRONG = "battery-staple-7"
+BOUND_S = 10.0  # a refusal is reported within this, never retried forever
+TRICKY = Path(__file__).resolve().parents[1] / "cli" / "tricky.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tansu_auth() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(authentication=True) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def front() -> Iterator[SaslFront]:
+    port = reserve_port()
+    with (
+        EmbeddedBroker(advertised_port=port) as broker,
+        SaslFront({"alice": PASSWORD}, target_port=broker.port, listen_port=port) as sasl,
+    ):
+        yield sasl
+
+
+def meter(
+    tmp_path: Path,
+    bootstrap: str,
+    mechanism: str,
+    password: str,
+    *args: str,
+    stdin: bytes = b"",
+    timeout: float = 60,
+) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    secret = tmp_path / f"pw-{os.urandom(4).hex()}"
+    secret.write_text(password)
+    secret.chmod(0o600)
+    flags = ["--broker", bootstrap, "--security-protocol", "SASL_PLAINTEXT"]
+    flags += ["--sasl-mechanism", mechanism, "--sasl-username", "alice"]
+    flags += ["--sasl-password-file", str(secret)]
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "meter", *args, *flags],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    return out, time.monotonic() - started
+
+
+COMMANDS = [
+    pytest.param(["report"], id="report"),
+    pytest.param(["send", "-"], id="send"),
+    pytest.param(["audit", "--month", "2026-11"], id="audit"),
+]
+
+
+def assert_one_line(
+    out: subprocess.CompletedProcess[bytes], elapsed: float, mechanism: str, ending: str
+) -> None:
+    everything = out.stdout + out.stderr
+    assert out.returncode == 2, everything.decode()[-2000:]
+    assert elapsed < BOUND_S
+    assert WRONG.encode() not in everything
+    assert out.stdout == b""
+    lines = out.stderr.decode().splitlines()
+    assert lines == [lines[0]], lines
+    assert lines[0].startswith(f"meter: authentication failed: SASL {mechanism} as user 'alice' ")
+    assert lines[0].endswith(ending)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_tansu_refuses_scram(
+    tansu_auth: EmbeddedBroker, tmp_path: Path, mechanism: str, command: list[str]
+) -> None:
+    """Reproduced before: ``KeyError: 'v'`` and a traceback."""
+    out, elapsed = meter(
+        tmp_path, tansu_auth.bootstrap, mechanism, WRONG, *command, stdin=b'{"x": 1}\n'
+    )
+    assert_one_line(
+        out,
+        elapsed,
+        mechanism,
+        f"rejected by {tansu_auth.bootstrap}: unknown user (check the user name)",
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS[:2])
+def test_tansu_closes_plain(tansu_auth: EmbeddedBroker, tmp_path: Path, command: list[str]) -> None:
+    """Tansu 0.6.0 offers no PLAIN: it closes the connection at the handshake."""
+    out, elapsed = meter(tmp_path, tansu_auth.bootstrap, "PLAIN", WRONG, *command)
+    assert_one_line(
+        out,
+        elapsed,
+        "PLAIN",
+        f"was refused: {tansu_auth.bootstrap} closed the connection at the SASL handshake "
+        "(does it offer PLAIN?)",
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_a_kafka_like_broker_refuses_a_wrong_password(
+    front: SaslFront, tmp_path: Path, mechanism: str, command: list[str]
+) -> None:
+    """Reproduced before for PLAIN: only "Unable to bootstrap"."""
+    out, elapsed = meter(tmp_path, front.bootstrap, mechanism, WRONG, *command)
+    assert_one_line(
+        out, elapsed, mechanism, f"was rejected by {front.bootstrap} (check the password)"
+    )
+
+
+def test_the_right_password_works(front: SaslFront, tmp_path: Path) -> None:
+    """A worker, ``meter send`` and ``meter report`` through SASL, one mechanism each."""
+    lines = [line for line in TRICKY.read_bytes().splitlines(keepends=True) if line.strip()]
+    thirds = [b"".join(lines[i::3]) for i in range(3)]
+    want = [
+        {
+            "month": u.month,
+            "tenant_id": u.tenant_id,
+            "workload_type": u.workload_type,
+            "workloads": u.workloads,
+            "points": u.points,
+        }
+        for u in expected_usage(lines)
+    ]
+    suffix = os.urandom(4).hex()
+    topics = ["--jobs-topic", f"jobs-{suffix}", "--usage-topic", f"usage-{suffix}"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    secret = tmp_path / "worker-pw"
+    secret.write_text(PASSWORD)
+    secret.chmod(0o600)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with (ARTIFACTS / "auth-worker.log").open("wb") as wlog:
+        worker = subprocess.Popen(
+            [
+                sys.executable, "-m", "meter", "worker", *topics,
+                "--rejected-topic", f"rejected-{suffix}", "--reports-topic", f"reports-{suffix}",
+                "--group", f"meter-{suffix}", "--session-timeout-ms", "6000", "--http-port", "0",
+                "--broker", front.bootstrap, "--security-protocol", "SASL_PLAINTEXT",
+                "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-username", "alice",
+                "--sasl-password-file", str(secret),
+            ],
+            stdout=wlog, stderr=wlog, env=env,
+        )  # fmt: skip
+        try:
+            for mechanism, part in zip(MECHANISMS, thirds, strict=True):
+                sent, _ = meter(
+                    tmp_path, front.bootstrap, mechanism, PASSWORD,
+                    "send", "-", "--topic", f"jobs-{suffix}", stdin=part,
+                )  # fmt: skip
+                assert sent.returncode == 0, sent.stderr.decode()[-2000:]
+                assert b"sent " in sent.stderr
+            rows: dict[str, object] = {}
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                for mechanism in MECHANISMS:
+                    out, _ = meter(
+                        tmp_path, front.bootstrap, mechanism, PASSWORD,
+                        "report", "--format", "json", "--topic", f"usage-{suffix}",
+                    )  # fmt: skip
+                    assert out.returncode == 0, out.stderr.decode()[-2000:]
+                    rows[mechanism] = orjson.loads(out.stdout)["usage"]
+                if all(r == want for r in rows.values()):
+                    break
+                time.sleep(0.5)
+            assert rows == dict.fromkeys(MECHANISMS, want)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(40) == 0
+    assert {m for m, _ in front.accepted} == set(MECHANISMS)
