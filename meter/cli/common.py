@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meter.domain.close import DEFAULT_GRACE
+from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
 from meter.observe.usage_view import UsageView
@@ -60,6 +61,14 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--reports-topic", default=DEFAULTS.reports, help=f"[{DEFAULTS.reports}]")
     g.add_argument(
+        "--max-event-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_EVENT_BYTES,
+        metavar="N",
+        help="reject larger events as too_large; dead letters keep at most this many bytes "
+        f"of the original (keep it below the broker's message limit) [{DEFAULT_MAX_EVENT_BYTES}]",
+    )
+    g.add_argument(
         "--clock",
         metavar="FILE",
         help="for drills and tests: read the current time (RFC 3339) from FILE instead of "
@@ -102,7 +111,7 @@ async def start_http(
     instrument(worker, registry, recent_months(args.metrics_months))
     if args.http_port < 0:
         return None
-    app = build_app(registry, view, ready=worker.ready.is_set)
+    app = build_app(registry, view, health=worker.health)
     try:
         runner, port = await serve(app, args.http_host, args.http_port)
     except OSError as exc:
@@ -146,7 +155,18 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         session_timeout_ms=args.session_timeout_ms,
         idempotence=args.idempotence,
         close_grace=args.close_grace,
+        max_event_bytes=args.max_event_bytes,
     )
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
+    return value
 
 
 def parse_grace(text: str) -> timedelta | None:

@@ -1,7 +1,8 @@
 """The HTTP side of a worker: ``/metrics`` always; the status page with ``meter run``.
 
 - ``GET /metrics``: Prometheus exposition from the registry passed in.
-- ``GET /healthz``: 200 once the worker has its partitions, 503 before.
+- ``GET /healthz``: 200 when the worker owns its partitions and makes progress; 503
+  with a one-line reason otherwise (recovering, fenced, halted, connecting).
 - ``GET /``: the live status page (when a usage view is given).
 - ``GET /api/usage?month=YYYY-MM[&tenant=T]``: the same document as
   ``meter report --format json``, plus ``months`` (every month seen) and ``month``.
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def build_app(
     registry: CollectorRegistry,
     view: UsageView | None = None,
-    ready: Callable[[], bool] = lambda: True,
+    health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
 ) -> web.Application:
     app = web.Application()
 
@@ -34,8 +35,8 @@ def build_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        ok = ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        ok, reason = health()
+        return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -76,14 +76,40 @@ class WorkerCollector(Collector):
             "Corrections to closed months published (late events).",
             s.corrections,
         )
-        ready = GaugeMetricFamily("meter_ready", "1 once the worker owns its partitions.")
-        ready.add_metric([], 1 if self.worker.ready.is_set() else 0)
+        ok, _ = self.worker.health()
+        ready = GaugeMetricFamily(
+            "meter_ready",
+            "1 when the worker owns its partitions and makes progress (what /healthz says).",
+        )
+        ready.add_metric([], 1 if ok else 0)
         yield ready
+        problems = GaugeMetricFamily(
+            "meter_problem",
+            "1 while the worker has this problem: halted (broker lost data, a write that can "
+            "never succeed), fenced, recovering, connecting.",
+            labels=["problem"],
+        )
+        for problem, on in self.worker.problems().items():
+            problems.add_metric([problem], 1 if on else 0)
+        yield problems
+        yield _counter(
+            "meter_internal_errors",
+            "Messages whose handling raised an unexpected error (each one dead-lettered).",
+            s.internal_errors,
+        )
+        yield _counter(
+            "meter_write_retries", "Batch writes that failed and were retried.", s.write_retries
+        )
+        yield _counter(
+            "meter_partitions_fenced",
+            "Times a home partition was fenced because ownership was in doubt.",
+            s.fenced,
+        )
         closed = GaugeMetricFamily(
             "meter_last_closed_month_timestamp_seconds",
             "Start (Unix seconds) of the newest month closed on this worker's partitions.",
         )
-        months = {m for hc in self.worker.closes.values() for m in hc.closed}
+        months = {m for h in self.worker.homes.values() for m in h.close.closed}
         if months:
             last = max(months)
             closed.add_metric(

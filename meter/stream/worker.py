@@ -8,17 +8,20 @@ producer keying by tenant_id picks — so an event keyed by tenant is usually
 already home and is applied at once; any other event is forwarded, re-keyed,
 to its home partition of ``meter.jobs.by-tenant`` (any key, or none, works).
 
-Per batch: parse, rate and join into the home partition's ledger; then write
-the ledger entries that changed to the changelog, forwarded events and
-rejected messages, wait until all of it is acknowledged (acks=all), and only
-then commit the input offsets.  A crash anywhere replays from the last commit,
-and replaying into a join changes nothing.  Usage records are published from
-the ledger at most every ``flush_interval_s`` per tenant-month.
+The loop reads as: fetch, apply, write, commit, publish.  Per batch: parse,
+rate and join into the home partition's ledger; write the ledger entries that
+changed to the changelog, forwarded events and rejected messages; wait until
+all of it is acknowledged (acks=all); commit the input offsets; publish usage
+records (at most every ``flush_interval_s``) of what the changelog holds.  A
+crash anywhere replays from the last commit, and replaying into a join changes
+nothing.
 
-On assignment a home partition's ledger is rebuilt by replaying its changelog
-partition up to the high watermark reported by Fetch (never ListOffsets:
-the embedded broker answers it short), and every tenant-month it holds is
-republished (same revision for the same state).
+Who may use a home partition's state, and when, is decided in one place:
+:mod:`meter.stream.partition` (its lifecycle) and :mod:`meter.stream.lease`
+(proof that this worker is still the member the partition was given to).  A
+worker that was paused past its session timeout fences its partitions and
+catches up from the changelog before using them again; a broker that lost its
+data halts the worker (:class:`~meter.stream.partition.DataLostError`).
 
 Month close (rules in :mod:`meter.domain.close`, state and records in
 :mod:`meter.stream.closing`): once a month is due and the worker has read
@@ -33,30 +36,40 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnsupportedForMessageFormatError,
+)
 from aiokafka.partitioner import murmur2
 
-from meter.domain import Event, Ledger, Rate, RateCards, Rejected, Tally, parse
+from meter.domain import Event, RateCards, Rejected, Tally, parse
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.rating import no_ratecard
-from meter.errors import BrokerError
+from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
     KafkaSettings,
     close_consumer,
     describe_partitions,
     ensure_topics,
+    start_client,
 )
 from meter.stream.closing import (
-    HomeClose,
     correction_record,
     encode_closed_marker,
     encode_final_chunk,
@@ -66,13 +79,14 @@ from meter.stream.closing import (
     tenant_report,
 )
 from meter.stream.config import StreamConfig
+from meter.stream.lease import Lease, watch_heartbeats
+from meter.stream.partition import DataLostError, HomePartition, Phase
 from meter.stream.records import (
+    H_EXCEPTION,
     ChangelogError,
-    Entry,
+    dead_letter,
     encode_changelog,
     encode_usage,
-    read_changelog,
-    rejected_headers,
     usage_key,
 )
 from meter.stream.usage import keep_last, read_keyed
@@ -84,6 +98,25 @@ CHANGELOG_CHUNK = 2_000
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
 STOP_GRACE_S = 3.0
+#: Input waiting but no batch processed for this long: /healthz says "not making progress".
+STALL_S = 60.0
+_LOST: Final = "the broker lost data meter had read or written"
+_BLOCKED: Final = "a write can never succeed"
+#: Writes that can never succeed, however often they are retried.
+PERMANENT_WRITE_ERRORS: Final = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    CorruptRecordException,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    PolicyViolationError,
+    UnsupportedForMessageFormatError,
+)
+
+#: One write of a batch: what it is, for an error message that names its source.
+Write = tuple[str, "asyncio.Future[Any]"]
 
 
 def utc_now() -> str:
@@ -98,6 +131,10 @@ async def _acked(futures: list[asyncio.Future[Any]], what: str) -> bool:
         log.warning("publishing %d %s failed (%s); will retry", len(futures), what, exc)
         return False
     return True
+
+
+class WriteBlockedError(BrokerError):
+    """A write the broker will never accept (too large, invalid, not authorized)."""
 
 
 @dataclass
@@ -115,6 +152,14 @@ class WorkerStats:
     corrections: int = 0
     #: Unix time of the newest job event processed (0 before the first).
     newest_event_ts: float = 0.0
+    #: Messages whose handling raised (each went to the dead-letter topic).
+    internal_errors: int = 0
+    #: Writes that failed and were retried; writes that can never succeed.
+    write_retries: int = 0
+    writes_blocked: int = 0
+    #: Times a home partition was fenced (ownership in doubt) and caught up.
+    fenced: int = 0
+    caught_up: int = 0
 
 
 class Worker:
@@ -134,23 +179,21 @@ class Worker:
         self.clock = clock
         #: The close clock (injectable so tests can move time).
         self.now = now
-        self.closes: dict[int, HomeClose] = {}
-        #: home -> workloads of closed months changed since the last flush
-        self._corr_dirty: dict[int, set[tuple[str, str, str, str]]] = defaultdict(set)
+        #: Home partition -> its state and lifecycle (see meter.stream.partition).
+        self.homes: dict[int, HomePartition] = {}
+        self.lease = Lease(config.session_timeout_ms / 1000)
         #: months some partition has closed (from meter.reports and our own closes)
         self._known_months: set[str] = set()
         self._last_close_check = 0.0
         self._known_refreshed = 0.0
         self.stats = stats or WorkerStats()
-        self.ledgers: dict[int, Ledger] = {}
-        #: home -> (tenant, month) -> earliest Kafka timestamp (ms) of a change not yet published
-        self._dirty: dict[int, dict[tuple[str, str], int]] = defaultdict(dict)
         #: (topic, partition) -> next offset to process
         self._positions: dict[tuple[str, int], int] = {}
+        #: (topic, partition) -> the offset this worker last committed there
+        self._committed: dict[tuple[str, int], int] = {}
         #: Called with each published record's event-to-total latency (seconds).
         self.on_latency: Callable[[float], None] | None = None
         self._homes: dict[str, int] = {}
-        self._revoked: set[int] = set()
         self._n_home = config.partitions
         self._co_partitioned = True
         self._lock = asyncio.Lock()
@@ -159,10 +202,57 @@ class Worker:
         self._restore: AIOKafkaConsumer | None = None
         self._last_flush = 0.0
         self._rejected_logged = 0
+        self._internal_logged: set[str] = set()
         self._last_progress = time.monotonic()
+        self._last_batch = time.monotonic()
+        #: Why the worker stopped processing for good (broker lost data, a write that
+        #: can never succeed); empty while it works.
+        self.halted = ""
+        #: Why the broker cannot be used right now (connecting, authentication); empty when it can.
+        self.connecting = "connecting to the broker"
         self.ready = asyncio.Event()
         #: Where this worker serves /metrics, once it does (for logs and tests).
         self.http_url: str | None = None
+
+    @property
+    def ledgers(self) -> dict[int, Any]:
+        """The ledgers of the home partitions this worker may publish from."""
+        return {n: h.ledger for n, h in self.homes.items() if h.active}
+
+    def health(self) -> tuple[bool, str]:
+        """``(ok, reason)``: ok only when the worker owns its partitions and makes progress."""
+        if self.halted:
+            return False, self.halted
+        if self.connecting:
+            return False, self.connecting
+        if not self.ready.is_set():
+            return False, "waiting for partitions from the consumer group"
+        recovering = sorted(n for n, h in self.homes.items() if h.phase is Phase.RECOVERING)
+        if recovering:
+            return False, f"recovering home partitions {recovering} from the changelog"
+        fenced = sorted(n for n, h in self.homes.items() if h.phase is Phase.FENCED)
+        if fenced:
+            return False, f"fenced home partitions {fenced}: {self.homes[fenced[0]].reason}"
+        if not self.lease.valid():
+            return False, (
+                f"group membership not confirmed for {self.lease.age():.0f}s "
+                "(paused, or the coordinator is unreachable)"
+            )
+        if sum(self.lag().values()) > 0 and time.monotonic() - self._last_batch > STALL_S:
+            return False, f"input waiting but nothing processed for {STALL_S:.0f}s"
+        return True, "ok"
+
+    def problems(self) -> dict[str, bool]:
+        """Bounded set of problems, for the ``meter_problem`` gauge."""
+        phases = {h.phase for h in self.homes.values()}
+        return {
+            "halted": bool(self.halted),
+            "data_lost": self.halted.startswith(_LOST),
+            "write_blocked": self.halted.startswith(_BLOCKED),
+            "fenced": Phase.FENCED in phases,
+            "recovering": Phase.RECOVERING in phases,
+            "connecting": bool(self.connecting),
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,13 +266,24 @@ class Worker:
             await self._shutdown()
 
     async def _connect(self, stop: asyncio.Event) -> bool:
-        """Create topics and clients, retrying while the broker is unreachable."""
+        """Create topics and clients, retrying while the broker is unreachable or refuses us."""
         delay = 0.5
+        logged_auth = False
         while not stop.is_set():
             try:
                 await self._start_clients()
-            except (KafkaError, OSError, TimeoutError) as exc:
+            except AuthenticationError as exc:
                 await self._close_clients()
+                self.connecting = str(exc)
+                if not logged_auth:
+                    log.error("%s; retrying every %.0fs at most", exc, 10.0)  # noqa: TRY400
+                    logged_auth = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+            except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
+                await self._close_clients()
+                self.connecting = f"broker {self.settings.bootstrap} not usable: {exc}"
                 log.warning(
                     "broker %s not usable yet (%s: %s); retrying in %.1fs",
                     self.settings.bootstrap,
@@ -194,6 +295,7 @@ class Worker:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
             else:
+                self.connecting = ""
                 return True
         return False
 
@@ -226,7 +328,7 @@ class Worker:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
         )
-        await self._restore.start()
+        await start_client(self._restore, self.settings)
         self._consumer = AIOKafkaConsumer(
             **kw,
             group_id=self.config.group_id,
@@ -240,7 +342,8 @@ class Worker:
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_wait_ms=100,
         )
-        await self._consumer.start()
+        await start_client(self._consumer, self.settings)
+        watch_heartbeats(self._consumer, self.lease)
         self._consumer.subscribe([t.jobs, t.by_tenant], listener=_Rebalance(self))
         log.info(
             "worker started: broker %s, group %s, %d home partitions; reading %s",
@@ -254,7 +357,9 @@ class Worker:
         kw = self.settings.client_kwargs()
         common = {
             "acks": "all",
-            "linger_ms": 5,
+            # No linger: what a batch wrote goes out at once, and a usage record that
+            # passed the ownership check leaves the process without waiting.
+            "linger_ms": 0,
             "max_batch_size": 1024 * 1024,
             "max_request_size": 8 * 1024 * 1024,
             "request_timeout_ms": 30_000,
@@ -263,7 +368,7 @@ class Worker:
             producer = AIOKafkaProducer(**kw, **common, enable_idempotence=True)
             try:
                 # InitProducerId is part of start(); the embedded broker fails it.
-                await producer.start()
+                await start_client(producer, self.settings)
             except KafkaError as exc:
                 with contextlib.suppress(Exception):
                     await producer.stop()
@@ -278,7 +383,7 @@ class Worker:
             else:
                 return producer
         producer = AIOKafkaProducer(**kw, **common)
-        await producer.start()
+        await start_client(producer, self.settings)
         return producer
 
     async def _close_clients(self) -> None:
@@ -293,11 +398,12 @@ class Worker:
         self._consumer = self._restore = self._producer = None
 
     async def _shutdown(self) -> None:
-        try:
-            async with self._lock:
-                await asyncio.wait_for(self._flush(), 5.0)
-        except (TimeoutError, KafkaError, OSError) as exc:
-            log.warning("could not publish the last usage records on shutdown: %s", exc)
+        if not self.halted:
+            try:
+                async with self._lock:
+                    await asyncio.wait_for(self._flush(), 5.0)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning("could not publish the last usage records on shutdown: %s", exc)
         await self._close_clients()
         log.info("worker stopped: %s", self._summary())
 
@@ -309,6 +415,11 @@ class Worker:
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                if self.halted:
+                    # Nothing more is read, written or committed; /healthz says why.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    continue
                 fetch = asyncio.ensure_future(
                     consumer.getmany(timeout_ms=200, max_records=self.config.max_batch)
                 )
@@ -324,15 +435,38 @@ class Worker:
                     log.warning("fetch failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue
-                if batch:
-                    await self._step(self._process(batch, stop), stopper)
-                if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
-                    await self._step(self._flush(), stopper)
-                if time.monotonic() - self._last_close_check >= 1.0:
-                    await self._step(self._close_checked(), stopper)
+                await self._step(self._cycle(batch, stop), stopper)
                 self._progress()
         finally:
             stopper.cancel()
+
+    async def _cycle(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
+        """One turn: check ownership and the broker, apply, write, commit, publish."""
+        try:
+            self._check_input_log()
+            await self._check_ownership()
+            if batch:
+                await self._process(batch, stop)
+            if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
+                await self._flush()
+            if time.monotonic() - self._last_close_check >= 1.0:
+                await self._close_checked()
+        except DataLostError as exc:
+            self._halt(
+                f"{_LOST} ({exc}); meter stopped "
+                "processing and committing so that no total is built on missing data. Restore "
+                "the broker's data (or, if the loss is accepted, recreate meter's topics and "
+                "replay meter.jobs from the job systems), then restart the workers"
+            )
+        except WriteBlockedError as exc:
+            self._halt(str(exc))
+
+    def _halt(self, reason: str) -> None:
+        if not self.halted:
+            self.halted = reason
+            log.error("%s", reason)
+            for home in self.homes.values():
+                home.fence("the worker halted")
 
     async def _step(self, work: Coroutine[Any, Any, None], stopper: asyncio.Future[Any]) -> None:
         """Run one unit of work under the lock; on stop, give it a moment, then cancel it.
@@ -351,92 +485,145 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _close_checked(self) -> None:
-        try:
-            await self._close_due()
-        except (KafkaError, OSError, TimeoutError) as exc:
-            # Nothing is marked closed until its marker is acknowledged, so the next
-            # check simply closes again.
-            log.warning("closing a month failed (%s); will retry", exc)
+    # ------------------------------------------------------------------ ownership
 
-    async def _process(
-        self, batch: dict[TopicPartition, list[object]], stop: asyncio.Event
-    ) -> None:
+    def _check_input_log(self) -> None:
+        """An input partition whose log end fell below what we read: the broker lost it."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            pos = self._positions.get((tp.topic, tp.partition))
+            if hw is not None and pos is not None and hw < pos:
+                raise DataLostError(
+                    f"{tp.topic}[{tp.partition}] ends at offset {hw}, below offset {pos} "
+                    "this worker had read"
+                )
+
+    async def _check_ownership(self) -> None:
+        """Fence every partition when the lease lapsed; catch up fenced ones once it holds."""
+        if not self.lease.valid():
+            self._fence_all(
+                f"group membership not confirmed for {self.lease.age():.1f}s "
+                "(paused or cut off past the session timeout?)"
+            )
+            return
+        fenced = [n for n, h in self.homes.items() if h.phase in (Phase.FENCED, Phase.RECOVERING)]
+        if fenced:
+            # The lease holds again in the same generation: no rebalance happened, so
+            # nobody else was given these partitions; the changelog says what changed.
+            await self._recover(fenced)
+
+    def _fence_all(self, reason: str) -> None:
+        moved = [n for n, h in sorted(self.homes.items()) if h.fence(reason)]
+        if moved:
+            self.stats.fenced += len(moved)
+            self._pause_homes(moved)
+            log.warning(
+                "fenced home partitions %s: %s; nothing is published from them until they "
+                "are caught up from the changelog",
+                moved,
+                reason,
+            )
+
+    def _pause_homes(self, homes: Iterable[int]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        mine = consumer.assignment()
+        tps = [
+            tp
+            for n in homes
+            for tp in (
+                TopicPartition(self.config.topics.by_tenant, n),
+                TopicPartition(self.config.topics.jobs, n),
+            )
+            if tp in mine and (tp.topic != self.config.topics.jobs or self._co_partitioned)
+        ]
+        if tps:
+            consumer.pause(*tps)
+
+    def _resume_homes(self, homes: Iterable[int]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        wanted = set(homes)
+        tps = [tp for tp in consumer.paused() if tp.partition in wanted]
+        if tps:
+            consumer.resume(*tps)
+
+    # ------------------------------------------------------------------ one batch
+
+    async def _process(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
         t = self.config.topics
         cards = self.cards
-        ledgers = self.ledgers
+        homes = self.homes
         tally = self.stats.tally
-        changes: dict[int, list[Entry]] = defaultdict(list)
-        forwards: list[tuple[int, bytes, bytes]] = []
-        rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        max_bytes = self.config.max_event_bytes
+        forwards: list[tuple[int, bytes, bytes, Any]] = []
+        rejects: list[tuple[Any, bytes, Rejected, str]] = []
         offsets: dict[TopicPartition, int] = {}
+        touched: set[int] = set()
         now = self.clock()
         last_time = ""
-        late_ids: dict[int, dict[int, str]] = {}
         self._rejected_logged = 0
+        consumer = self._consumer
+        assert consumer is not None
         for tp, records in batch.items():
             from_jobs = tp.topic == t.jobs
-            if not from_jobs and tp.partition not in ledgers:
-                continue  # revoked while this batch was in flight: the new owner reads it
+            here = homes.get(tp.partition)
+            if (not from_jobs or self._co_partitioned) and (here is None or not here.active):
+                # Not ours to apply now (revoked, fenced or recovering): read it again later.
+                if tp in consumer.assignment():
+                    consumer.seek(tp, records[0].offset)
+                continue
             for rec in records:
-                value: bytes | None = rec.value  # type: ignore[attr-defined]
-                if value is None:
-                    result: Event | Rejected = Rejected("invalid_json", "message has no value")
-                    raw = b""
-                else:
-                    raw = value
-                    result = parse(raw)
-                if result.__class__ is Rejected:
-                    assert isinstance(result, Rejected)
-                    rejects.append(self._reject(rec, raw, result, now))
-                    continue
-                assert isinstance(result, Event)
-                rate = cards.rate(result)
-                if rate is None:
-                    rejects.append(self._reject(rec, raw, no_ratecard(result, cards), now))
-                    continue
-                last_time = result.time
-                if result.result == "failed":
-                    tally.not_counted += 1
-                    continue
-                tenant = result.tenant_id
-                home = self._homes.get(tenant)
-                if home is None:
-                    home = self._homes[tenant] = (murmur2(tenant.encode()) & 0x7FFFFFFF) % (
-                        self._n_home
-                    )
-                if home != tp.partition or (from_jobs and not self._co_partitioned):
-                    # Not on its home partition (or misrouted on by-tenant): send it home.
-                    forwards.append((home, tenant.encode(), raw))
-                    self.stats.forwarded += 1
-                    continue
-                ledger = ledgers.get(home)
-                if ledger is None:
-                    # Not ours (a stale batch during a rebalance): leave it uncommitted.
-                    break
-                month = result.month
-                if ledger.add(tenant, month, result.workload_type, result.workload_id, rate):
-                    tally.counted += 1
-                    changes[home].append(
-                        (tenant, month, result.workload_type, result.workload_id, rate)
-                    )
-                    hc = self.closes.get(home)
-                    if hc is not None and month in hc.closed:
-                        # Late: the final record stays; the difference is a correction.
-                        wkey = (tenant, month, result.workload_type, result.workload_id)
-                        hc.late_ids[wkey] = result.id
-                        self._corr_dirty[home].add(wkey)
-                        late_ids.setdefault(home, {})[len(changes[home]) - 1] = result.id
+                try:
+                    value: bytes | None = rec.value
+                    if value is None:
+                        rejects.append(
+                            (rec, b"", Rejected("invalid_json", "message has no value"), "")
+                        )
                         continue
-                    dirty = self._dirty[home]
-                    ts = rec.timestamp  # type: ignore[attr-defined]
-                    if dirty.get((tenant, month), ts) >= ts:
-                        dirty[(tenant, month)] = ts
-                else:
-                    tally.duplicate += 1
-            else:
-                offsets[tp] = records[-1].offset + 1  # type: ignore[attr-defined]
+                    result = parse(value, max_bytes=max_bytes)
+                    if result.__class__ is Rejected:
+                        assert isinstance(result, Rejected)
+                        rejects.append((rec, value, result, ""))
+                        continue
+                    assert isinstance(result, Event)
+                    rate = cards.rate(result)
+                    if rate is None:
+                        rejects.append((rec, value, no_ratecard(result, cards), ""))
+                        continue
+                    last_time = result.time
+                    if result.result == "failed":
+                        tally.not_counted += 1
+                        continue
+                    tenant = result.tenant_id
+                    home = self._homes.get(tenant)
+                    if home is None:
+                        home = self._homes[tenant] = (murmur2(tenant.encode()) & 0x7FFFFFFF) % (
+                            self._n_home
+                        )
+                    if home != tp.partition or (from_jobs and not self._co_partitioned):
+                        # Not on its home partition (or misrouted on by-tenant): send it home.
+                        forwards.append((home, tenant.encode(), value, rec))
+                        self.stats.forwarded += 1
+                        continue
+                    entry = (tenant, result.month, result.workload_type, result.workload_id, rate)
+                    if here.apply(entry, rec.timestamp, result.id):  # type: ignore[union-attr]
+                        tally.counted += 1
+                        touched.add(home)
+                    else:
+                        tally.duplicate += 1
+                except Exception as exc:  # noqa: BLE001 - one message never stops a partition
+                    rejects.append(
+                        (rec, rec.value or b"", self._internal(rec, exc), type(exc).__name__)
+                    )
+            offsets[tp] = records[-1].offset + 1
         self.stats.batches += 1
+        self._last_batch = time.monotonic()
         if self._rejected_logged > REJECTIONS_LOGGED_PER_BATCH:
             log.warning(
                 "... and %d more rejected in this batch (every one is on %s with its reason)",
@@ -445,10 +632,51 @@ class Worker:
             )
         if last_time:
             self._note_event_time(last_time)
-        await self._write(changes, forwards, rejects, stop, late_ids)
+        dead = [self._dead_letter(rec, raw, why, exc, now) for rec, raw, why, exc in rejects]
+        await self._write(touched, forwards, dead, stop, offsets)
         await self._commit(offsets)
         for tp, offset in offsets.items():
             self._positions[(tp.topic, tp.partition)] = offset
+
+    def _internal(self, rec: Any, exc: Exception) -> Rejected:
+        """A message whose handling raised: logged (traceback once per kind), dead-lettered."""
+        self.stats.internal_errors += 1
+        kind = type(exc).__name__
+        where = f"{rec.topic}[{rec.partition}]@{rec.offset}"
+        if kind not in self._internal_logged:
+            self._internal_logged.add(kind)
+            log.exception(
+                "%s: handling this message raised %s; it goes to the dead-letter "
+                "topic with code internal_error and the worker carries on",
+                where,
+                kind,
+            )
+        else:
+            log.error("%s: handling this message raised %s: %s", where, kind, exc)
+        return Rejected("internal_error", f"meter could not handle this message: {kind}")
+
+    def _dead_letter(
+        self, rec: Any, raw: bytes, why: Rejected, exc: str, now: str
+    ) -> tuple[Any, bytes, list[tuple[str, bytes]], Any]:
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        self.stats.tally.rejected += 1
+        codes = self.stats.rejected_by_code
+        codes[why.code] = codes.get(why.code, 0) + 1
+        self._rejected_logged += 1
+        if self._rejected_logged <= REJECTIONS_LOGGED_PER_BATCH:
+            log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
+        value, headers = dead_letter(
+            raw,
+            why.reason,
+            why.code,
+            topic,
+            partition,
+            offset,
+            now,
+            max_bytes=self.config.max_event_bytes,
+            extra=[(H_EXCEPTION, exc.encode())] if exc else (),
+        )
+        return rec.key, value, headers, rec
 
     def _note_event_time(self, value: str) -> None:
         """For the freshness metric only; never stops a batch."""
@@ -479,78 +707,98 @@ class Worker:
                 out[(tp.topic, tp.partition)] = max(0, hw - pos)
         return out
 
-    def _reject(
-        self, rec: object, raw: bytes, why: Rejected, now: str
-    ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
-        topic, partition, offset = rec.topic, rec.partition, rec.offset  # type: ignore[attr-defined]
-        self.stats.tally.rejected += 1
-        codes = self.stats.rejected_by_code
-        codes[why.code] = codes.get(why.code, 0) + 1
-        self._rejected_logged += 1
-        if self._rejected_logged <= REJECTIONS_LOGGED_PER_BATCH:
-            log.warning("%s[%d]@%d rejected: %s", topic, partition, offset, why.reason)
-        headers = rejected_headers(why.reason, why.code, topic, partition, offset, now)
-        return rec.key, raw, headers  # type: ignore[attr-defined]
-
     async def _write(
         self,
-        changes: dict[int, list[Entry]],
-        forwards: list[tuple[int, bytes, bytes]],
-        rejects: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        touched: set[int],
+        forwards: list[tuple[int, bytes, bytes, Any]],
+        dead: list[tuple[Any, bytes, list[tuple[str, bytes]], Any]],
         stop: asyncio.Event,
-        late_ids: dict[int, dict[int, str]] | None = None,
+        offsets: dict[TopicPartition, int],
     ) -> None:
         """Write everything a batch caused and wait for acks=all, retrying on failure.
 
         Retrying re-sends the lot; every write is a fact (a ledger entry, a
-        forwarded event, a rejection), so a second copy changes no total.
+        forwarded event, a rejection), so a second copy changes no total.  A write
+        that can never succeed halts the worker (:class:`WriteBlockedError`); a
+        write that did not complete leaves the partitions it touched to be rebuilt.
         """
-        if not (changes or forwards or rejects):
+        batches = {n: self.homes[n].take_batch() for n in sorted(touched)}
+        if not (batches or forwards or dead):
             return
         t = self.config.topics
         delay = 0.5
-        while True:
-            producer = self._producer
-            assert producer is not None
-            try:
-                futures = []
-                for home, entries in changes.items():
-                    eids = (late_ids or {}).get(home, {})
-                    for i in range(0, len(entries), CHANGELOG_CHUNK):
-                        chunk_ids = [
-                            eids.get(n) for n in range(i, min(i + CHANGELOG_CHUNK, len(entries)))
-                        ]
-                        value = encode_changelog(entries[i : i + CHANGELOG_CHUNK], chunk_ids)
-                        futures.append(await producer.send(t.changelog, value, partition=home))
-                        self.stats.changelog_records += 1
-                for home, key, raw in forwards:
-                    futures.append(await producer.send(t.by_tenant, raw, key=key, partition=home))
-                for rkey, raw, headers in rejects:
-                    futures.append(await producer.send(t.rejected, raw, key=rkey, headers=headers))
-                await asyncio.gather(*futures)
-            except (KafkaError, OSError) as exc:
-                log.warning(
-                    "writing %d changelog entries, %d forwards and %d rejections failed "
-                    "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
-                    sum(len(e) for e in changes.values()),
-                    len(forwards),
-                    len(rejects),
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                if stop.is_set() and delay >= 10.0:
-                    raise
-            else:
-                return
+        completed = False
+        try:
+            while True:
+                producer = self._producer
+                assert producer is not None
+                writes: list[Write] = []
+                changelog: dict[int, list[asyncio.Future[Any]]] = {}
+                try:
+                    for home, (entries, ids) in batches.items():
+                        for i in range(0, len(entries), CHANGELOG_CHUNK):
+                            chunk_ids = [
+                                ids.get(n) for n in range(i, min(i + CHANGELOG_CHUNK, len(entries)))
+                            ]
+                            value = encode_changelog(entries[i : i + CHANGELOG_CHUNK], chunk_ids)
+                            fut = await producer.send(t.changelog, value, partition=home)
+                            changelog.setdefault(home, []).append(fut)
+                            writes.append(
+                                (f"changelog {t.changelog}[{home}] ({_sources(offsets)})", fut)
+                            )
+                            self.stats.changelog_records += 1
+                    for home, key, raw, rec in forwards:
+                        fut = await producer.send(t.by_tenant, raw, key=key, partition=home)
+                        writes.append((f"forward of {_source(rec)}", fut))
+                    for rkey, raw, headers, rec in dead:
+                        fut = await producer.send(t.rejected, raw, key=rkey, headers=headers)
+                        writes.append((f"dead letter of {_source(rec)}", fut))
+                    await asyncio.gather(*(f for _, f in writes))
+                except (KafkaError, OSError) as exc:
+                    blocked = _blocked(writes, exc)
+                    if blocked is not None:
+                        self.stats.writes_blocked += 1
+                        raise WriteBlockedError(
+                            f"{_BLOCKED}: {blocked}; meter stopped processing and "
+                            "committing (nothing was skipped: the input stays where it is). Fix "
+                            "the broker or topic limits or permissions, then restart the worker"
+                        ) from exc
+                    self.stats.write_retries += 1
+                    log.warning(
+                        "writing %d changelog entries, %d forwards and %d rejections failed "
+                        "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
+                        sum(len(e) for e, _ in batches.values()),
+                        len(forwards),
+                        len(dead),
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    if stop.is_set() and delay >= 10.0:
+                        raise
+                else:
+                    completed = True
+                    for home, futures in changelog.items():
+                        self.homes[home].written([f.result().offset for f in futures])
+                    for home in batches.keys() - changelog.keys():
+                        self.homes[home].written([])
+                    return
+        finally:
+            if not completed:
+                for home in batches:
+                    hp = self.homes.get(home)
+                    if hp is not None:
+                        hp.write_failed("the batch was abandoned or could not be written")
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
             return
         consumer = self._consumer
         assert consumer is not None
+        sent = self.lease.now()
+        generation = self.lease.generation
         try:
             # aiokafka's commit waits forever for a coordinator that is gone.
             await asyncio.wait_for(consumer.commit(offsets), self.config.commit_timeout_s)
@@ -560,12 +808,26 @@ class Worker:
             log.warning(
                 "commit of %d partitions failed (%s); they will be replayed", len(offsets), exc
             )
+        else:
+            if generation is not None:
+                self.lease.renew(generation, sent)
+            for tp, offset in offsets.items():
+                self._committed[(tp.topic, tp.partition)] = offset
+
+    def _publishable(self) -> list[HomePartition]:
+        """The partitions that may publish now: ACTIVE, and the lease holds."""
+        if not self.lease.valid():
+            self._fence_all(
+                f"group membership not confirmed for {self.lease.age():.1f}s at publish time"
+            )
+            return []
+        return [h for h in self.homes.values() if h.active]
 
     async def _flush(self) -> None:
-        """Publish the usage record of every tenant-month that changed."""
+        """Publish the usage record of every tenant-month whose acknowledged state changed."""
         self._last_flush = time.monotonic()
         await self._publish_corrections()
-        if not any(self._dirty.values()):
+        if not any(h.dirty for h in self.homes.values()):
             return
         producer = self._producer
         if producer is None:
@@ -574,31 +836,50 @@ class Worker:
         now = self.clock()
         futures = []
         published: list[int] = []
-        for home, keys in self._dirty.items():
-            ledger = self.ledgers.get(home)
-            if ledger is None:
-                continue
-            for (tenant, month), ts in keys.items():
-                tm = ledger.tenant_month(tenant, month)
-                if tm is None:
+        taken: list[tuple[HomePartition, dict[tuple[str, str], int]]] = []
+        try:
+            for hp in self._publishable():
+                keys = hp.take_dirty()
+                if not keys:
                     continue
-                futures.append(
-                    await producer.send(
-                        t.usage, encode_usage(tm, now), key=usage_key(tenant, month)
+                taken.append((hp, keys))
+                ledger = hp.ledger
+                for (tenant, month), ts in keys.items():
+                    tm = ledger.tenant_month(tenant, month)
+                    if tm is None:
+                        continue
+                    futures.append(
+                        await producer.send(
+                            t.usage, encode_usage(tm, now), key=usage_key(tenant, month)
+                        )
                     )
-                )
-                published.append(ts)
-        if not await _acked(futures, "usage records"):
+                    published.append(ts)
+            acked = await _acked(futures, "usage records")
+        except (KafkaError, OSError) as exc:
+            log.warning("publishing usage records failed (%s); will retry", exc)
+            acked = False
+        if not acked:
+            for hp, keys in taken:
+                if hp.active:
+                    for key, ts in keys.items():
+                        hp.dirty.setdefault(key, ts)
             return
-        self._dirty.clear()
         self.stats.published += len(futures)
         if self.on_latency is not None:
-            acked = time.time() * 1000
+            acked_ms = time.time() * 1000
             for ts in published:
                 if ts >= 0:  # recovered state has no arrival time
-                    self.on_latency(max(0.0, (acked - ts) / 1000))
+                    self.on_latency(max(0.0, (acked_ms - ts) / 1000))
 
     # ------------------------------------------------------------------ month close
+
+    async def _close_checked(self) -> None:
+        try:
+            await self._close_due()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # Nothing is marked closed until its marker is acknowledged, so the next
+            # check simply closes again.
+            log.warning("closing a month failed (%s); will retry", exc)
 
     async def _caught_up(self) -> bool:
         """True when every assigned input partition has been read to its high watermark."""
@@ -625,7 +906,8 @@ class Worker:
         """Close every due month of our home partitions, once we have read what arrived."""
         self._last_close_check = time.monotonic()
         grace = self.config.close_grace
-        if grace is None or not self.ledgers or not await self._caught_up():
+        active = [h for h in self.homes.values() if h.active]
+        if grace is None or not active or not await self._caught_up():
             return
         now = self.now()
         if time.monotonic() - self._known_refreshed >= 30.0:
@@ -634,48 +916,45 @@ class Worker:
         # A month closes on every home partition once any of ours has usage in it or any
         # partition anywhere closed it, so that every partition publishes its summary.
         months = set(self._known_months)
-        for ledger in self.ledgers.values():
-            months.update(tm.month for tm in ledger.tenant_months())
-        for home in sorted(self.ledgers):
-            hc = self.closes.setdefault(home, HomeClose())
-            for month in months_to_close(months, hc.closed, now, grace):
-                await self._close(home, month)
+        for hp in active:
+            months.update(hp.months())
+        for hp in sorted(active, key=lambda h: h.number):
+            for month in months_to_close(months, hp.close.closed, now, grace):
+                if not self._publishable() or not hp.active:
+                    return
+                await self._close(hp, month)
 
-    async def _close(self, home: int, month: str) -> None:
-        ledger = self.ledgers[home]
-        hc = self.closes[home]
+    async def _close(self, hp: HomePartition, month: str) -> None:
         t = self.config.topics
         grace = self.config.close_grace
         assert grace is not None
-        snap = hc.snapshot(ledger, month)
+        snap = hp.close.snapshot(hp.ledger, month)
         rows = [(tenant, w, i, r) for tenant, wl in snap.items() for (w, i), r in wl.items()]
         producer = self._producer
         assert producer is not None
         futures = []
         for i in range(0, len(rows), CHANGELOG_CHUNK):
             chunk = encode_final_chunk(month, rows[i : i + CHANGELOG_CHUNK])
-            futures.append(await producer.send(t.changelog, chunk, partition=home))
-        await asyncio.gather(*futures)
+            futures.append(await producer.send(t.changelog, chunk, partition=hp.number))
         # The marker goes last: a snapshot without it is not a close.
         marker = encode_closed_marker(month, closes_at(month, grace))
-        await (await producer.send(t.changelog, marker, partition=home))
-        hc.closed.add(month)
-        hc.finals[month] = snap
+        futures.append(await producer.send(t.changelog, marker, partition=hp.number))
+        metas = await asyncio.gather(*futures)
+        hp.written([m.offset for m in metas])
+        hp.closed(month, snap)
         self._known_months.add(month)
-        dirty = self._dirty.get(home, {})
-        for tenant in list(snap):
-            dirty.pop((tenant, month), None)
         log.info(
             "closed %s on home partition %d: %d tenants, final records published",
             month,
-            home,
+            hp.number,
             len(snap),
         )
-        await self._publish_close(home, month)
+        if hp.active:
+            await self._publish_close(hp, month)
 
-    async def _publish_close(self, home: int, month: str) -> None:
+    async def _publish_close(self, hp: HomePartition, month: str) -> None:
         """Final usage records, tenant reports and this partition's summary (idempotent)."""
-        hc = self.closes[home]
+        hc = hp.close
         t = self.config.topics
         grace = self.config.close_grace or timedelta(0)
         producer = self._producer
@@ -697,10 +976,10 @@ class Worker:
             futures.append(
                 await producer.send(t.reports, orjson.dumps(tenant_report(tm, grace)), key=key)
             )
-        summary = partition_summary(month, home, self._n_home, tms, grace)
+        summary = partition_summary(month, hp.number, self._n_home, tms, grace)
         futures.append(
             await producer.send(
-                t.reports, orjson.dumps(summary), key=f"partition/{month}/{home}".encode()
+                t.reports, orjson.dumps(summary), key=f"partition/{month}/{hp.number}".encode()
             )
         )
         await asyncio.gather(*futures)
@@ -739,20 +1018,20 @@ class Worker:
         log.info("month %s closed on every partition: provider summary published", month)
 
     async def _publish_corrections(self) -> None:
-        if not any(self._corr_dirty.values()):
+        if not any(h.corr_dirty for h in self.homes.values()):
             return
         producer = self._producer
         if producer is None:
             return
         now = self.clock()
         futures = []
-        for home, keys in self._corr_dirty.items():
-            ledger = self.ledgers.get(home)
-            hc = self.closes.get(home)
-            if ledger is None or hc is None:
-                continue
+        taken: list[tuple[HomePartition, set[tuple[str, str, str, str]]]] = []
+        for hp in self._publishable():
+            keys, hp.corr_dirty = hp.corr_dirty, set()
+            taken.append((hp, keys))
+            hc = hp.close
             for tenant, month, wtype, wid in keys:
-                tm = ledger.tenant_month(tenant, month)
+                tm = hp.ledger.tenant_month(tenant, month)
                 if tm is None or (wtype, wid) not in tm.workloads:
                     continue
                 rate = tm.workloads[(wtype, wid)]
@@ -765,74 +1044,105 @@ class Worker:
                         )
                     )
         if not await _acked(futures, "corrections"):
+            for hp, keys in taken:
+                hp.corr_dirty |= keys
             return
-        self._corr_dirty.clear()
         self.stats.corrections += len(futures)
 
     # ------------------------------------------------------------------ rebalance
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Publish what changed; keep the ledgers until the new assignment is known.
+        """Publish what changed while ownership is still certain; then fence everything.
 
         aiokafka's eager protocol revokes everything and then assigns, in one
-        rebalance.  A home partition in both keeps its ledger (nobody else can have
-        owned it in between); one not assigned again is dropped in ``on_assigned``.
+        rebalance.  Whatever is assigned again is caught up from the changelog
+        before use (another member may have owned it in between, if this one's
+        membership lapsed), so nothing is trusted across a rebalance unverified.
         """
         async with self._lock:
             self.stats.rebalances += 1
-            self._revoked = {
-                tp.partition for tp in revoked if tp.topic == self.config.topics.by_tenant
-            }
-            if self._revoked:
+            if not self.halted and any(tp.topic == self.config.topics.by_tenant for tp in revoked):
                 try:
+                    self._check_input_log()
                     await asyncio.wait_for(self._flush(), 10.0)
+                except DataLostError as exc:
+                    self._halt(
+                        f"{_LOST} ({exc}); restore the broker's data, then restart the workers"
+                    )
                 except (TimeoutError, KafkaError, OSError) as exc:
                     log.warning("could not publish usage before a rebalance: %s", exc)
+            for hp in self.homes.values():
+                hp.fence("a rebalance is in progress")
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         homes = {tp.partition for tp in assigned if tp.topic == self.config.topics.by_tenant}
+        consumer = self._consumer
+        generation = getattr(getattr(consumer, "_coordinator", None), "generation", None)
+        self.lease.granted(generation if isinstance(generation, int) else -1)
         async with self._lock:
-            gone = sorted(set(self.ledgers) - homes)
+            gone = sorted(set(self.homes) - homes)
             for home in gone:
-                self.ledgers.pop(home, None)
-                self._dirty.pop(home, None)
-                self.closes.pop(home, None)
-                self._corr_dirty.pop(home, None)
+                hp = self.homes.pop(home)
+                hp.move(Phase.CLOSED)
             if gone:
                 log.info("gave up home partitions %s", gone)
             mine = {(tp.topic, tp.partition) for tp in assigned}
             for key in set(self._positions) - mine:
                 del self._positions[key]
-            # Kept only if revoked and assigned in this same rebalance.
-            for home in set(self.ledgers) - self._revoked:
-                self.ledgers.pop(home, None)
-            self._revoked = set()
-            new = sorted(homes - set(self.ledgers))
-            if new and self.config.close_grace is not None:
-                await self._refresh_known_months()
-            if new:
-                started = time.monotonic()
-                entries = await self._recover(new)
-                log.info(
-                    "took home partitions %s: recovered %d ledger entries in %.2fs",
-                    new,
-                    entries,
-                    time.monotonic() - started,
+            height = self.cards.height
+            for home in homes - set(self.homes):
+                self.homes[home] = HomePartition(home, height)
+            if self.halted:
+                return
+            try:
+                await self._check_committed(assigned)
+                if homes and self.config.close_grace is not None:
+                    await self._refresh_known_months()
+                if homes:
+                    await self._recover(sorted(homes))
+            except DataLostError as exc:
+                self._halt(f"{_LOST} ({exc}); restore the broker's data, then restart the workers")
+                return
+            except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
+                # The partitions stay RECOVERING; the loop tries again (nothing is applied
+                # to or published from them meanwhile).
+                log.warning(
+                    "could not recover home partitions %s yet (%s); will retry", sorted(homes), exc
                 )
         self.ready.set()
 
+    async def _check_committed(self, assigned: Iterable[TopicPartition]) -> None:
+        """Committed offsets this worker made must still be there (else: broker lost them)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in assigned:
+            ours = self._committed.get((tp.topic, tp.partition))
+            if ours is None:
+                continue
+            try:
+                now = await asyncio.wait_for(consumer.committed(tp), 5.0)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("could not check the committed offset of %s: %s", tp, exc)
+                continue
+            if now is None or now < ours:
+                raise DataLostError(
+                    f"the group's committed offset of {tp.topic}[{tp.partition}] is {now}, "
+                    f"below {ours} this worker committed"
+                )
+
     async def _recover(self, homes: list[int]) -> int:
-        """Rebuild the ledgers of ``homes`` from the changelog, up to its end."""
+        """Bring ``homes`` up to the changelog's end: new or rebuilt ones from offset 0,
+        fenced ones from where their state was (a join: replaying again changes nothing)."""
         restore = self._restore
         assert restore is not None
-        tps = [TopicPartition(self.config.topics.changelog, p) for p in homes]
-        ledgers = {p: Ledger() for p in homes}
-        closes = {p: HomeClose() for p in homes}
-        pendings: dict[int, dict[str, dict[str, dict[tuple[str, str], Rate]]]] = {
-            p: {} for p in homes
-        }
-        restore.assign(tps)
-        await restore.seek_to_beginning(*tps)
+        started = time.monotonic()
+        parts = {n: self.homes[n] for n in homes}
+        starts = {n: hp.begin_recovery() for n, hp in parts.items()}
+        tps = {TopicPartition(self.config.topics.changelog, n): n for n in homes}
+        restore.assign(list(tps))
+        for tp, n in tps.items():
+            restore.seek(tp, starts[n])
         targets: dict[TopicPartition, int] = {}
         remaining = set(tps)
         total = 0
@@ -843,6 +1153,11 @@ class Worker:
                     if hw is None:
                         continue
                     targets[tp] = hw
+                    if hw < starts[tps[tp]]:
+                        raise DataLostError(
+                            f"changelog {tp.topic}[{tp.partition}] ends at offset {hw}, below "
+                            f"offset {starts[tps[tp]]} this worker had read and written"
+                        )
                 if await restore.position(tp) >= targets[tp]:
                     remaining.discard(tp)
             if not remaining:
@@ -852,30 +1167,13 @@ class Worker:
                 if tp not in targets:
                     hw = restore.highwater(tp)
                     targets[tp] = hw if hw is not None else records[-1].offset + 1
-                ledger = ledgers[tp.partition]
-                hc = closes[tp.partition]
-                pending = pendings[tp.partition]
+                hp = parts[tps[tp]]
                 for rec in records:
                     if rec.offset >= targets[tp] or not rec.value:
                         continue
                     try:
-                        cl = read_changelog(rec.value)
-                        for n, entry in enumerate(cl.entries):
-                            ledger.add(*entry)
-                            total += 1
-                            if n in cl.event_ids:
-                                hc.late_ids[entry[:4]] = cl.event_ids[n]
-                        if cl.final is not None:
-                            snap = pending.setdefault(cl.final, {})
-                            for tenant, wtype, wid, rate in cl.final_entries:
-                                ledger.add(tenant, cl.final, wtype, wid, rate)
-                                held = snap.setdefault(tenant, {}).get((wtype, wid))
-                                if held is None or rate > held:
-                                    snap[tenant][(wtype, wid)] = rate
-                        if cl.closed is not None:
-                            hc.closed.add(cl.closed)
-                            hc.finals[cl.closed] = pending.pop(cl.closed, {})
-                    except ChangelogError as exc:
+                        total += hp.replay(rec.value)
+                    except (ChangelogError, Exception) as exc:  # noqa: BLE001 - never stop recovery
                         log.error(  # noqa: TRY400 - the traceback adds nothing
                             "%s[%d]@%d unreadable changelog record skipped: %s",
                             tp.topic,
@@ -884,27 +1182,29 @@ class Worker:
                             exc,
                         )
         restore.assign([])
-        for p, ledger in ledgers.items():
-            hc = closes[p]
-            self.ledgers[p] = ledger
-            self.closes[p] = hc
-            self._known_months |= hc.closed
-            self._dirty[p].update(
-                ((tm.tenant_id, tm.month), -1)
-                for tm in ledger.tenant_months()
-                if tm.month not in hc.closed
-            )
-            for month in sorted(hc.closed):
+        for tp, n in tps.items():
+            hp = parts[n]
+            hp.recovered(targets[tp])
+            self._known_months |= hp.close.closed
+            for month in sorted(hp.close.closed):
                 # Publish the close again (same content) and every correction since.
                 try:
-                    await self._publish_close(p, month)
+                    if self._publishable():
+                        await self._publish_close(hp, month)
                 except (KafkaError, OSError, TimeoutError) as exc:
                     log.warning("could not republish the close of %s: %s", month, exc)
-                self._corr_dirty[p].update(
-                    (c.tenant_id, c.month, c.workload_type, c.workload_id)
-                    for c in hc.corrections(ledger, month)
-                )
+        self._resume_homes(homes)
         self.stats.recovered_entries += total
+        caught = [n for n in homes if starts[n] > 0]
+        if caught:
+            self.stats.caught_up += len(caught)
+        log.info(
+            "took home partitions %s: recovered %d ledger entries in %.2fs%s",
+            homes,
+            total,
+            time.monotonic() - started,
+            f" (caught up {caught} from where their state was)" if caught else "",
+        )
         return total
 
     # ------------------------------------------------------------------ reporting
@@ -922,6 +1222,28 @@ class Worker:
         if now - self._last_progress >= 10.0:
             self._last_progress = now
             log.info("progress: %s", self._summary())
+
+
+def _source(rec: Any) -> str:
+    return f"{rec.topic}[{rec.partition}]@{rec.offset}"
+
+
+def _sources(offsets: dict[TopicPartition, int]) -> str:
+    return "batch ending " + ", ".join(
+        f"{tp.topic}[{tp.partition}]@{o - 1}" for tp, o in sorted(offsets.items())
+    )
+
+
+def _blocked(writes: list[Write], exc: BaseException) -> str | None:
+    """Describe the first write that failed with an error no retry can fix, if any."""
+    for what, fut in writes:
+        if fut.done() and not fut.cancelled():
+            err = fut.exception()
+            if isinstance(err, PERMANENT_WRITE_ERRORS):
+                return f"{what}: {type(err).__name__}: {err}"
+    if isinstance(exc, PERMANENT_WRITE_ERRORS):
+        return f"{writes[-1][0] if writes else 'a record'}: {type(exc).__name__}: {exc}"
+    return None
 
 
 class _Rebalance(ConsumerRebalanceListener):

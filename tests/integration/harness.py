@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from meter.domain import Rater, UsageRow, load_ratecards
 from meter.kafka import KafkaSettings, read_to_end
@@ -63,12 +68,26 @@ class Names:
 class WorkerProcess:
     """``meter worker`` as a child process, logging to tests/artifacts/."""
 
-    def __init__(self, bootstrap: str, names: Names, tag: str) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        names: Names,
+        tag: str,
+        *,
+        prelude: str = "",
+        extra: Iterable[str] = (),
+    ) -> None:
+        """``prelude``: Python run in the worker process before meter starts (fault injection)."""
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{names.suffix}-{tag}.log"
         self._log = self.log_path.open("wb")
+        launcher = (
+            ["-c", f"{prelude}\nimport sys\nfrom meter.cli import main\nsys.exit(main())", "worker"]
+            if prelude
+            else ["-m", "meter", "worker"]
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meter", "worker", "--broker", bootstrap, *names.worker_args()],
+            [sys.executable, *launcher, "--broker", bootstrap, *names.worker_args(), *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -85,6 +104,35 @@ class WorkerProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log()}")
             time.sleep(0.1)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def http_url(self, timeout: float = 60.0) -> str:
+        """Where the worker serves /metrics and /healthz (it logs it at start)."""
+        self.wait_for_log("Prometheus metrics on http://", timeout)
+        m = re.search(r"Prometheus metrics on (http://[0-9.:]+)/metrics", self.log())
+        assert m is not None, self.log()
+        return m[1]
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        """``(status, body)`` of GET /healthz."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url()}/healthz", timeout=5) as resp:
+                return resp.status, orjson.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, orjson.loads(err.read())
+
+    def metric(self, sample: str) -> float | None:
+        """A sample's value from GET /metrics; ``sample`` as exposed, labels included."""
+        with urllib.request.urlopen(f"{self.http_url()}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return None
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -148,3 +196,26 @@ def wait_for_usage(
 
 def read_all(settings: KafkaSettings, topic: str) -> list[object]:
     return list(asyncio.run(read_to_end(settings, topic)))
+
+
+def revision_faults(records: Iterable[object]) -> list[str]:
+    """Over a whole usage topic, in offset order: every key's revision never goes down,
+    and two records of a key with the same revision say the same (usage, totals, cards)."""
+    import orjson
+
+    held: dict[bytes, tuple[int, object, int]] = {}
+    faults = []
+    for rec in records:
+        doc = orjson.loads(rec.value)  # type: ignore[attr-defined]
+        key = rec.key  # type: ignore[attr-defined]
+        content = (doc["usage"], doc["workloads"], doc["points"], doc["ratecards"])
+        rev = doc["revision"]
+        before = held.get(key)
+        if before is not None:
+            if rev < before[0]:
+                faults.append(f"{key!r}: revision {before[0]} @{before[2]} -> {rev} @{rec.offset}")  # type: ignore[attr-defined]
+            elif rev == before[0] and content != before[1]:
+                faults.append(f"{key!r}: revision {rev} with different content @{rec.offset}")  # type: ignore[attr-defined]
+        if before is None or rev >= before[0]:
+            held[key] = (rev, content, rec.offset)  # type: ignore[attr-defined]
+    return faults

@@ -73,9 +73,12 @@ def test_metrics_is_prometheus_text_from_the_given_registry() -> None:
     assert "meter_test_things_total 3.0" in text
 
 
-def test_healthz_is_503_until_ready_then_200() -> None:
+def test_healthz_is_503_with_the_reason_until_healthy_then_200() -> None:
     ready = {"ok": False}
-    app = build_app(CollectorRegistry(), ready=lambda: ready["ok"])
+    app = build_app(
+        CollectorRegistry(),
+        health=lambda: (ready["ok"], "ok" if ready["ok"] else "recovering home partitions [0]"),
+    )
 
     async def body(client: TestClient) -> list[tuple[int, Any]]:
         out = []
@@ -85,7 +88,10 @@ def test_healthz_is_503_until_ready_then_200() -> None:
             out.append((resp.status, await resp.json()))
         return out
 
-    assert run_with_client(app, body) == [(503, {"ready": False}), (200, {"ready": True})]
+    assert run_with_client(app, body) == [
+        (503, {"ready": False, "reason": "recovering home partitions [0]"}),
+        (200, {"ready": True, "reason": "ok"}),
+    ]
 
 
 def test_without_a_view_there_is_no_status_page_or_api() -> None:

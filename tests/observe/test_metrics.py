@@ -6,23 +6,26 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
-from meter.domain import Ledger, load_ratecards
+from meter.domain import load_ratecards
 from meter.kafka import KafkaSettings
 from meter.observe.metrics import instrument, recent_months
 from meter.stream.config import StreamConfig
+from meter.stream.partition import HomePartition
 from meter.stream.worker import Worker
 
 
 def make_worker() -> Worker:
     w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), StreamConfig(), load_ratecards())
-    ledger = Ledger()
+    home = HomePartition(0)
+    home.recovered(0)
+    ledger = home.ledger
     ledger.add("acme", "2026-11", "vm", "a", (5, "vcsp-2026", "subscription"))
     ledger.add("acme", "2026-11", "vm", "b", (5, "vcsp-2026", "subscription"))
     ledger.add("acme", "2026-10", "replica", "a", (10, "vcsp-2026", "subscription"))
     ledger.add(
         "acme", "2026-08", "replica", "a", (10, "vcsp-2026", "subscription")
     )  # outside the window
-    w.ledgers[0] = ledger
+    w.homes[0] = home
     w.stats.tally.counted = 4
     w.stats.tally.rejected = 2
     w.stats.rejected_by_code["invalid_time"] = 2

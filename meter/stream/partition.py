@@ -1,0 +1,296 @@
+"""One home partition's state and its lifecycle: who may use it, and when.
+
+A *home partition* ``p`` is partition ``p`` of ``meter.jobs.by-tenant`` and of
+the ledger changelog; the worker that owns it in the consumer group keeps its
+ledger.  Every rule about when that ledger may be trusted lives here, in one
+enum and one table of allowed moves (the shape of Kafka Streams' ``Task.State``)::
+
+    RECOVERING --replayed to the changelog's end--> ACTIVE
+    ACTIVE --ownership in doubt: lease lapsed, a foreign write, a failed write--> FENCED
+    FENCED --caught up from the changelog (or rebuilt)--> RECOVERING --> ACTIVE
+    any --given away in a rebalance--> CLOSED
+
+The rules:
+
+- Only an ACTIVE partition is published from, and events homed on it are applied
+  only while it is ACTIVE.
+- A change is *pending* until the changelog write that carries it is acknowledged;
+  only then does its tenant-month become publishable (``dirty``).  So
+  ``meter.usage`` only ever shows state the changelog holds.
+- ``changelog_end``: every changelog record below this offset is joined into the
+  ledger.  The broker gives a partition's offsets one after the other, so our own
+  acknowledged writes must land exactly there.  A write that lands *past* it means
+  someone else wrote in between (another worker took the partition while this one
+  was paused): FENCED, and caught up from ``changelog_end`` before use.  A write that
+  lands *below* it means the log went backwards: the broker lost data
+  (:class:`DataLostError`), and nothing is trusted any more.
+- A write that failed or was abandoned leaves changes in the ledger that the
+  changelog does not hold: the ledger is rebuilt from offset 0 before use.
+
+Catching up is always safe because the changelog is a join: replaying any records
+again, ours included, changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterator
+from typing import Final
+
+from meter.domain import Height, Ledger, Rate, points_height
+from meter.errors import BrokerError
+from meter.stream.closing import HomeClose
+from meter.stream.records import Entry, read_changelog
+
+log = logging.getLogger(__name__)
+
+#: (tenant, month) of a tenant-month.
+TM = tuple[str, str]
+#: (tenant, month, workload_type, workload_id) of a workload in a tenant-month.
+WorkloadKey = tuple[str, str, str, str]
+
+
+class Phase(enum.Enum):
+    RECOVERING = "recovering"
+    ACTIVE = "active"
+    FENCED = "fenced"
+    CLOSED = "closed"
+
+
+_MOVES: Final = {
+    Phase.RECOVERING: frozenset({Phase.ACTIVE, Phase.FENCED, Phase.CLOSED}),
+    Phase.ACTIVE: frozenset({Phase.FENCED, Phase.CLOSED}),
+    Phase.FENCED: frozenset({Phase.RECOVERING, Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+
+class LifecycleError(BrokerError):
+    """A move the partition lifecycle does not allow (a bug, never bad input)."""
+
+
+class DataLostError(BrokerError):
+    """The broker lost records meter had read or written: its log went backwards."""
+
+
+class HomePartition:
+    """The ledger, close state and publish queue of one home partition."""
+
+    __slots__ = (
+        "_batch",
+        "_batch_ids",
+        "_finals_pending",
+        "_pending",
+        "_pending_corr",
+        "changelog_end",
+        "close",
+        "corr_dirty",
+        "dirty",
+        "height",
+        "ledger",
+        "needs_rebuild",
+        "number",
+        "phase",
+        "reason",
+    )
+
+    def __init__(self, number: int, height: Height = points_height) -> None:
+        self.number = number
+        self.height = height
+        self.phase = Phase.RECOVERING
+        #: Why the partition was last fenced (for logs and /healthz).
+        self.reason = ""
+        self.ledger = Ledger(height)
+        self.close = HomeClose(height=height)
+        #: Every changelog record below this offset is joined into the ledger.
+        self.changelog_end = 0
+        #: The ledger holds changes the changelog does not: rebuild from offset 0.
+        self.needs_rebuild = False
+        #: Acknowledged, not yet published: tenant-month -> earliest arrival (ms, -1 unknown).
+        self.dirty: dict[TM, int] = {}
+        #: Acknowledged changes to closed months, not yet published as corrections.
+        self.corr_dirty: set[WorkloadKey] = set()
+        self._pending: dict[TM, int] = {}
+        self._pending_corr: set[WorkloadKey] = set()
+        #: This batch's changes, in order, for the changelog; and late events' ids by index.
+        self._batch: list[Entry] = []
+        self._batch_ids: dict[int, str] = {}
+        #: Final-snapshot chunks read while replaying, waiting for their close marker.
+        self._finals_pending: dict[str, dict[str, dict[tuple[str, str], Rate]]] = {}
+
+    def __repr__(self) -> str:
+        return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def move(self, to: Phase, reason: str = "") -> None:
+        if to not in _MOVES[self.phase]:
+            raise LifecycleError(
+                f"home partition {self.number}: {self.phase.value} -> {to.value} is not allowed"
+            )
+        self.phase = to
+        if to is Phase.FENCED:
+            self.reason = reason
+            # Nothing unverified is published: after catching up, everything is again.
+            self.dirty.clear()
+            self.corr_dirty.clear()
+
+    @property
+    def active(self) -> bool:
+        return self.phase is Phase.ACTIVE
+
+    def fence(self, reason: str) -> bool:
+        """ACTIVE (or RECOVERING) -> FENCED; True when it moved."""
+        if self.phase in (Phase.ACTIVE, Phase.RECOVERING):
+            self.move(Phase.FENCED, reason)
+            return True
+        return False
+
+    def begin_recovery(self) -> int:
+        """Any -> RECOVERING; the changelog offset to replay from."""
+        if self.phase is Phase.ACTIVE:
+            self.move(Phase.FENCED, "caught up again before use")
+        if self.phase is Phase.FENCED:
+            self.move(Phase.RECOVERING)
+        if self.needs_rebuild:
+            self._reset()
+        return self.changelog_end
+
+    def _reset(self) -> None:
+        self.ledger = Ledger(self.height)
+        self.close = HomeClose(height=self.height)
+        self.changelog_end = 0
+        self.needs_rebuild = False
+        self._finals_pending.clear()
+        self._drop_batch()
+
+    def recovered(self, end: int) -> None:
+        """Replayed up to ``end``: ACTIVE, with every open tenant-month and correction due."""
+        if end < self.changelog_end:
+            raise DataLostError(
+                f"changelog partition {self.number} ends at offset {end}, below offset "
+                f"{self.changelog_end} this worker had read and written"
+            )
+        self.changelog_end = end
+        hc = self.close
+        for tm in self.ledger.tenant_months():
+            if tm.month not in hc.closed:
+                self.dirty.setdefault((tm.tenant_id, tm.month), -1)
+        for month in hc.closed:
+            self.corr_dirty.update(
+                (c.tenant_id, c.month, c.workload_type, c.workload_id)
+                for c in hc.corrections(self.ledger, month)
+            )
+        self.move(Phase.ACTIVE)
+
+    # ------------------------------------------------------------------ one batch
+
+    def apply(self, entry: Entry, ts: int, event_id: str) -> bool:
+        """Join one rated event in; True when the state changed (pending until acked)."""
+        tenant, month, wtype, wid, rate = entry
+        if not self.ledger.add(tenant, month, wtype, wid, rate):
+            return False
+        self._batch.append(entry)
+        if month in self.close.closed:
+            # Late: the final record stays; the difference becomes a correction.
+            wkey = (tenant, month, wtype, wid)
+            self.close.late_ids[wkey] = event_id
+            self._pending_corr.add(wkey)
+            self._batch_ids[len(self._batch) - 1] = event_id
+        else:
+            held = self._pending.get((tenant, month))
+            if held is None or ts < held:
+                self._pending[(tenant, month)] = ts
+        return True
+
+    def take_batch(self) -> tuple[list[Entry], dict[int, str]]:
+        """This batch's changes for the changelog (the partition keeps them pending)."""
+        batch, ids = self._batch, self._batch_ids
+        self._batch, self._batch_ids = [], {}
+        return batch, ids
+
+    def written(self, offsets: list[int]) -> None:
+        """Our changelog records were acknowledged at ``offsets``: promote pending changes.
+
+        Raises :class:`DataLostError` when they landed below ``changelog_end``; fences
+        the partition when someone else's records lie between.
+        """
+        for tm, ts in self._pending.items():
+            held = self.dirty.get(tm)
+            if held is None or 0 <= ts < held:
+                self.dirty[tm] = ts
+        self.corr_dirty |= self._pending_corr
+        self._pending = {}
+        self._pending_corr = set()
+        if not offsets:
+            return
+        offsets = sorted(offsets)
+        if offsets[0] < self.changelog_end:
+            raise DataLostError(
+                f"a write to changelog partition {self.number} was acknowledged at offset "
+                f"{offsets[0]}, below offset {self.changelog_end} it had reached"
+            )
+        for offset in offsets:
+            if offset != self.changelog_end:
+                self.fence(
+                    f"another writer added changelog records at offsets {self.changelog_end}.."
+                    f"{offset - 1} (this worker may have lost the partition while paused)"
+                )
+                return
+            self.changelog_end = offset + 1
+
+    def write_failed(self, why: str) -> None:
+        """The batch's changelog write failed or was abandoned: rebuild before use."""
+        self._drop_batch()
+        self.needs_rebuild = True
+        if not self.fence(f"a changelog write did not complete ({why})"):
+            self.reason = f"a changelog write did not complete ({why})"
+
+    def _drop_batch(self) -> None:
+        self._batch, self._batch_ids = [], {}
+        self._pending = {}
+        self._pending_corr = set()
+
+    def take_dirty(self) -> dict[TM, int]:
+        dirty, self.dirty = self.dirty, {}
+        return dirty
+
+    # ------------------------------------------------------------------ replay
+
+    def replay(self, raw: bytes) -> int:
+        """Join one changelog record in (recovery and catch-up); returns entries applied.
+
+        Raises :class:`~meter.stream.records.ChangelogError` for a record this
+        version cannot read.
+        """
+        cl = read_changelog(raw)
+        ledger = self.ledger
+        hc = self.close
+        for n, entry in enumerate(cl.entries):
+            ledger.add(*entry)
+            if n in cl.event_ids:
+                hc.late_ids[entry[:4]] = cl.event_ids[n]
+        if cl.final is not None:
+            snap = self._finals_pending.setdefault(cl.final, {})
+            for tenant, wtype, wid, rate in cl.final_entries:
+                ledger.add(tenant, cl.final, wtype, wid, rate)
+                held = snap.setdefault(tenant, {}).get((wtype, wid))
+                if held is None or rate > held:
+                    snap[tenant][(wtype, wid)] = rate
+        if cl.closed is not None:
+            hc.closed.add(cl.closed)
+            hc.finals[cl.closed] = self._finals_pending.pop(cl.closed, {})
+        return len(cl.entries) + len(cl.final_entries)
+
+    # ------------------------------------------------------------------ month close
+
+    def closed(self, month: str, snapshot: dict[str, dict[tuple[str, str], Rate]]) -> None:
+        """``month``'s final snapshot and marker are acknowledged on the changelog."""
+        self.close.closed.add(month)
+        self.close.finals[month] = snapshot
+        for tenant in snapshot:
+            self.dirty.pop((tenant, month), None)
+
+    def months(self) -> Iterator[str]:
+        return (tm.month for tm in self.ledger.tenant_months())

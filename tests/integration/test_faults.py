@@ -1,0 +1,255 @@
+"""Faults produced for real: paused workers, a broker that lost its data, a message whose
+handling raises, records far too large.  Each ends with the totals `meter rate` gives."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from meter.broker import EmbeddedBroker
+from meter.kafka import KafkaSettings
+from meter.sim.fleet import generate
+from meter.stream.records import headers_dict
+from tests.integration.harness import (
+    Names,
+    WorkerProcess,
+    expected_usage,
+    read_all,
+    revision_faults,
+    send,
+    wait_for_usage,
+)
+
+pytestmark = pytest.mark.integration
+
+#: The harness runs workers with a 6 s session timeout; a pause of this long outlives it.
+PAUSE_S = 9.0
+
+
+def _send_slowly(settings: KafkaSettings, topic: str, lines: list[bytes], chunks: int) -> None:
+    size = len(lines) // chunks + 1
+    for i in range(0, len(lines), size):
+        send(settings, topic, lines[i : i + size])
+        time.sleep(0.4)
+
+
+@pytest.mark.parametrize("n_workers", [2, 3])
+def test_workers_paused_past_the_session_timeout_stay_exact(
+    kafka_settings: KafkaSettings, unique: str, n_workers: int
+) -> None:
+    """SIGSTOP a worker past its session timeout 5 times while events flow, then SIGCONT.
+
+    Its partitions go to another worker meanwhile; when it wakes up it must neither
+    publish from its old state nor keep it: the report equals `meter rate`, and over the
+    whole usage topic no key's revision ever goes down."""
+    names = Names(unique)
+    lines = list(generate(30_000, seed=80 + n_workers, tenants=60, workloads=120))
+    random.Random(n_workers).shuffle(lines)
+    workers = [WorkerProcess(kafka_settings.bootstrap, names, f"p{i}") for i in range(n_workers)]
+    try:
+        for w in workers:
+            w.wait_for_log("took home partitions")
+        sender = threading.Thread(
+            target=_send_slowly, args=(kafka_settings, names.jobs, lines, 60), daemon=True
+        )
+        sender.start()
+        for i in range(5):
+            victim = workers[i % n_workers]
+            victim.pause()
+            time.sleep(PAUSE_S)
+            victim.resume()
+            time.sleep(2.5)
+        sender.join(120)
+        assert not sender.is_alive()
+        wait_for_usage(
+            kafka_settings, names.usage, expected_usage(lines), timeout=150, workers=workers
+        )
+        assert revision_faults(read_all(kafka_settings, names.usage)) == []
+        logs = "".join(w.log() for w in workers)
+        assert "fenced home partitions" in logs or "caught up" in logs, logs[-4000:]
+        assert "Traceback" not in logs
+    finally:
+        for w in workers:
+            w.resume()
+            w.terminate()
+            w.close()
+
+
+async def _group_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        await consumer.stop()
+
+
+def test_a_broker_that_lost_its_data_halts_the_worker(unique: str) -> None:
+    """Restart the memory-only broker under a running worker: everything it held is gone.
+    The worker must notice, turn not ready with the reason, log one ERROR, and neither
+    process nor commit into the empty broker."""
+    names = Names(unique)
+    lines = list(generate(4000, seed=91, tenants=20, workloads=30))
+    broker = EmbeddedBroker().start()
+    port = broker.port
+    worker = WorkerProcess(broker.bootstrap, names, "lost")
+    try:
+        settings = KafkaSettings(bootstrap=broker.bootstrap)
+        worker.wait_for_log("took home partitions")
+        send(settings, names.jobs, lines)
+        wait_for_usage(settings, names.usage, expected_usage(lines), workers=[worker])
+        assert worker.health()[0] == 200
+        broker.stop()
+        broker = EmbeddedBroker(port).start()
+        # Job systems carry on sending into the new, empty broker.
+        send(settings, names.jobs, lines[:500])
+        worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
+        status, body = worker.health()
+        assert status == 503, body
+        assert "lost data" in str(body["reason"])
+        assert worker.metric('meter_problem{problem="data_lost"}') == 1.0
+        time.sleep(3)
+        assert worker.proc.poll() is None, worker.log()
+        # Nothing was committed into the void.
+        offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
+        assert all(o is None for o in offsets.values()), offsets
+        log = worker.log()
+        assert log.count(" ERROR meter.stream.worker: the broker lost data") == 1, log
+        assert "Traceback" not in log
+    finally:
+        worker.terminate()
+        worker.close()
+        broker.stop()
+
+
+INJECT = """
+from meter.domain import ratecard
+_rate = ratecard.RateCards.rate
+def _boom(self, event):
+    if event.workload_id == "boom":
+        raise ZeroDivisionError("injected for one chosen message")
+    return _rate(self, event)
+ratecard.RateCards.rate = _boom
+"""
+
+
+def test_a_message_whose_handling_raises_is_dead_lettered_and_the_worker_goes_on(
+    kafka_settings: KafkaSettings, unique: str
+) -> None:
+    names = Names(unique)
+    lines = list(generate(3000, seed=93, tenants=15, workloads=20))
+    doc = orjson.loads(lines[0])
+    doc["data"]["workload_id"] = "boom"
+    doc["id"] = "the-boom-event"
+    boom = orjson.dumps(doc)
+    stream = [*lines[:1500], boom, *lines[1500:]]
+    worker = WorkerProcess(kafka_settings.bootstrap, names, "boom", prelude=INJECT)
+    try:
+        send(kafka_settings, names.jobs, stream)
+        wait_for_usage(kafka_settings, names.usage, expected_usage(lines), workers=[worker])
+        dead = [
+            r
+            for r in read_all(kafka_settings, names.rejected)
+            if headers_dict(r.headers).get("meter.code") == "internal_error"  # type: ignore[attr-defined]
+        ]
+        assert len(dead) == 1
+        h = headers_dict(dead[0].headers)  # type: ignore[attr-defined]
+        assert h["meter.exception"] == "ZeroDivisionError"
+        assert h["meter.source.topic"] == names.jobs
+        assert dead[0].value == boom  # type: ignore[attr-defined]
+        assert worker.metric("meter_internal_errors_total") == 1.0
+        assert worker.metric('meter_events_rejected_total{reason="internal_error"}') == 1.0
+        log = worker.log()
+        assert log.count("Traceback") == 1, log
+        assert "raised ZeroDivisionError" in log
+        assert worker.health()[0] == 200
+    finally:
+        assert worker.terminate() == 0, worker.log()
+        worker.close()
+
+
+async def _send_big(settings: KafkaSettings, topic: str, values: list[tuple[bytes | None, bytes]]):
+    producer = AIOKafkaProducer(
+        **settings.client_kwargs(), acks="all", max_request_size=32 * 1024 * 1024
+    )
+    await producer.start()
+    try:
+        for key, value in values:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def test_oversized_records_are_dead_lettered_bounded_and_nothing_stalls(
+    kafka_settings: KafkaSettings, unique: str
+) -> None:
+    """A 5 MB event with a bad time, a 9 MB valid unkeyed event and 9 MB of garbage:
+    each is rejected as too_large with a bounded dead letter; every tenant's usage flows."""
+    names = Names(unique)
+    lines = list(generate(2000, seed=95, tenants=10, workloads=20))
+    doc = orjson.loads(lines[0])
+    bad_time = dict(doc, time="x" * 5_000_000)
+    padded = dict(doc, padding="y" * 9_000_000)
+    garbage = bytes(random.Random(1).getrandbits(8) for _ in range(1000)) * 9000
+    worker = WorkerProcess(kafka_settings.bootstrap, names, "big")
+    try:
+        worker.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, lines[:1000])
+        asyncio.run(
+            _send_big(
+                kafka_settings,
+                names.jobs,
+                [(b"t", orjson.dumps(bad_time)), (None, orjson.dumps(padded)), (None, garbage)],
+            )
+        )
+        send(kafka_settings, names.jobs, lines[1000:])
+        wait_for_usage(kafka_settings, names.usage, expected_usage(lines), workers=[worker])
+        dead = read_all(kafka_settings, names.rejected)
+        big = [r for r in dead if headers_dict(r.headers).get("meter.code") == "too_large"]  # type: ignore[attr-defined]
+        assert len(big) == 3, [headers_dict(r.headers) for r in dead]  # type: ignore[attr-defined]
+        for rec in big:
+            h = headers_dict(rec.headers)  # type: ignore[attr-defined]
+            assert len(rec.value) == 64 * 1024  # type: ignore[attr-defined]
+            assert int(h["meter.original_size"]) > 5_000_000
+            assert h["meter.truncated"] == "true"
+            assert len(h["meter.reason"]) < 600
+        assert worker.health()[0] == 200
+    finally:
+        assert worker.terminate() == 0, worker.log()
+        worker.close()
+
+
+def test_a_write_that_can_never_succeed_halts_with_one_clear_error(
+    kafka_settings: KafkaSettings, unique: str
+) -> None:
+    """Dead letters allowed bigger than the producer may send (a misconfiguration): the
+    worker names the record, turns not ready and stops, instead of retrying for ever."""
+    names = Names(unique)
+    lines = list(generate(500, seed=97, tenants=5, workloads=10))
+    worker = WorkerProcess(
+        kafka_settings.bootstrap, names, "blocked", extra=["--max-event-bytes", "20000000"]
+    )
+    try:
+        worker.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, lines)
+        asyncio.run(_send_big(kafka_settings, names.jobs, [(b"x", b"z" * 9_000_000)]))
+        worker.wait_for_log("a write can never succeed", timeout=60)
+        log = worker.log()
+        assert "MessageSizeTooLargeError" in log
+        assert f"dead letter of {names.jobs}[" in log
+        status, body = worker.health()
+        assert status == 503
+        assert "can never succeed" in str(body["reason"])
+        assert worker.metric('meter_problem{problem="write_blocked"}') == 1.0
+        time.sleep(2)
+        assert worker.log().count("a write can never succeed") == 1
+    finally:
+        worker.terminate()
+        worker.close()
