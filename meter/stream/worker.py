@@ -94,6 +94,8 @@ from meter.stream.usage import keep_last, read_keyed
 log = logging.getLogger(__name__)
 
 CHANGELOG_CHUNK = 2_000
+#: A dead letter keeps at most this much of the original key.
+MAX_KEY_BYTES = 1024
 #: Rejections logged one by one per batch; the rest are summed up in one line.
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
@@ -676,7 +678,10 @@ class Worker:
             max_bytes=self.config.max_event_bytes,
             extra=[(H_EXCEPTION, exc.encode())] if exc else (),
         )
-        return rec.key, value, headers, rec
+        key = rec.key
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            key = key[:MAX_KEY_BYTES]  # the whole original stays on its source topic
+        return key, value, headers, rec
 
     def _note_event_time(self, value: str) -> None:
         """For the freshness metric only; never stops a batch."""
@@ -734,6 +739,7 @@ class Worker:
                 assert producer is not None
                 writes: list[Write] = []
                 changelog: dict[int, list[asyncio.Future[Any]]] = {}
+                what = ""
                 try:
                     for home, (entries, ids) in batches.items():
                         for i in range(0, len(entries), CHANGELOG_CHUNK):
@@ -741,21 +747,22 @@ class Worker:
                                 ids.get(n) for n in range(i, min(i + CHANGELOG_CHUNK, len(entries)))
                             ]
                             value = encode_changelog(entries[i : i + CHANGELOG_CHUNK], chunk_ids)
+                            what = f"changelog {t.changelog}[{home}] ({_sources(offsets)})"
                             fut = await producer.send(t.changelog, value, partition=home)
                             changelog.setdefault(home, []).append(fut)
-                            writes.append(
-                                (f"changelog {t.changelog}[{home}] ({_sources(offsets)})", fut)
-                            )
+                            writes.append((what, fut))
                             self.stats.changelog_records += 1
                     for home, key, raw, rec in forwards:
+                        what = f"forward of {_source(rec)}"
                         fut = await producer.send(t.by_tenant, raw, key=key, partition=home)
-                        writes.append((f"forward of {_source(rec)}", fut))
+                        writes.append((what, fut))
                     for rkey, raw, headers, rec in dead:
+                        what = f"dead letter of {_source(rec)}"
                         fut = await producer.send(t.rejected, raw, key=rkey, headers=headers)
-                        writes.append((f"dead letter of {_source(rec)}", fut))
+                        writes.append((what, fut))
                     await asyncio.gather(*(f for _, f in writes))
                 except (KafkaError, OSError) as exc:
-                    blocked = _blocked(writes, exc)
+                    blocked = _blocked(writes, exc, what)
                     if blocked is not None:
                         self.stats.writes_blocked += 1
                         raise WriteBlockedError(
@@ -1234,15 +1241,16 @@ def _sources(offsets: dict[TopicPartition, int]) -> str:
     )
 
 
-def _blocked(writes: list[Write], exc: BaseException) -> str | None:
-    """Describe the first write that failed with an error no retry can fix, if any."""
+def _blocked(writes: list[Write], exc: BaseException, sending: str) -> str | None:
+    """Describe the first write that failed with an error no retry can fix, if any
+    (``sending``: the write being handed to the producer when ``exc`` was raised)."""
     for what, fut in writes:
         if fut.done() and not fut.cancelled():
             err = fut.exception()
             if isinstance(err, PERMANENT_WRITE_ERRORS):
                 return f"{what}: {type(err).__name__}: {err}"
     if isinstance(exc, PERMANENT_WRITE_ERRORS):
-        return f"{writes[-1][0] if writes else 'a record'}: {type(exc).__name__}: {exc}"
+        return f"{sending or 'a record'}: {type(exc).__name__}: {exc}"
     return None
 
 
