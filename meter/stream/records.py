@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,6 +38,48 @@ _ELLIPSIS: Final = b"..."
 
 class ChangelogError(MeterError, ValueError):
     """A changelog record that this version of meter cannot read."""
+
+
+#: A changelog record holds at most about this many bytes (well under Apache Kafka's
+#: default 1 MiB message limit, whatever the ids in it).
+CHANGELOG_RECORD_BYTES: Final = 256 * 1024
+#: A changelog record holds at most this many entries.
+CHANGELOG_RECORD_ENTRIES: Final = 2_000
+
+
+def changelog_slices(
+    entries: Sequence[Entry],
+    event_ids: Mapping[int, str] | None = None,
+    *,
+    max_bytes: int = CHANGELOG_RECORD_BYTES,
+    max_entries: int = CHANGELOG_RECORD_ENTRIES,
+) -> Iterator[slice]:
+    """Cut ``entries`` (with late events' ids by index) into changelog records that fit.
+
+    Each slice holds at most ``max_entries`` entries and about ``max_bytes`` bytes once
+    encoded (one entry larger than that still gets a record of its own)."""
+    ids = event_ids or {}
+    start, size = 0, 0
+    for n, (t, _, w, i, r) in enumerate(entries):
+        eid = ids.get(n)
+        # A safe estimate: JSON escapes an ASCII character in at most 2 bytes (controls are
+        # not allowed in ids), any other in at most 6 (\\uXXXX; UTF-8 needs at most 4).
+        chars = len(t) + len(w) + len(i) + len(r[1]) + (len(eid) if eid else 0)
+        wide = not (i.isascii() and r[1].isascii() and (eid is None or eid.isascii()))
+        row = chars * (6 if wide else 2) + 64
+        if n > start and (size + row > max_bytes or n - start >= max_entries):
+            yield slice(start, n)
+            start, size = n, 0
+        size += row
+    if start < len(entries):
+        yield slice(start, len(entries))
+
+
+def changelog_chunks(entries: Sequence[Entry], event_ids: Mapping[int, str]) -> Iterator[bytes]:
+    """``entries`` as changelog records that each fit (:func:`changelog_slices`)."""
+    for part in changelog_slices(entries, event_ids):
+        ids = [event_ids.get(k) for k in range(part.start, part.stop)]
+        yield encode_changelog(entries[part], ids)
 
 
 def encode_changelog(entries: Sequence[Entry], event_ids: Sequence[str | None] = ()) -> bytes:

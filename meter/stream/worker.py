@@ -84,8 +84,9 @@ from meter.stream.partition import DataLostError, HomePartition, Phase
 from meter.stream.records import (
     H_EXCEPTION,
     ChangelogError,
+    changelog_chunks,
+    changelog_slices,
     dead_letter,
-    encode_changelog,
     encode_usage,
     usage_key,
 )
@@ -93,7 +94,6 @@ from meter.stream.usage import keep_last, read_keyed
 
 log = logging.getLogger(__name__)
 
-CHANGELOG_CHUNK = 2_000
 #: A dead letter keeps at most this much of the original key.
 MAX_KEY_BYTES = 1024
 #: Rejections logged one by one per batch; the rest are summed up in one line.
@@ -742,11 +742,7 @@ class Worker:
                 what = ""
                 try:
                     for home, (entries, ids) in batches.items():
-                        for i in range(0, len(entries), CHANGELOG_CHUNK):
-                            chunk_ids = [
-                                ids.get(n) for n in range(i, min(i + CHANGELOG_CHUNK, len(entries)))
-                            ]
-                            value = encode_changelog(entries[i : i + CHANGELOG_CHUNK], chunk_ids)
+                        for value in changelog_chunks(entries, ids):
                             what = f"changelog {t.changelog}[{home}] ({_sources(offsets)})"
                             fut = await producer.send(t.changelog, value, partition=home)
                             changelog.setdefault(home, []).append(fut)
@@ -936,13 +932,17 @@ class Worker:
         grace = self.config.close_grace
         assert grace is not None
         snap = hp.close.snapshot(hp.ledger, month)
-        rows = [(tenant, w, i, r) for tenant, wl in snap.items() for (w, i), r in wl.items()]
+        rows = [(tenant, month, w, i, r) for tenant, wl in snap.items() for (w, i), r in wl.items()]
         producer = self._producer
         assert producer is not None
         futures = []
-        for i in range(0, len(rows), CHANGELOG_CHUNK):
-            chunk = encode_final_chunk(month, rows[i : i + CHANGELOG_CHUNK])
-            futures.append(await producer.send(t.changelog, chunk, partition=hp.number))
+        for part in changelog_slices(rows):
+            chunk = [(tenant, w, i, r) for tenant, _, w, i, r in rows[part]]
+            futures.append(
+                await producer.send(
+                    t.changelog, encode_final_chunk(month, chunk), partition=hp.number
+                )
+            )
         # The marker goes last: a snapshot without it is not a close.
         marker = encode_closed_marker(month, closes_at(month, grace))
         futures.append(await producer.send(t.changelog, marker, partition=hp.number))

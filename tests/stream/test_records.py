@@ -7,11 +7,14 @@ import pytest
 
 from meter.domain import Ledger, load_ratecards
 from meter.stream.records import (
+    CHANGELOG_RECORD_BYTES,
     ChangelogError,
+    changelog_chunks,
     decode_changelog,
     encode_changelog,
     encode_usage,
     headers_dict,
+    read_changelog,
     rejected_headers,
     usage_key,
 )
@@ -127,3 +130,28 @@ def test_malformed_usage_records_are_skipped_not_fatal() -> None:
             "usage": {"vm": {"workloads": 1, "points": 1}}}  # fmt: skip
     records = {"a/2026-11": good, "x": {"revision": 9}, "y": {"month": "2026-11", "usage": 3}}
     assert [(r.tenant_id, r.points) for r in usage_rows(records)] == [("a", 1)]  # type: ignore[arg-type]
+
+
+def test_changelog_records_fit_whatever_the_ids() -> None:
+    """Late events with 60 KB ids, or workload ids of 4-byte characters, never make a
+    changelog record too large for the broker."""
+    wide = "\U0001f600" * 256
+    entries = [("t", "2026-10", "vm", f"{wide}{n}", (5, "v1", "rental")) for n in range(3000)]
+    ids = {n: "e" * 60_000 for n in range(0, 3000, 7)}
+    chunks = list(changelog_chunks(entries, ids))
+    assert all(len(c) <= CHANGELOG_RECORD_BYTES + 70_000 for c in chunks)
+    back = [e for c in chunks for e in read_changelog(c).entries]
+    assert back == entries
+    got_ids = {}
+    offset = 0
+    for c in chunks:
+        rec = read_changelog(c)
+        got_ids.update({offset + k: v for k, v in rec.event_ids.items()})
+        offset += len(rec.entries)
+    assert got_ids == ids
+    small = [("t", "2026-10", "vm", f"w{n}", (5, "v1", "rental")) for n in range(5000)]
+    assert [len(read_changelog(c).entries) for c in changelog_chunks(small, {})] == [
+        2000,
+        2000,
+        1000,
+    ]
