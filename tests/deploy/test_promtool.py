@@ -21,7 +21,7 @@ from tests.deploy import (
 )
 
 ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
-          "MeterLatencyHigh"}  # fmt: skip
+          "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors"}  # fmt: skip
 PANELS = {
     "Points and workloads per tenant ($month)",
     "Points by workload type ($month)",
