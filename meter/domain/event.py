@@ -1,13 +1,21 @@
 """The job event contract (v1): decode, validate, and reject with a reason.
 
-``parse(raw)`` returns an :class:`Event` or a :class:`Rejected`; it never
-raises on bad input.  The contract is written down as JSON Schema in
-``schemas/job-event.v1.schema.json``; a test proves both agree.
+``parse(raw)`` is total: for any bytes or text it returns an :class:`Event` or
+a :class:`Rejected` with a code from :data:`REJECTION_CODES` and a short
+reason; it never raises.  The contract is written down as JSON Schema in
+``schemas/job-event.v1.schema.json``; a test proves both agree.  Beyond the
+schema, three limits of the implementation (RFC 8259 §9 allows them) are
+rejections: an event larger than ``max_bytes`` (``too_large``), JSON nested
+deeper than :data:`MAX_DEPTH` levels (``too_large``), and a message that is not
+valid UTF-8 anywhere, also inside members meter ignores (``invalid_json``: RFC
+8259 §8.1, such a message is not JSON).
 """
 
 from __future__ import annotations
 
+import ast
 import re
+from itertools import accumulate
 from typing import Final, Literal, get_args
 
 import msgspec
@@ -37,6 +45,13 @@ EVENT_TYPE: Final = "meter.job.workload"
 #: Largest event (bytes) the meter accepts; larger inputs are rejected as ``too_large``.
 #: Events are ~300 bytes; Apache Kafka's default message limit is 1 MiB.
 DEFAULT_MAX_EVENT_BYTES: Final = 64 * 1024
+#: Deepest nesting of JSON arrays and objects the meter decodes (an event needs 2).
+#: Checked exactly, so the outcome never depends on how deep the caller's stack is.
+MAX_DEPTH: Final = 512
+#: A reason quotes at most this many characters of any input value.
+EXCERPT_CHARS: Final = 60
+#: No reason is longer than this (a dead-letter header must stay small).
+MAX_REASON_CHARS: Final = 400
 
 
 class _Data(msgspec.Struct, gc=False):
@@ -58,6 +73,11 @@ class _Envelope(msgspec.Struct, gc=False):
 
 _decoder: Final = msgspec.json.Decoder(_Envelope)
 _BOM: Final = b"\xef\xbb\xbf"
+#: JSON text of n bytes nests at most n // 2 levels: shorter ones need no depth check.
+_SHALLOW: Final = 2 * MAX_DEPTH + 1
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_NESTING: Final = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
 
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -78,7 +98,8 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     result: str
     #: UTC calendar month of ``time``, ``YYYY-MM``.
     month: str
-    #: UTC calendar date of ``time`` as ``YYYYMMDD`` (for rate-card lookup).
+    #: UTC calendar date of ``time`` as ``YYYYMMDD`` (for rate-card lookup); ``0``
+    #: when that date is outside the years 0001 to 9999 (see :func:`utc_month`).
     date: int
 
     @property
@@ -98,6 +119,8 @@ class Rejected:
 
     def __init__(self, code: str, reason: str) -> None:
         self.code = code
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
         self.reason = reason
 
     def __repr__(self) -> str:
@@ -126,19 +149,43 @@ REJECTION_CODES: Final = (
 )
 
 
-def parse(raw: bytes | str) -> Event | Rejected:
-    """Decode and validate one event.  Never raises on bad input.
+def parse(raw: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event | Rejected:
+    """Decode and validate one event.  Never raises, whatever ``raw`` holds.
 
-    A UTF-8 byte order mark before the JSON is ignored, as RFC 8259 allows.
+    Text is taken as its UTF-8 encoding.  An input larger than ``max_bytes`` is
+    rejected as ``too_large`` without being decoded.  A UTF-8 byte order mark
+    before the JSON is ignored, as RFC 8259 allows.  (``max_bytes`` is not
+    keyword-only because that makes every call slower on CPython 3.11.)
     """
-    if raw.__class__ is bytes and raw.startswith(_BOM):
-        raw = raw[3:]
+    if raw.__class__ is bytes:
+        buf: bytes = raw
+    else:
+        as_bytes = _to_bytes(raw, max_bytes)
+        if isinstance(as_bytes, Rejected):
+            return as_bytes
+        buf = as_bytes
+    size = len(buf)
+    if size > max_bytes:
+        return too_large(size, max_bytes)
+    if not buf.isascii():
+        # msgspec checks UTF-8 only in the strings it decodes, and then raises
+        # UnicodeDecodeError; RFC 8259 §8.1 wants the whole message checked.
+        try:
+            buf.decode()
+        except UnicodeDecodeError as exc:
+            return Rejected("invalid_json", f"not valid UTF-8 at byte {exc.start}")
+        if buf.startswith(_BOM):
+            buf = buf[3:]
     try:
-        env = _decoder.decode(raw)
+        env = _decoder.decode(buf)
     except msgspec.ValidationError as exc:
         return _explain(str(exc))
     except msgspec.DecodeError as exc:
         return Rejected("invalid_json", f"not valid JSON: {exc}")
+    except RecursionError:
+        return _too_deep()
+    if size > _SHALLOW and _depth(buf) > MAX_DEPTH:
+        return _too_deep()
     data = env.data
     if not env.id:
         return Rejected("invalid_value", "id: must not be empty")
@@ -171,8 +218,56 @@ def parse(raw: bytes | str) -> Event | Rejected:
     except TimeError as exc:
         if not env.time:
             return Rejected("invalid_time", "time: must not be empty")
-        return Rejected("invalid_time", f"time: {env.time!r} {exc}")
+        return Rejected("invalid_time", f"time: {excerpt(env.time)} {exc}")
     return Event(env.id, env.source, env.time, tenant, wid, wtype, lic, data.result, month, date)
+
+
+def too_large(size: int, limit: int) -> Rejected:
+    """The rejection of an input of ``size`` bytes over the ``limit``."""
+    return Rejected("too_large", f"event is {size} bytes; the limit is {limit}")
+
+
+def excerpt(value: str) -> str:
+    """A value quoted for a reason: its ``repr``, cut after :data:`EXCERPT_CHARS`
+    characters (ending in ``...`` and the full length) so a reason stays short."""
+    if len(value) <= EXCERPT_CHARS:
+        quoted = repr(value)
+        if len(quoted) <= EXCERPT_CHARS + 2:
+            return quoted
+    else:
+        quoted = repr(value[:EXCERPT_CHARS])
+    return f"{quoted[: EXCERPT_CHARS + 1]}... ({len(value)} characters)"
+
+
+def _to_bytes(raw: object, max_bytes: int) -> bytes | Rejected:
+    """Text as UTF-8, any other bytes-like object as bytes."""
+    if isinstance(raw, str):
+        if len(raw) > max_bytes:  # a character is at least one byte
+            return Rejected(
+                "too_large", f"event is at least {len(raw)} bytes; the limit is {max_bytes}"
+            )
+        try:
+            return raw.encode()
+        except UnicodeEncodeError as exc:
+            return Rejected(
+                "invalid_json", f"not valid UTF-8: a lone surrogate at character {exc.start}"
+            )
+    try:
+        return memoryview(raw).tobytes()  # type: ignore[arg-type]
+    except TypeError:
+        return Rejected("invalid_json", f"not bytes or text but {type(raw).__name__}")
+
+
+def _depth(data: bytes) -> int:
+    """How deep arrays and objects nest in JSON ``data`` (which msgspec accepted)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return 0  # too few brackets to nest deeper than the limit, wherever they are
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_NESTING.__getitem__, brackets)), default=0)
+
+
+def _too_deep() -> Rejected:
+    return Rejected("too_large", f"JSON nested more than {MAX_DEPTH} levels deep (the limit)")
 
 
 def _bad_tenant(tenant: str) -> Rejected:
@@ -184,7 +279,7 @@ def _bad_tenant(tenant: str) -> Rejected:
         )
     return Rejected(
         "invalid_value",
-        f"data.tenant_id: {tenant!r} must start with a letter or digit and hold only "
+        f"data.tenant_id: {excerpt(tenant)} must start with a letter or digit and hold only "
         "letters, digits and . _ : @ -",
     )
 
@@ -199,10 +294,9 @@ def _bad_workload_id(wid: str) -> Rejected:
     return Rejected("invalid_value", "data.workload_id: contains a control character")
 
 
-_AT: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _MISSING: Final = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 _EXPECTED: Final = re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`")
-_ENUM: Final = re.compile(r"Invalid enum value (?P<value>.+)")
+_ENUM: Final = "Invalid enum value "
 _ALLOWED: Final = {
     "specversion": "'1.0'",
     "type": f"'{EVENT_TYPE}'",
@@ -214,19 +308,25 @@ _NAMES: Final = {"str": "a string", "object": "an object", "int": "an integer"}
 
 
 def _explain(message: str) -> Rejected:
-    """Turn a msgspec validation message into ``field: what was wrong``."""
-    at = _AT.match(message)
-    assert at is not None  # the pattern matches any string
-    msg = at["msg"]
-    path = (at["path"] or "").lstrip(".")
+    """Turn a msgspec validation message into ``field: what was wrong``.
+
+    msgspec names the place last (`` - at `$.data.result` ``); an enum message
+    quotes the whole value (``repr``), which is cut to an excerpt here.
+    """
+    msg, at, path = message.rpartition(" - at `$")
+    if at:
+        path = path.rstrip("`").lstrip(".")
+    else:
+        msg, path = message, ""
     if (missing := _MISSING.match(msg)) is not None:
         field = f"{path}.{missing['field']}" if path else missing["field"]
         return Rejected("missing_field", f"{field}: missing")
     where = path or "event"
-    if (enum := _ENUM.match(msg)) is not None:
+    if msg.startswith(_ENUM):
+        value = _unrepr(msg[len(_ENUM) :])
         allowed = _ALLOWED.get(path)
         tail = f" (expected one of {allowed})" if allowed else ""
-        return Rejected("invalid_value", f"{where}: {enum['value']} is not allowed{tail}")
+        return Rejected("invalid_value", f"{where}: {value} is not allowed{tail}")
     if (exp := _EXPECTED.match(msg)) is not None:
         if where == "event":
             return Rejected("not_an_object", f"event: expected a JSON object, got {exp['got']}")
@@ -235,4 +335,16 @@ def _explain(message: str) -> Rejected:
         else:
             want = _NAMES.get(exp["want"], exp["want"])
         return Rejected("wrong_type", f"{where}: expected {want}, got {exp['got']}")
+    if msg.startswith("Number out of range"):
+        want = f"one of {_ALLOWED[path]}" if path in _ALLOWED else "a string"
+        return Rejected("wrong_type", f"{where}: expected {want}, got a number out of range")
     return Rejected("invalid_value", f"{where}: {msg}")
+
+
+def _unrepr(text: str) -> str:
+    """An excerpt of the value msgspec quoted as ``text`` (a Python ``repr``)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return excerpt(text)
+    return excerpt(value) if isinstance(value, str) else excerpt(text)

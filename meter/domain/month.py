@@ -59,8 +59,8 @@ def utc_date(value: str) -> tuple[int, int, int]:
         if day == 0:
             month -= 1
             if month == 0:
-                year -= 1
-                month = 12  # year 0 in UTC: valid RFC 3339; no rate card covers it
+                year -= 1  # year 0 in UTC: valid RFC 3339; see utc_month
+                month = 12
             day = days_in_month(year, month)
     elif utc >= 1440:
         day += 1
@@ -68,7 +68,7 @@ def utc_date(value: str) -> tuple[int, int, int]:
             day = 1
             month += 1
             if month == 13:
-                year += 1
+                year += 1  # year 10000 in UTC: valid RFC 3339; see utc_month
                 month = 1
     return year, month, day
 
@@ -97,6 +97,12 @@ _FAST: Final = re.compile(
 def utc_month(value: str) -> tuple[str, int]:
     """``(YYYY-MM, YYYYMMDD)`` of the UTC date of an RFC 3339 time.
 
+    RFC 3339 allows local times in years 0001 to 9999; with a zone offset, the
+    first and last hours of that range fall in UTC year 0 or 10000.  Such an
+    instant keeps its true month (``0000-12`` or ``10000-01``) but its date is
+    ``0``: before every rate card, so it is rejected as ``no_ratecard`` and no
+    month outside 0001-01 to 9999-12 ever reaches a ledger.
+
     The hot path.  The result depends only on the date, the hour and the zone
     (and, for a zone with minutes, on which side of the one minute boundary in
     that hour where the UTC date changes), so it is cached on those.  The date,
@@ -124,7 +130,7 @@ def utc_month(value: str) -> tuple[str, int]:
     hit = _CACHE.get(key)
     if hit is None:
         y, mo, d = utc_date(value)
-        hit = (month_key(y, mo), y * 10000 + mo * 100 + d)
+        hit = (month_key(y, mo), y * 10000 + mo * 100 + d if 1 <= y <= 9999 else 0)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit

@@ -86,3 +86,30 @@ bad_events = st.sampled_from(
 )
 
 events = st.one_of(valid_events(), valid_events(), valid_events(), bad_events)
+
+
+#: Bytes that break things when they land in the wrong place.
+NASTY_BYTES = b'\x00\n\r "\\[]{},:0e-.\x7f\x80\xbf\xc0\xc3\xe9\xed\xef\xf0\xf4\xf5\xff'
+
+
+@st.composite
+def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
+    """``raw`` with 1 to 3 bytes flipped, inserted, deleted, or cut off at the end."""
+    data = bytearray(raw)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "nasty"]))
+        if kind == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "nasty":
+            data[at:at] = bytes([draw(st.sampled_from(NASTY_BYTES))])
+        elif kind == "delete":
+            del data[at : at + draw(st.integers(1, 8))]
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+mutated_events = valid_events().flatmap(mutated)
