@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from meter.domain import Rater, Rejected, load_ratecards
+from meter.domain import Event, Rater, Rejected, load_ratecards
+from meter.domain.event import DEFAULT_MAX_EVENT_BYTES, too_large
 from meter.errors import InputError
 from meter.report import FORMATS, UsageReport, render
 
@@ -35,7 +37,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="list at most N rejected lines (the rest are counted) [100]",
     )
+    add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
+
+
+def add_max_event_bytes_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-event-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_EVENT_BYTES,
+        metavar="N",
+        help="reject larger events as too_large [%(default)s]",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number of bytes: {text!r}")
+    return n
 
 
 @contextmanager
@@ -56,16 +79,29 @@ def open_input(name: str) -> Iterator[BinaryIO]:
 def rate_stream(
     stream: BinaryIO, rater: Rater, max_rejected: int
 ) -> tuple[list[dict[str, object]], int]:
-    """Feed every non-blank line; return (listed rejections, rejections not listed)."""
+    """Feed every non-blank line; return (listed rejections, rejections not listed).
+
+    A line is read at most ``rater.max_bytes`` (plus its terminator) at a time: a
+    longer one is rejected as ``too_large`` and skipped to its newline without
+    ever being held whole, so any input runs in bounded memory.
+    """
     rejected: list[dict[str, object]] = []
     not_listed = 0
     feed = rater.feed
-    for number, line in enumerate(stream, 1):
+    max_bytes = rater.max_bytes
+    limit = max_bytes + 2  # the longest event and its "\r\n"
+    for number, line in enumerate(iter(partial(stream.readline, limit), b""), 1):
         if number == 1 and line.startswith(BOM):
             line = line[3:]  # noqa: PLW2901 - RFC 8259 lets a parser ignore a BOM
-        if line.isspace() or not line:
+        if len(line) > max_bytes:
+            long = _long_line(line, stream, limit, rater)
+            if long is None:
+                continue
+            result = long
+        elif line.isspace() or not line:
             continue
-        result = feed(line)
+        else:
+            result = feed(line)
         if result.__class__ is Rejected:
             assert isinstance(result, Rejected)
             if len(rejected) < max_rejected:
@@ -75,8 +111,31 @@ def rate_stream(
     return rejected, not_listed
 
 
+def _long_line(head: bytes, stream: BinaryIO, limit: int, rater: Rater) -> Event | Rejected | None:
+    """A line that may not fit (``head`` is its first piece): fed without its
+    terminator if the event fits, else rejected after reading the rest of the line
+    in pieces and dropping them.  ``None`` for a blank line (skipped, as short ones)."""
+    size = len(head)
+    blank = head.isspace()
+    end = head[-2:]  # the line's last two bytes, for its terminator
+    while not end.endswith(b"\n"):
+        piece = stream.readline(limit)
+        if not piece:
+            break
+        size += len(piece)
+        blank = blank and piece.isspace()
+        end = (end + piece[-2:])[-2:]
+    if blank:
+        return None
+    if end.endswith(b"\n"):
+        size -= 2 if end == b"\r\n" else 1
+    if size > rater.max_bytes:
+        return rater.reject(too_large(size, rater.max_bytes))
+    return rater.feed(head[:size])
+
+
 def run(args: argparse.Namespace) -> int:
-    rater = Rater(load_ratecards(args.ratecard))
+    rater = Rater(load_ratecards(args.ratecard), max_bytes=args.max_event_bytes)
     try:
         with open_input(args.file) as stream:
             rejected, not_listed = rate_stream(stream, rater, max(args.max_rejected, 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meter.domain.event import Event, Rejected, parse
+from meter.domain.event import DEFAULT_MAX_EVENT_BYTES, Event, Rejected, excerpt, parse
 from meter.domain.ledger import Ledger
 from meter.domain.ratecard import Rate, RateCards
 
@@ -37,15 +37,21 @@ class Tally:
 
 @dataclass
 class Rater:
-    """Feeds raw events into a ledger and keeps the tally."""
+    """Feeds raw events into a ledger and keeps the tally.
+
+    Every input has exactly one outcome, whatever its bytes: ``tally.read`` is
+    the number of :meth:`feed` and :meth:`reject` calls.
+    """
 
     cards: RateCards
     ledger: Ledger = field(default_factory=Ledger)
     tally: Tally = field(default_factory=Tally)
+    #: Larger events are rejected as ``too_large``.
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     def feed(self, raw: bytes | str) -> Event | Rejected:
         """Rate one raw event.  Returns the parsed event or why it was rejected."""
-        event = parse(raw)
+        event = parse(raw, self.max_bytes)
         tally = self.tally
         if event.__class__ is Rejected:
             tally.rejected += 1
@@ -69,11 +75,22 @@ class Rater:
             tally.duplicate += 1
         return event
 
+    def reject(self, rejection: Rejected) -> Rejected:
+        """Count an input rejected before it could be fed (e.g. a line too long to read)."""
+        self.tally.rejected += 1
+        return rejection
+
 
 def no_ratecard(event: Event, cards: RateCards) -> Rejected:
+    if event.date == 0:
+        return Rejected(
+            "no_ratecard",
+            f"time: {excerpt(event.time)} is outside the years 0001 to 9999 in UTC; "
+            "no rate card covers it",
+        )
     first = cards.cards[0]
     return Rejected(
         "no_ratecard",
-        f"time: {event.time!r} is before the first rate card ({first.version!r}, "
+        f"time: {excerpt(event.time)} is before the first rate card ({first.version!r}, "
         f"effective {first.effective})",
     )
