@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+from meter.cli.rate import add_max_event_bytes_argument
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings, add_kafka_arguments, iter_to_end, settings_from_args
 from meter.report.audit import compare
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs-topic", default=DEFAULTS.jobs)
     p.add_argument("--usage-topic", default=DEFAULTS.usage)
     p.add_argument("--ratecard", metavar="FILE", help="rate card file (default: built-in)")
+    add_max_event_bytes_argument(p)
     add_kafka_arguments(p)
     p.set_defaults(func=run)
 
@@ -50,7 +52,7 @@ async def audit(
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    rater = Rater(load_ratecards(args.ratecard))
+    rater = Rater(load_ratecards(args.ratecard), max_bytes=args.max_event_bytes)
     diffs, raw, rows = asyncio.run(
         audit(settings, args.jobs_topic, args.usage_topic, args.month, rater)
     )

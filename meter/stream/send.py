@@ -6,24 +6,24 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
+from meter.domain import Event, parse
+from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.kafka import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
-def tenant_key(raw: bytes) -> bytes | None:
-    """The tenant_id of a line as a message key, where it can be read."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(doc, dict):
-        data = doc.get("data")
-        if isinstance(data, dict) and isinstance(data.get("tenant_id"), str):
-            return str(data["tenant_id"]).encode()
+def tenant_key(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes | None:
+    """The tenant_id of a line as a message key when it is a valid event, else ``None``.
+
+    Read by :func:`meter.domain.parse`, as the worker reads it, so it never raises;
+    a line the meter rejects needs no key (it goes to the dead-letter topic).
+    """
+    event = parse(raw, max_bytes)
+    if event.__class__ is Event:
+        return event.tenant_id.encode()
     return None
 
 
@@ -43,8 +43,13 @@ async def send_lines(
     *,
     idempotence: bool = False,
     window: int = 5_000,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> int:
-    """Produce every non-blank line; return how many.  Waits for every ack."""
+    """Produce every non-blank line; return how many.  Waits for every ack.
+
+    A line is keyed by its tenant when it is an event of at most
+    ``max_event_bytes`` that the meter accepts (see :func:`tenant_key`).
+    """
     producer = AIOKafkaProducer(
         **settings.client_kwargs(),
         acks="all",
@@ -60,7 +65,9 @@ async def send_lines(
             value = strip_line(line)
             if not value.strip():
                 continue
-            pending.append(await producer.send(topic, value, key=tenant_key(value)))
+            pending.append(
+                await producer.send(topic, value, key=tenant_key(value, max_event_bytes))
+            )
             sent += 1
             if len(pending) >= window:
                 await asyncio.gather(*pending)
