@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from meter.broker import EmbeddedBroker
+from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
 from meter.stream.records import headers_dict
@@ -252,4 +253,53 @@ def test_a_write_that_can_never_succeed_halts_with_one_clear_error(
         assert worker.log().count("a write can never succeed") == 1
     finally:
         worker.terminate()
+        worker.close()
+
+
+def _mutate(line: bytes, rnd: random.Random) -> bytes:
+    """Flip, insert, delete or truncate bytes of a valid event."""
+    b = bytearray(line)
+    kind = rnd.randrange(4)
+    i = rnd.randrange(len(b))
+    if kind == 0:
+        b[i] ^= 1 << rnd.randrange(8)
+    elif kind == 1:
+        b[i:i] = bytes([rnd.randrange(256)])
+    elif kind == 2:
+        del b[i]
+    else:
+        del b[i:]
+    return bytes(b) or b"\xff"
+
+
+def test_mutated_events_reach_exactly_one_outcome(
+    kafka_settings: KafkaSettings, unique: str
+) -> None:
+    """A third of the events have a flipped, inserted, deleted or truncated byte: the worker
+    never stops, every message is counted once in one outcome, and the totals are those of
+    `meter rate` over the same bytes (the valid subset)."""
+    names = Names(unique)
+    rnd = random.Random(7)
+    lines = [
+        _mutate(ln, rnd) if rnd.random() < 0.33 else ln
+        for ln in generate(3000, seed=99, tenants=12, workloads=25)
+    ]
+    worker = WorkerProcess(kafka_settings.bootstrap, names, "mutants")
+    try:
+        send(kafka_settings, names.jobs, lines)
+        wait_for_usage(kafka_settings, names.usage, expected_usage(lines), workers=[worker])
+        rater = Rater(load_ratecards())
+        for ln in lines:
+            rater.feed(ln)
+        outcomes = {
+            o: worker.metric(f'meter_events_total{{outcome="{o}"}}')
+            for o in ("counted", "duplicate", "not_counted", "rejected")
+        }
+        assert sum(v or 0 for v in outcomes.values()) == len(lines), outcomes
+        assert outcomes["rejected"] == rater.tally.rejected > 0
+        assert len(read_all(kafka_settings, names.rejected)) == rater.tally.rejected
+        assert worker.metric("meter_internal_errors_total") == 0.0
+        assert "Traceback" not in worker.log()
+    finally:
+        assert worker.terminate() == 0, worker.log()
         worker.close()
