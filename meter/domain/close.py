@@ -8,6 +8,14 @@ state now and in the final snapshot.  Corrections are keyed per workload, so
 publishing them again (after a replay or restart) changes nothing: the
 latest correction per key is the truth, and final + corrections is exactly
 what the raw events say.
+
+Month arithmetic is total over the months a ledger can hold (0001-01 to
+9999-12, see :func:`meter.domain.month.utc_month`).  The last one, 9999-12, is
+**never due**: its end, 10000-01-01, is past what a ``datetime`` can hold, so
+:func:`closes_at` returns :data:`NEVER` for it (and for any month whose close
+would fall past 9999-12-31), :func:`is_closed` is always false and
+:func:`months_to_close` never lists it.  Its events are rated and reported
+like any other month's; it just never gets a final record.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from meter.domain.ledger import TenantMonth
 from meter.domain.ratecard import Rate
@@ -25,19 +34,39 @@ DEFAULT_GRACE = timedelta(days=2)
 Snapshot = Mapping[tuple[str, str], Rate]
 
 
-def month_end(month: str) -> datetime:
-    """00:00 UTC of the first day after ``month`` (``YYYY-MM``)."""
-    y, m = int(month[:4]), int(month[5:7])
-    y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+#: When a month that is never due closes: the last moment a ``datetime`` holds.
+NEVER: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def month_end(month: str) -> datetime | None:
+    """00:00 UTC of the first day after ``month`` (``YYYY-MM``); ``None`` for 9999-12."""
+    year, _, mm = month.partition("-")
+    y, m = int(year), int(mm)
+    if m == 12:
+        if y >= 9999:
+            return None
+        y, m = y + 1, 1
+    else:
+        m += 1
     return datetime(y, m, 1, tzinfo=UTC)
 
 
 def closes_at(month: str, grace: timedelta = DEFAULT_GRACE) -> datetime:
-    return month_end(month) + grace
+    """When ``month`` closes: ``grace`` after its end, or :data:`NEVER` for 9999-12
+    (and for a month whose end plus ``grace`` is past 9999-12-31)."""
+    end = month_end(month)
+    if end is None:
+        return NEVER
+    try:
+        return end + grace
+    except OverflowError:
+        return NEVER if grace > timedelta(0) else datetime.min.replace(tzinfo=UTC)
 
 
 def is_closed(month: str, now: datetime, grace: timedelta = DEFAULT_GRACE) -> bool:
-    return now >= closes_at(month, grace)
+    """True once ``month`` is due; never for a month that closes :data:`NEVER`."""
+    at = closes_at(month, grace)
+    return at is not NEVER and now >= at
 
 
 def months_to_close(

@@ -22,7 +22,10 @@ CLOSED = "closed"
 
 
 def iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``YYYY-MM-DDTHH:MM:SSZ`` of a UTC time, four-digit year also before 1000
+    (``strftime("%Y")`` writes year 1 as ``1``); :data:`~meter.domain.close.NEVER`
+    is ``9999-12-31T23:59:59Z``."""
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
 
 
 @dataclass
