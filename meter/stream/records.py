@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -105,23 +106,45 @@ class ChangelogRecord:
     closed: str | None = None  # month of a close marker
 
 
+_MONTH: Final = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
+#: Months already seen to be well-formed (few; bounded anyway).
+_GOOD_MONTHS: set[str] = set()
+
+
+def _month(value: object) -> str:
+    if value not in _GOOD_MONTHS:
+        if not isinstance(value, str) or _MONTH.fullmatch(value) is None or value < "0001":
+            raise ChangelogError(f"not a month (YYYY-MM, 0001-01 to 9999-12): {value!r:.40}")
+        if len(_GOOD_MONTHS) > 100_000:
+            _GOOD_MONTHS.clear()
+        _GOOD_MONTHS.add(value)
+    return value
+
+
+def _ids(t: object, w: object, i: object) -> None:
+    if t.__class__ is not str or w.__class__ is not str or i.__class__ is not str:
+        raise ChangelogError(f"tenant, type and workload must be strings: {[t, w, i]!r:.80}")
+
+
 def read_changelog(raw: bytes) -> ChangelogRecord:
+    """Decode one changelog record; anything malformed is a :class:`ChangelogError`."""
     try:
         doc = orjson.loads(raw)
         if doc.get("v") != CHANGELOG_VERSION:
-            raise ChangelogError(f"unknown changelog version {doc.get('v')!r}")
+            raise ChangelogError(f"unknown changelog version {doc.get('v')!r:.40}")
         rec = ChangelogRecord()
         if "closed" in doc:
-            rec.closed = str(doc["closed"])
+            rec.closed = _month(doc["closed"])
         elif "final" in doc:
-            rec.final = str(doc["final"])
-            rec.final_entries = [
-                (t, w, i, (int(p), str(c), str(lic))) for t, w, i, p, c, lic in doc["entries"]
-            ]
+            rec.final = _month(doc["final"])
+            for t, w, i, p, c, lic in doc["entries"]:
+                _ids(t, w, i)
+                rec.final_entries.append((t, w, i, (int(p), str(c), str(lic))))
         else:
             for n, row in enumerate(doc["entries"]):
                 t, m, w, i, p, c, lic = row[:7]
-                rec.entries.append((t, m, w, i, (int(p), str(c), str(lic))))
+                _ids(t, w, i)
+                rec.entries.append((t, _month(m), w, i, (int(p), str(c), str(lic))))
                 if len(row) > 7:
                     rec.event_ids[n] = str(row[7])
         return rec

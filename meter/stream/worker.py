@@ -205,6 +205,8 @@ class Worker:
         self._last_flush = 0.0
         self._rejected_logged = 0
         self._internal_logged: set[str] = set()
+        #: (home, month) whose close raised an unexpected error (not retried until restart).
+        self._cannot_close: set[tuple[int, str]] = set()
         self._last_progress = time.monotonic()
         self._last_batch = time.monotonic()
         #: Why the worker stopped processing for good (broker lost data, a write that
@@ -925,7 +927,21 @@ class Worker:
             for month in months_to_close(months, hp.close.closed, now, grace):
                 if not self._publishable() or not hp.active:
                     return
-                await self._close(hp, month)
+                if (hp.number, month) in self._cannot_close:
+                    continue
+                try:
+                    await self._close(hp, month)
+                except (KafkaError, OSError, TimeoutError, DataLostError):
+                    raise
+                except Exception:  # a bug must not stop the partition: this month waits
+                    self._cannot_close.add((hp.number, month))
+                    self.stats.internal_errors += 1
+                    log.exception(
+                        "closing %s on home partition %d raised; that month stays open on it "
+                        "(a meter bug: report it; the worker goes on)",
+                        month,
+                        hp.number,
+                    )
 
     async def _close(self, hp: HomePartition, month: str) -> None:
         t = self.config.topics

@@ -155,3 +155,24 @@ def test_changelog_records_fit_whatever_the_ids() -> None:
         2000,
         1000,
     ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"v": 1, "entries": [["t", "9999-13", "vm", "w", 5, "c", "rental"]]}',
+        b'{"v": 1, "entries": [["t", "0000-01", "vm", "w", 5, "c", "rental"]]}',
+        b'{"v": 1, "entries": [[1, "2026-10", "vm", "w", 5, "c", "rental"]]}',
+        b'{"v": 1, "entries": [["t", "2026-10", "vm", ["w"], 5, "c", "rental"]]}',
+        b'{"v": 1, "closed": "soon"}',
+        b'{"v": 1, "final": "2026-10", "entries": [["t", "vm", {}, 5, "c", "r"]]}',
+        b'{"v": 1, "entries": [["t", "2026-10", "vm", "w", "x", "c", "rental"]]}',
+        b"\xff\xfe",
+        b"[" * 5000,
+    ],
+)
+def test_a_malformed_changelog_record_is_one_clear_error(raw: bytes) -> None:
+    """Whatever another writer put on the changelog, recovery gets a ChangelogError to log
+    and skip, never a value that breaks month arithmetic or sorting later."""
+    with pytest.raises(ChangelogError):
+        read_changelog(raw)
