@@ -7,9 +7,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
+from meter.cli.common import positive_int
 from meter.domain import Event, Rater, Rejected, load_ratecards
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES, too_large
 from meter.errors import InputError
@@ -44,21 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_max_event_bytes_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-event-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_EVENT_BYTES,
         metavar="N",
         help="reject larger events as too_large [%(default)s]",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"not a positive number of bytes: {text!r}")
-    return n
 
 
 @contextmanager
@@ -81,43 +73,53 @@ def rate_stream(
 ) -> tuple[list[dict[str, object]], int]:
     """Feed every non-blank line; return (listed rejections, rejections not listed).
 
-    A line is read at most ``rater.max_bytes`` (plus its terminator) at a time: a
-    longer one is rejected as ``too_large`` and skipped to its newline without
-    ever being held whole, so any input runs in bounded memory.
+    A line is read at most ``rater.max_bytes`` (plus its terminator) at a time, so
+    any input runs in bounded memory.  Lines are fed as read; one that is
+    rejected gets a second look (:func:`_second_look`), which skips a blank line
+    and judges a longer one whole, without ever holding it.
     """
     rejected: list[dict[str, object]] = []
     not_listed = 0
     feed = rater.feed
-    max_bytes = rater.max_bytes
-    limit = max_bytes + 2  # the longest event and its "\r\n"
-    for number, line in enumerate(iter(partial(stream.readline, limit), b""), 1):
-        if number == 1 and line.startswith(BOM):
-            line = line[3:]  # noqa: PLW2901 - RFC 8259 lets a parser ignore a BOM
-        if len(line) > max_bytes:
-            long = _long_line(line, stream, limit, rater)
-            if long is None:
-                continue
-            result = long
-        elif line.isspace() or not line:
-            continue
-        else:
-            result = feed(line)
+    limit = rater.max_bytes + 2  # the longest event and its "\r\n"
+    first = stream.readline(limit + len(BOM))
+    if first.startswith(BOM):
+        first = first[len(BOM) :]  # RFC 8259 lets a parser ignore a BOM
+    lines = iter(partial(stream.readline, limit), b"")
+    for number, line in enumerate(chain((first,), lines) if first else lines, 1):
+        result = feed(line)
         if result.__class__ is Rejected:
-            assert isinstance(result, Rejected)
-            if len(rejected) < max_rejected:
-                rejected.append({"line": number, "reason": result.reason})
-            else:
-                not_listed += 1
+            second = _second_look(line, result, stream, limit, rater)
+            if second is None:
+                continue
+            result = second
+            if result.__class__ is Rejected:
+                assert isinstance(result, Rejected)
+                if len(rejected) < max_rejected:
+                    rejected.append({"line": number, "reason": result.reason})
+                else:
+                    not_listed += 1
     return rejected, not_listed
 
 
-def _long_line(head: bytes, stream: BinaryIO, limit: int, rater: Rater) -> Event | Rejected | None:
-    """A line that may not fit (``head`` is its first piece): fed without its
-    terminator if the event fits, else rejected after reading the rest of the line
-    in pieces and dropping them.  ``None`` for a blank line (skipped, as short ones)."""
-    size = len(head)
-    blank = head.isspace()
-    end = head[-2:]  # the line's last two bytes, for its terminator
+def _second_look(
+    line: bytes, result: Event | Rejected, stream: BinaryIO, limit: int, rater: Rater
+) -> Event | Rejected | None:
+    """A line the rater just rejected, judged again as a whole line.
+
+    A blank line is no input (``None``).  A line longer than the limit was judged
+    by its first piece, terminator included: it is read to its end in pieces that
+    are dropped, then fed without its terminator if the event fits, else rejected
+    as ``too_large`` with its full size.  In both cases the first verdict is
+    taken back from the tally.  Any other rejection stands.
+    """
+    max_bytes = rater.max_bytes
+    if len(line) <= max_bytes and line and not line.isspace():
+        return result
+    rater.tally.add("rejected", -1)  # the verdict on the first piece is taken back
+    size = len(line)
+    blank = line.isspace() or not line
+    end = line[-2:]  # the line's last two bytes, for its terminator
     while not end.endswith(b"\n"):
         piece = stream.readline(limit)
         if not piece:
@@ -129,9 +131,9 @@ def _long_line(head: bytes, stream: BinaryIO, limit: int, rater: Rater) -> Event
         return None
     if end.endswith(b"\n"):
         size -= 2 if end == b"\r\n" else 1
-    if size > rater.max_bytes:
-        return rater.reject(too_large(size, rater.max_bytes))
-    return rater.feed(head[:size])
+    if size > max_bytes:
+        return rater.reject(too_large(size, max_bytes))
+    return rater.feed(line[:size])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -158,7 +158,7 @@ def test_max_event_bytes_must_be_a_positive_number(value: str) -> None:
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
         main(["rate", "-", "--max-event-bytes", value])
     assert exc.value.code == 2
-    assert "not a positive number of bytes" in err.getvalue()
+    assert "expected a whole number above 0" in err.getvalue()
 
 
 def rss_kib(pid: int) -> int:
@@ -211,3 +211,25 @@ def test_a_huge_line_on_stdin(tmp_path: Path) -> None:
     assert doc["rejected"] == [
         {"line": 2, "reason": f"event is 3000000 bytes; the limit is {DEFAULT_MAX_EVENT_BYTES}"}
     ]
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_a_bom_does_not_count_toward_the_first_lines_limit(tmp_path: Path, extra: int) -> None:
+    ok = line(workload="w" * 50)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + ok + b"\r\n" + line(workload="vm-2") + b"\n")
+    doc = rate_json(path, "--max-event-bytes", str(len(ok) + extra))
+    assert doc["events"]["read"] == 2
+    assert doc["events"]["counted"] == (2 if extra >= 0 else 1)
+    if extra < 0:
+        assert doc["rejected"] == [
+            {"line": 1, "reason": f"event is {len(ok)} bytes; the limit is {len(ok) - 1}"}
+        ]
+
+
+def test_blank_lines_of_any_length_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(b"\n \n\t\r\n" + b" " * 1000 + b"\n" + line() + b"\n" + b" " * 1000)
+    doc = rate_json(path, "--max-event-bytes", "300")
+    assert doc["events"]["read"] == 1
+    assert doc["events"]["counted"] == 1
