@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from meter.cli.rate import add_max_event_bytes_argument
+from meter.cli.common import add_max_event_bytes_argument
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings, add_kafka_arguments, iter_to_end, settings_from_args
 from meter.report.audit import compare

@@ -60,13 +60,10 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "day of the next month, 00:00 UTC]",
     )
     g.add_argument("--reports-topic", default=DEFAULTS.reports, help=f"[{DEFAULTS.reports}]")
-    g.add_argument(
-        "--max-event-bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_EVENT_BYTES,
-        metavar="N",
-        help="reject larger events as too_large; dead letters keep at most this many bytes "
-        f"of the original (keep it below the broker's message limit) [{DEFAULT_MAX_EVENT_BYTES}]",
+    add_max_event_bytes_argument(
+        g,
+        "; dead letters keep at most this many bytes of the original (keep it below the "
+        "broker's message limit)",
     )
     g.add_argument(
         "--clock",
@@ -156,6 +153,16 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         idempotence=args.idempotence,
         close_grace=args.close_grace,
         max_event_bytes=args.max_event_bytes,
+    )
+
+
+def add_max_event_bytes_argument(p: argparse._ActionsContainer, more: str = "") -> None:
+    p.add_argument(
+        "--max-event-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_EVENT_BYTES,
+        metavar="N",
+        help=f"reject larger events as too_large{more} [%(default)s]",
     )
 
 

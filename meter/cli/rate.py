@@ -11,9 +11,9 @@ from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
-from meter.cli.common import positive_int
+from meter.cli.common import add_max_event_bytes_argument
 from meter.domain import Event, Rater, Rejected, load_ratecards
-from meter.domain.event import DEFAULT_MAX_EVENT_BYTES, too_large
+from meter.domain.event import too_large
 from meter.errors import InputError
 from meter.report import FORMATS, UsageReport, render
 
@@ -41,16 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
-
-
-def add_max_event_bytes_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--max-event-bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_EVENT_BYTES,
-        metavar="N",
-        help="reject larger events as too_large [%(default)s]",
-    )
 
 
 @contextmanager

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 from prometheus_client import CollectorRegistry
 
 from meter.cli.common import (
     add_http_arguments,
+    add_max_event_bytes_argument,
     add_stream_arguments,
     clock_from,
     run_until_signalled,
@@ -51,6 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("file", metavar="FILE")
     s.add_argument("--topic", default="meter.jobs", help="topic to produce to [meter.jobs]")
+    add_max_event_bytes_argument(s)
     add_kafka_arguments(s)
     s.set_defaults(func=send)
 
@@ -100,12 +102,60 @@ def send(args: argparse.Namespace) -> int:
     async def produce(lines: Iterable[bytes]) -> int:
         # Checks the SASL handshake before the producer starts: a refusal is one line.
         async with translate_auth_errors(settings):
-            return await send_lines(settings, args.topic, lines)
+            return await send_lines(
+                settings, args.topic, lines, max_event_bytes=args.max_event_bytes
+            )
+
+    skipped: list[tuple[int, int]] = []
+
+    def fitting(stream: BinaryIO) -> Iterator[bytes]:
+        for number, line, size in bounded_lines(stream, args.max_event_bytes):
+            if line is None:
+                if len(skipped) < SKIPPED_SHOWN:
+                    print(
+                        f"meter: line {number} not sent: {size} bytes, over --max-event-bytes "
+                        f"{args.max_event_bytes} (the meter would reject it as too_large)",
+                        file=sys.stderr,
+                    )
+                skipped.append((number, size))
+            else:
+                yield line
 
     with open_input(args.file) as stream:
-        n = asyncio.run(produce(stream))
+        n = asyncio.run(produce(fitting(stream)))
     print(f"sent {n} messages to {args.topic} on {settings.bootstrap}", file=sys.stderr)
+    if skipped:
+        print(f"meter: {len(skipped)} lines too large were not sent", file=sys.stderr)
+        return 1
     return 0
+
+
+#: Oversized lines named one by one by ``meter send``; the rest are counted.
+SKIPPED_SHOWN = 5
+
+
+def bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """``(number, line, size)`` for each line, never holding more than ``max_bytes`` + 2.
+
+    A line longer than that is read to its end in pieces that are dropped and comes
+    out as ``(number, None, size)``, its size without the line terminator.
+    """
+    limit = max_bytes + 2  # the longest event and its "\r\n"
+    number = 0
+    while line := stream.readline(limit):
+        number += 1
+        if len(line) < limit or line.endswith(b"\n"):
+            yield number, line, len(line)
+            continue
+        size, piece = len(line), line
+        while not piece.endswith(b"\n") and (piece := stream.readline(limit)):
+            size += len(piece)
+            line = piece if len(piece) > 1 else line[-1:] + piece
+        if line.endswith(b"\r\n"):
+            size -= 2
+        elif line.endswith(b"\n"):
+            size -= 1
+        yield number, None, size
 
 
 def report(args: argparse.Namespace) -> int:

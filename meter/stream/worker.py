@@ -590,7 +590,7 @@ class Worker:
                             (rec, b"", Rejected("invalid_json", "message has no value"), "")
                         )
                         continue
-                    result = parse(value, max_bytes=max_bytes)
+                    result = parse(value, max_bytes)
                     if result.__class__ is Rejected:
                         assert isinstance(result, Rejected)
                         rejects.append((rec, value, result, ""))

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -303,3 +306,22 @@ def test_mutated_events_reach_exactly_one_outcome(
     finally:
         assert worker.terminate() == 0, worker.log()
         worker.close()
+
+
+def test_meter_send_names_lines_too_large_and_sends_the_rest(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    lines = list(generate(3, seed=101, tenants=2, workloads=2))
+    big = b'{"pad": "' + b"p" * 200_000 + b'"}'
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join([lines[0], big, lines[1], lines[2]]) + b"\n")
+    topic = f"jobs-{unique}"
+    out = subprocess.run(
+        [sys.executable, "-m", "meter", "send", str(path), "--broker", kafka_settings.bootstrap,
+         "--topic", topic],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "line 2 not sent: 200011 bytes, over --max-event-bytes 65536" in out.stderr
+    assert f"sent 3 messages to {topic}" in out.stderr
+    assert sorted(r.value for r in read_all(kafka_settings, topic)) == sorted(lines)  # type: ignore[attr-defined]
