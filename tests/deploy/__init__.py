@@ -21,6 +21,9 @@ DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "meter.json"
 GENERATOR = DEPLOY / "grafana" / "build_dashboard.py"
+#: Every alert deploy/prometheus/rules.yml defines.
+ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
+          "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors"}  # fmt: skip
 
 
 def require_binary(name: str) -> str:

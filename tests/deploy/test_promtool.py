@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import (
+    ALERTS,
     DASHBOARD_JSON,
     PROMETHEUS_DIR,
     ROOT,
@@ -20,8 +21,6 @@ from tests.deploy import (
     require_binary,
 )
 
-ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
-          "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors"}  # fmt: skip
 PANELS = {
     "Points and workloads per tenant ($month)",
     "Points by workload type ($month)",

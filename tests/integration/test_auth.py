@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from meter.broker import EmbeddedBroker
-from tests.integration.harness import ARTIFACTS, expected_usage
+from tests.integration.harness import ARTIFACTS, Names, WorkerProcess, expected_usage
 from tests.kafka.sasl_front import MECHANISMS, SaslFront, reserve_port
 
 pytestmark = pytest.mark.integration
@@ -199,3 +199,40 @@ def test_the_right_password_works(front: SaslFront, tmp_path: Path) -> None:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(40) == 0
     assert {m for m, _ in front.accepted} == set(MECHANISMS)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
+def test_a_worker_with_a_wrong_password_says_so_once_and_stays_not_ready(
+    front: SaslFront, tmp_path: Path, mechanism: str
+) -> None:
+    """The worker retries with backoff (fixing the secret is enough), logs the refusal
+    once as one line, and /healthz says why it is not ready."""
+    secret = tmp_path / "worker-pw"
+    secret.write_text(WRONG)
+    secret.chmod(0o600)
+    names = Names(os.urandom(5).hex())
+    names.extra = [
+        "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", mechanism,
+        "--sasl-username", "alice", "--sasl-password-file", str(secret),
+    ]  # fmt: skip
+    worker = WorkerProcess(front.bootstrap, names, f"wrong-{mechanism}")
+    try:
+        status, body = worker.health()
+        deadline = time.monotonic() + 30
+        while "authentication failed" not in str(body.get("reason")):
+            assert time.monotonic() < deadline, (status, body, worker.log())
+            time.sleep(0.5)
+            status, body = worker.health()
+        assert status == 503
+        assert f"SASL {mechanism} as user 'alice'" in str(body["reason"])
+        time.sleep(4)  # several retries
+        log = worker.log()
+        assert worker.proc.poll() is None, log
+        assert log.count("authentication failed") == 1, log
+        assert WRONG not in log
+        assert "Traceback" not in log
+        assert "KeyError" not in log
+        assert worker.metric('meter_problem{problem="connecting"}') == 1.0
+    finally:
+        assert worker.terminate() == 0, worker.log()
+        worker.close()

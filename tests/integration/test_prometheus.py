@@ -28,7 +28,13 @@ import pytest
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
-from tests.deploy import PROMETHEUS_DIR, current_month, dashboard_queries, require_binary
+from tests.deploy import (
+    ALERTS,
+    PROMETHEUS_DIR,
+    current_month,
+    dashboard_queries,
+    require_binary,
+)
 from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import (
     ARTIFACTS,
@@ -40,8 +46,6 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.integration
 
-ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
-          "MeterLatencyHigh"}  # fmt: skip
 #: Quiet while a healthy worker has just metered a fleet (MeterLatencyHigh depends on the
 #: machine's speed, so its result is only required to evaluate).
 QUIET = ALERTS - {"MeterLatencyHigh"}
