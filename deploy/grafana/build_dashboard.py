@@ -274,6 +274,25 @@ def worker_panels() -> list[Panel]:
                 ),
             ],
         ),
+        timeseries(
+            "Worker problems",
+            "1 while a worker has the problem: halted (broker lost data, or a write that can "
+            "never succeed), fenced (ownership in doubt: paused past the session timeout), "
+            "recovering, connecting (broker unreachable or login refused); and messages that "
+            "raised inside meter (internal errors, dead-lettered). /healthz says why.",
+            [
+                target(
+                    "max by (instance, problem) (meter_problem)",
+                    "{{problem}} {{instance}}",
+                    "A",
+                ),
+                target(
+                    f"sum by (instance) (increase(meter_internal_errors_total[{RATE}]))",
+                    "internal errors {{instance}}",
+                    "B",
+                ),
+            ],
+        ),
         panel(
             "table",
             "Workers",
@@ -344,7 +363,7 @@ def build() -> dict[str, Any]:
         [
             ("Usage", usage_panels(), [(6, 4)] * 4 + [(12, 10), (12, 10), (24, 8)]),
             ("Pipeline", pipeline_panels(), [(12, 8)] * 6),
-            ("Workers", worker_panels(), [(8, 8)] * 3),
+            ("Workers", worker_panels(), [(6, 8)] * 4),
         ]
     )
     return {
