@@ -64,13 +64,19 @@ def watch_heartbeats(consumer: Any, lease: Lease) -> bool:
     """Renew ``lease`` on every successful heartbeat of ``consumer``'s group coordinator.
 
     aiokafka has no public hook for heartbeats, so this wraps the coordinator's
-    ``_do_heartbeat`` (aiokafka 0.10 to 0.14).  Returns False (and the lease is
-    renewed by commits and assignments only) when that method is not there.
+    ``_do_heartbeat`` (aiokafka 0.11 to 0.14; a unit test fails on a version without
+    it).  Where it is missing the lease never lapses (an idle worker could not renew
+    it) and returns False: a paused worker is then caught only by the changelog
+    offsets its writes land at (see :mod:`meter.stream.partition`).
     """
     coordinator = getattr(consumer, "_coordinator", None)
     beat: Callable[[], Awaitable[bool]] | None = getattr(coordinator, "_do_heartbeat", None)
     if coordinator is None or beat is None:
-        log.warning("cannot watch heartbeats on this aiokafka version; leases renew on commits")
+        log.warning(
+            "cannot watch group heartbeats on this aiokafka version: a worker paused past its "
+            "session timeout is caught by changelog offsets only"
+        )
+        lease.ttl = float("inf")
         return False
 
     async def do_heartbeat() -> bool:
