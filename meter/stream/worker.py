@@ -100,6 +100,8 @@ MAX_KEY_BYTES = 1024
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
 STOP_GRACE_S = 3.0
+#: A batch's writes failing (and retried) for this long: /healthz says so.
+WRITES_FAILING_S = 15.0
 #: Input waiting but no batch processed for this long: /healthz says "not making progress".
 STALL_S = 60.0
 _LOST: Final = "the broker lost data meter had read or written"
@@ -209,6 +211,9 @@ class Worker:
         self._cannot_close: set[tuple[int, str]] = set()
         self._last_progress = time.monotonic()
         self._last_batch = time.monotonic()
+        #: Since when (monotonic) a batch's writes have kept failing, and the last error.
+        self._writes_failing_since: float | None = None
+        self._write_error = ""
         #: Why the worker stopped processing for good (broker lost data, a write that
         #: can never succeed); empty while it works.
         self.halted = ""
@@ -242,6 +247,12 @@ class Worker:
                 f"group membership not confirmed for {self.lease.age():.0f}s "
                 "(paused, or the coordinator is unreachable)"
             )
+        failing = self._writes_failing_since
+        if failing is not None and time.monotonic() - failing > WRITES_FAILING_S:
+            return False, (
+                f"writes to the broker have failed for {time.monotonic() - failing:.0f}s "
+                f"(last: {self._write_error:.200}); retrying, nothing committed meanwhile"
+            )
         if sum(self.lag().values()) > 0 and time.monotonic() - self._last_batch > STALL_S:
             return False, f"input waiting but nothing processed for {STALL_S:.0f}s"
         return True, "ok"
@@ -256,6 +267,8 @@ class Worker:
             "fenced": Phase.FENCED in phases,
             "recovering": Phase.RECOVERING in phases,
             "connecting": bool(self.connecting),
+            "writes_failing": self._writes_failing_since is not None
+            and time.monotonic() - self._writes_failing_since > WRITES_FAILING_S,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -769,6 +782,9 @@ class Worker:
                             "the broker or topic limits or permissions, then restart the worker"
                         ) from exc
                     self.stats.write_retries += 1
+                    if self._writes_failing_since is None:
+                        self._writes_failing_since = time.monotonic()
+                    self._write_error = f"{type(exc).__name__}: {exc}"
                     log.warning(
                         "writing %d changelog entries, %d forwards and %d rejections failed "
                         "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
@@ -785,6 +801,7 @@ class Worker:
                         raise
                 else:
                     completed = True
+                    self._writes_failing_since = None
                     for home, futures in changelog.items():
                         self.homes[home].written([f.result().offset for f in futures])
                     for home in batches.keys() - changelog.keys():
