@@ -30,6 +30,7 @@ PANELS = {
     "Consumer lag",
     "Event-to-total latency",
     "Newest event age",
+    "Forwarded share",
 }
 
 

@@ -247,6 +247,10 @@ def test_dashboard_and_rules_against_a_real_prometheus(
         result = prom.query(q)
         assert result, f"panel {title!r}: no data for {q!r}"
         assert finite(result), f"panel {title!r}: {q!r} gave {result}"
+    # `meter send` keys by tenant_id with aiokafka's murmur2 (Java's default): every event
+    # lands on its home partition, and the forwarded-share panel says so
+    (share,) = [q for t, q in dashboard_queries(month, RATE_INTERVAL) if t == "Forwarded share"]
+    assert prom.value(share) == 0
     # the month variable's query, label_values(meter_points, month): newest first is ours
     months = prom.get("/api/v1/label/month/values", **{"match[]": "meter_points"})["data"]
     assert sorted(months, reverse=True)[0] == month, months
