@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
+from meter.errors import ConfigError
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
 from meter.observe.usage_view import UsageView
@@ -86,8 +87,8 @@ def add_http_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
         "--http-port",
         type=int,
         default=default_port,
-        help=f"port to serve /metrics (and /healthz) on; 0 = any free port, -1 = off "
-        f"[{default_port}]",
+        help=f"port to serve /metrics (and /healthz) on; one in use is an error; 0 = any "
+        f"free port, -1 = off [{default_port}]",
     )
     g.add_argument(
         "--metrics-months",
@@ -112,17 +113,13 @@ async def start_http(
     try:
         runner, port = await serve(app, args.http_host, args.http_port)
     except OSError as exc:
-        if args.http_port == 0:
-            raise
-        log.warning(
-            "cannot serve on %s:%d (%s); using a free port instead",
-            args.http_host,
-            args.http_port,
-            exc.strerror,
-        )
-        runner, port = await serve(app, args.http_host, 0)
+        # Never another port instead: Prometheus scrapes the one it was told.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"cannot serve HTTP on {args.http_host}:{args.http_port}: {reason} "
+            "(choose another --http-port; 0 picks any free port, -1 serves nothing)"
+        ) from exc
     base = f"http://{args.http_host}:{port}"
-    log.info("metrics on %s/metrics", base)
     if view is not None:
         print(
             f"meter: status page on {base}/ (JSON: {base}/api/usage?month=YYYY-MM)",

@@ -89,7 +89,15 @@ async def meter_stack(
     worker = Worker(settings, config, cards, stats=stats, now=clock_from(args.clock))
     view = UsageView(settings, config.topics.usage)
     view_task = asyncio.create_task(view.run(stop), name="meter-usage-view")
-    runner = await start_http(args, worker, CollectorRegistry(), view)
+    try:
+        runner = await start_http(args, worker, CollectorRegistry(), view)
+    except BaseException:  # e.g. a busy --http-port: leave no broker behind
+        stop.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(view_task, 10)
+        if embedded is not None:
+            embedded.stop()
+        raise
     task = asyncio.create_task(worker.run(stop), name="meter-worker")
     say(
         f"worker: group {config.group_id}, reading {config.topics.jobs}, totals on "

@@ -76,7 +76,11 @@ async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     server = site._server
     assert server is not None
     actual = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
