@@ -14,6 +14,7 @@ from meter.domain.event import (
     Event,
     Rejected,
     parse,
+    parse_message,
 )
 from meter.domain.ledger import (
     COUNTED,
@@ -61,6 +62,7 @@ __all__ = [
     "UsageRow",
     "load_ratecards",
     "parse",
+    "parse_message",
     "parse_ratecards",
     "points_height",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterable
 from itertools import accumulate
 from typing import Final, Literal, get_args
 
@@ -220,6 +221,145 @@ def parse(raw: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event |
             return Rejected("invalid_time", "time: must not be empty")
         return Rejected("invalid_time", f"time: {excerpt(env.time)} {exc}")
     return Event(env.id, env.source, env.time, tenant, wid, wtype, lic, data.result, month, date)
+
+
+#: The headers of a binary-mode event that meter needs (CloudEvents Kafka protocol binding 1.0,
+#: §3.2.3), in the order a missing one is reported.
+CE_HEADERS: Final = ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time")
+CONTENT_TYPE: Final = "content-type"
+#: ``content-type`` of a structured-mode message; any other ``application/cloudevents``
+#: type is an event format meter does not read.
+STRUCTURED_JSON: Final = "application/cloudevents+json"
+_READ: Final = frozenset((*CE_HEADERS, CONTENT_TYPE))
+_ATTRIBUTES: Final = frozenset(h[3:] for h in CE_HEADERS)
+_CLOUDEVENTS: Final = b"application/cloudevents"
+#: A ``content-type`` longer than this is not one meter supports (and is quoted cut).
+_MAX_MEDIA_TYPE: Final = 256
+_raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
+_NO_VALUE: Final = Rejected("invalid_json", "message has no value")
+
+
+def parse_message(
+    value: bytes | str | None,
+    headers: Iterable[tuple[str, bytes | None]] | None,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> Event | Rejected:
+    """Decode and validate the event in one Kafka message, in either content mode of the
+    CloudEvents Kafka protocol binding 1.0.  Never raises, whatever the value and headers.
+
+    A ``content-type`` header starting ``application/cloudevents`` means structured mode;
+    else a message with a ``ce_`` header is binary mode; else (no headers, as plain JSON
+    producers send) structured.  Structured: the value is the event, read by :func:`parse`.
+    Binary: the attributes are the headers ``ce_specversion``, ``ce_id``, ``ce_source``,
+    ``ce_type`` and ``ce_time``, the value is ``data`` and ``content-type`` (absent, or
+    ``application/json``) its media type.  Binary mode is put together as the structured event
+    and read by :func:`parse`, so the contract, the rules and the rejection codes are the
+    same; reasons name the header (``header ce_time: ...``).  Its size is the value's plus
+    those five headers'.  A header meter reads that is missing, null, repeated or not UTF-8
+    is a rejection naming it; other headers are ignored.
+    """
+    if not headers:
+        return _NO_VALUE if value is None else parse(value, max_bytes)
+    found: dict[str, bytes | None] = {}
+    repeated: set[str] = set()
+    binary = False
+    for name, raw in headers:
+        if name in _READ:
+            if name in found:
+                repeated.add(name)
+            found[name] = raw
+        if not binary and name.startswith("ce_"):
+            binary = True
+    media = found.get(CONTENT_TYPE)
+    if media is not None and media[: len(_CLOUDEVENTS)].lower() == _CLOUDEVENTS:
+        problem = _media_problem(media, STRUCTURED_JSON, repeated)
+        if problem is not None:
+            return Rejected(
+                "invalid_value", f"{problem} (structured-mode events must be {STRUCTURED_JSON})"
+            )
+        binary = False
+    if not binary:
+        return _NO_VALUE if value is None else parse(value, max_bytes)
+    return _parse_binary(value, found, repeated, max_bytes)
+
+
+def _parse_binary(
+    value: object, found: dict[str, bytes | None], repeated: set[str], max_bytes: int
+) -> Event | Rejected:
+    size = 0
+    for name in CE_HEADERS:
+        raw = found.get(name)
+        if raw is None:
+            return Rejected("missing_field", f"header {name}: missing (binary-mode CloudEvent)")
+        if name in repeated:
+            return Rejected("invalid_value", f"header {name}: appears more than once")
+        size += len(raw)
+    if value is None or value == b"":
+        return Rejected(
+            "missing_field", "data: missing (a binary-mode message's value is the event's data)"
+        )
+    data = value if isinstance(value, bytes) else _to_bytes(value, max_bytes)
+    if isinstance(data, Rejected):
+        return data
+    size += len(data)
+    if size > max_bytes:
+        return Rejected(
+            "too_large", f"event is {size} bytes (value and ce_ headers); the limit is {max_bytes}"
+        )
+    media = found.get(CONTENT_TYPE)
+    if media is not None:
+        problem = _media_problem(media, "application/json", repeated)
+        if problem is not None:
+            return Rejected(
+                "invalid_value", f"{problem} (binary-mode data must be application/json)"
+            )
+    attributes = []
+    for name in CE_HEADERS:
+        try:
+            attributes.append(msgspec.json.encode(found[name].decode()))  # type: ignore[union-attr]
+        except UnicodeDecodeError as exc:
+            return Rejected("invalid_value", f"header {name}: not valid UTF-8 at byte {exc.start}")
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError as exc:
+            return Rejected("invalid_json", f"data: not valid UTF-8 at byte {exc.start}")
+        if data.startswith(_BOM):
+            data = data[3:]
+    try:
+        _raw_decoder.decode(data)  # exactly one JSON value, so the envelope below is sound
+    except msgspec.DecodeError as exc:
+        return Rejected("invalid_json", f"data: not valid JSON: {exc}")
+    except RecursionError:
+        return _too_deep()
+    envelope = b'{"specversion":%b,"id":%b,"source":%b,"type":%b,"time":%b,"data":%b}' % (
+        *attributes,
+        data,
+    )
+    result = parse(envelope, len(envelope))
+    if result.__class__ is Rejected:
+        assert isinstance(result, Rejected)
+        field, sep, rest = result.reason.partition(": ")
+        if field in _ATTRIBUTES:
+            return Rejected(result.code, f"header ce_{field}{sep}{rest}")
+    return result
+
+
+def _media_problem(raw: bytes, expected: str, repeated: set[str]) -> str | None:
+    """What is wrong with ``content-type`` value ``raw`` if it is not ``expected``
+    (parameters allowed, but a charset only if UTF-8), else ``None``."""
+    if CONTENT_TYPE in repeated:
+        return f"header {CONTENT_TYPE}: appears more than once"
+    text = raw[: _MAX_MEDIA_TYPE + 1].decode("utf-8", "replace")
+    kind, _, params = text.partition(";")
+    charset = "utf-8"
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = val.strip().strip('"').lower()
+    if len(raw) <= _MAX_MEDIA_TYPE and kind.strip().lower() == expected and charset == "utf-8":
+        return None
+    return f"header {CONTENT_TYPE}: {excerpt(text)} is not supported"
 
 
 def too_large(size: int, limit: int) -> Rejected:

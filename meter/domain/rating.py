@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meter.domain.event import DEFAULT_MAX_EVENT_BYTES, Event, Rejected, excerpt, parse
+from meter.domain.event import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    Rejected,
+    excerpt,
+    parse,
+    parse_message,
+)
 from meter.domain.ledger import Ledger
 from meter.domain.ratecard import Rate, RateCards
 
@@ -49,9 +57,17 @@ class Rater:
     #: Larger events are rejected as ``too_large``.
     max_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
-    def feed(self, raw: bytes | str) -> Event | Rejected:
-        """Rate one raw event.  Returns the parsed event or why it was rejected."""
-        event = parse(raw, self.max_bytes)
+    def feed(
+        self, raw: bytes | str, headers: Sequence[tuple[str, bytes | None]] | None = None
+    ) -> Event | Rejected:
+        """Rate one raw event.  Returns the parsed event or why it was rejected.
+
+        With a Kafka message's ``headers``, the message is read in either CloudEvents
+        content mode (:func:`parse_message`)."""
+        if headers:
+            event = parse_message(raw, headers, self.max_bytes)
+        else:
+            event = parse(raw, self.max_bytes)
         tally = self.tally
         if event.__class__ is Rejected:
             tally.rejected += 1
