@@ -2,8 +2,8 @@
 
 - changelog: ``{"v": 1, "entries": [[tenant, month, type, workload, points, card], ...]}``
 - usage: the record documented in ``schemas/usage-record.v1.schema.json``
-- rejected: the original bytes untouched when they fit, else a bounded prefix;
-  the reason and the source travel in bounded headers (:func:`dead_letter`)
+- rejected: the original bytes untouched when they fit, else a bounded prefix, with the
+  original headers; the reason and the source travel in bounded headers (:func:`dead_letter`)
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ H_OFFSET: Final = "meter.source.offset"
 H_REJECTED_AT: Final = "meter.rejected_at"
 H_ORIGINAL_SIZE: Final = "meter.original_size"
 H_TRUNCATED: Final = "meter.truncated"
+#: How many of the original message's headers were left off (only when some were).
+H_HEADERS_DROPPED: Final = "meter.original_headers_dropped"
 #: The class of the exception behind an ``internal_error`` (the caller passes it in ``extra``).
 H_EXCEPTION: Final = "meter.exception"
 #: At most this many bytes of UTF-8 in the reason header, and in each ``extra`` header.
@@ -198,24 +200,41 @@ def dead_letter(
     *,
     max_bytes: int,
     extra: Sequence[tuple[str, bytes]] = (),
+    original_headers: Iterable[tuple[str, bytes | None]] = (),
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The value and headers of one message on the dead-letter topic, bounded whatever ``raw`` is.
 
     The value is ``raw`` itself when it has at most ``max_bytes`` bytes, else its
     first ``max_bytes`` bytes with ``meter.original_size`` and ``meter.truncated:
     true`` headers (the original stays on its source topic for that topic's
-    retention).  The reason, and each ``extra`` header, hold at most
-    :data:`MAX_REASON_BYTES` bytes, cut on a UTF-8 character boundary.  So value
-    plus headers stay under ``max_bytes`` + about 1 KiB (+ the key, which the
+    retention).  The headers are the original message's first (``original_headers``,
+    in order, each whole, while they total at most ``max_bytes``; the rest are left
+    off and counted in ``meter.original_headers_dropped``; a null value is written
+    empty, as aiokafka writes it), then meter's, so a reader that keeps the last of
+    a name sees meter's.  The reason, and each ``extra`` header, hold at most
+    :data:`MAX_REASON_BYTES` bytes, cut on a UTF-8 character boundary.  So value plus
+    headers stay under twice ``max_bytes`` + about 1 KiB (+ the key, which the
     caller writes).
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    headers = rejected_headers(reason, code, topic, partition, offset, rejected_at)
+    headers: list[tuple[str, bytes]] = []
+    room, dropped = max_bytes, 0
+    for k, v in original_headers:
+        kept = v or b""
+        size = len(k.encode()) + len(kept)
+        if not dropped and size <= room:
+            headers.append((k, kept))
+            room -= size
+        else:
+            dropped += 1
+    headers += rejected_headers(reason, code, topic, partition, offset, rejected_at)
     value = raw
     if len(raw) > max_bytes:
         value = raw[:max_bytes]
         headers += [(H_ORIGINAL_SIZE, str(len(raw)).encode()), (H_TRUNCATED, b"true")]
+    if dropped:
+        headers.append((H_HEADERS_DROPPED, str(dropped).encode()))
     headers += [(k, _cut(v, MAX_REASON_BYTES)) for k, v in extra]
     return value, headers
 

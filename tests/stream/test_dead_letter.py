@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from meter.stream.records import (
     H_EXCEPTION,
+    H_HEADERS_DROPPED,
     H_ORIGINAL_SIZE,
     H_REASON,
     H_TRUNCATED,
@@ -116,3 +117,47 @@ def test_the_value_is_the_message_or_its_prefix(raw: bytes, cap: int) -> None:
 
 def test_a_reason_that_is_not_valid_unicode_never_raises() -> None:
     assert bounded_text("bad \ud800 byte", 64) == b"bad ? byte"
+
+
+def test_the_original_headers_come_first_and_meters_after() -> None:
+    original = [
+        ("ce_id", b"e-1"),
+        ("traceparent", b"00-ab"),
+        ("meter.reason", b"theirs"),
+        ("n", None),
+    ]
+    value, headers = dead_letter(
+        b"{}", "r", "c", "meter.jobs", 0, 1, "t", max_bytes=LIMIT, original_headers=original
+    )
+    assert value == b"{}"
+    assert headers[:4] == [*original[:3], ("n", b"")]  # a null value goes empty
+    assert headers_dict(headers)[H_REASON] == "r"  # the last of a name is meter's
+    assert H_HEADERS_DROPPED not in headers_dict(headers)
+
+
+def test_original_headers_over_the_bound_are_left_off_and_counted() -> None:
+    original = [("a", b"x" * 100), ("b", b"y" * 9 * MiB), ("c", b"z"), ("d", b"")]
+    _, headers = dead_letter(
+        b"{}", "r", "c", "meter.jobs", 0, 1, "t", max_bytes=1000, original_headers=original
+    )
+    assert headers[0] == ("a", b"x" * 100)
+    names = [k for k, _ in headers]
+    assert "b" not in names and "c" not in names  # in order: nothing after the first left off
+    assert headers_dict(headers)[H_HEADERS_DROPPED] == "3"
+    assert size(headers) < 1000 + 1024
+
+
+@given(
+    st.binary(max_size=300),
+    st.lists(st.tuples(st.text(max_size=20), st.one_of(st.none(), st.binary(max_size=200)))),
+    st.integers(0, 400),
+)
+def test_value_plus_headers_stay_bounded(
+    raw: bytes, original: list[tuple[str, bytes | None]], cap: int
+) -> None:
+    value, headers = dead_letter(
+        raw, "r" * 5000, "c", "t", 0, 0, "t", max_bytes=cap, original_headers=original
+    )
+    kept = [(k, v or b"") for k, v in original][: len(headers)]
+    assert headers[: len(kept)] == kept or H_HEADERS_DROPPED in headers_dict(headers)
+    assert len(value) + size(headers) <= 2 * cap + 1024
