@@ -41,7 +41,7 @@ async def audit(
     async for rec in iter_to_end(settings, jobs, max_seconds=None):
         raw += 1
         if rec.value is not None and rec.value.strip():
-            rater.feed(rec.value)
+            rater.feed(rec.value, rec.headers)  # either CloudEvents content mode
     published = fold(
         await read_usage(settings, usage), await read_corrections(settings, f"{usage}.corrections")
     )

@@ -58,7 +58,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
-from meter.domain import Event, RateCards, Rejected, Tally, parse
+from meter.domain import Event, RateCards, Rejected, Tally, parse, parse_message
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
@@ -603,7 +603,10 @@ class Worker:
                             (rec, b"", Rejected("invalid_json", "message has no value"), "")
                         )
                         continue
-                    result = parse(value, max_bytes)
+                    if rec.headers:  # either CloudEvents content mode; none: plain JSON
+                        result = parse_message(value, rec.headers, max_bytes)
+                    else:
+                        result = parse(value, max_bytes)
                     if result.__class__ is Rejected:
                         assert isinstance(result, Rejected)
                         rejects.append((rec, value, result, ""))
@@ -692,6 +695,7 @@ class Worker:
             now,
             max_bytes=self.config.max_event_bytes,
             extra=[(H_EXCEPTION, exc.encode())] if exc else (),
+            original_headers=rec.headers or (),
         )
         key = rec.key
         if key is not None and len(key) > MAX_KEY_BYTES:
@@ -765,7 +769,14 @@ class Worker:
                             self.stats.changelog_records += 1
                     for home, key, raw, rec in forwards:
                         what = f"forward of {_source(rec)}"
-                        fut = await producer.send(t.by_tenant, raw, key=key, partition=home)
+                        # With its headers: a binary-mode event is half in them.
+                        fut = await producer.send(
+                            t.by_tenant,
+                            raw,
+                            key=key,
+                            partition=home,
+                            headers=list(rec.headers) if rec.headers else None,
+                        )
                         writes.append((what, fut))
                     for rkey, raw, headers, rec in dead:
                         what = f"dead letter of {_source(rec)}"
