@@ -25,7 +25,7 @@ from meter.domain import load_ratecards
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
 from meter.report.vspc import render_vspc
-from meter.stream.send import send_lines
+from meter.stream.send import MODES, send_lines
 from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 from meter.stream.worker import Worker
 
@@ -52,6 +52,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("file", metavar="FILE")
     s.add_argument("--topic", default="meter.jobs", help="topic to produce to [meter.jobs]")
+    s.add_argument(
+        "--mode",
+        choices=MODES,
+        default="structured",
+        help="CloudEvents content mode: structured sends each line as it is; binary sends "
+        "each valid event's attributes as ce_* headers and its data as the value (other "
+        "lines go as they are) [structured]",
+    )
     add_max_event_bytes_argument(s)
     add_kafka_arguments(s)
     s.set_defaults(func=send)
@@ -103,7 +111,11 @@ def send(args: argparse.Namespace) -> int:
         # Checks the SASL handshake before the producer starts: a refusal is one line.
         async with translate_auth_errors(settings):
             return await send_lines(
-                settings, args.topic, lines, max_event_bytes=args.max_event_bytes
+                settings,
+                args.topic,
+                lines,
+                max_event_bytes=args.max_event_bytes,
+                mode=args.mode,
             )
 
     skipped: list[tuple[int, int]] = []

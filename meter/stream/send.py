@@ -1,11 +1,15 @@
-"""``meter send``: produce JSON lines to ``meter.jobs`` with their bytes untouched."""
+"""``meter send``: produce JSON lines to ``meter.jobs`` with their bytes untouched, or each
+event in CloudEvents binary content mode (``--mode binary``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable
+from typing import Final
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 
 from meter.domain import Event, parse
@@ -13,6 +17,14 @@ from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.kafka import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+#: How ``meter send`` writes an event (the CloudEvents Kafka binding's content modes).
+MODES: Final = ("structured", "binary")
+#: A CloudEvents attribute name (lower-case letters and digits), so ``ce_{name}`` is its header.
+_ATTRIBUTE: Final = re.compile(r"[a-z0-9]{1,20}")
+#: Members of a structured event that are not ``ce_`` headers in binary mode.
+_NOT_HEADERS: Final = frozenset({"data", "data_base64", "datacontenttype"})
+_members: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 def tenant_key(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes | None:
@@ -25,6 +37,30 @@ def tenant_key(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes | 
     if event.__class__ is Event:
         return event.tenant_id.encode()
     return None
+
+
+def binary_message(raw: bytes) -> tuple[bytes, list[tuple[str, bytes]]] | None:
+    """A structured-mode event the meter accepts as a binary-mode message, ``(value, headers)``.
+
+    The value is ``data``'s JSON text, bytes untouched; each attribute with a string
+    value is a ``ce_`` header (the five the meter needs, and extensions), and
+    ``content-type`` is ``application/json``.  ``None`` if ``raw`` is not a JSON object
+    with ``data``.
+    """
+    try:
+        members = _members.decode(raw.removeprefix(b"\xef\xbb\xbf"))
+        data = members["data"]
+        headers = [
+            (f"ce_{name}", value.encode())
+            for name, text in members.items()
+            if name not in _NOT_HEADERS
+            and _ATTRIBUTE.fullmatch(name)
+            and isinstance(value := msgspec.json.decode(text), str)
+        ]
+    except (msgspec.DecodeError, KeyError, UnicodeEncodeError):
+        return None
+    headers.append(("content-type", b"application/json"))
+    return bytes(data), headers
 
 
 def strip_line(line: bytes) -> bytes:
@@ -44,12 +80,19 @@ async def send_lines(
     idempotence: bool = False,
     window: int = 5_000,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    mode: str = "structured",
 ) -> int:
     """Produce every non-blank line; return how many.  Waits for every ack.
 
     A line is keyed by its tenant when it is an event of at most
-    ``max_event_bytes`` that the meter accepts (see :func:`tenant_key`).
+    ``max_event_bytes`` that the meter accepts (see :func:`tenant_key`).  In
+    ``binary`` mode such a line goes as a binary-mode message
+    (:func:`binary_message`); every other line goes as it is, so it still reaches
+    the dead-letter topic.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    binary = mode == "binary"
     producer = AIOKafkaProducer(
         **settings.client_kwargs(),
         acks="all",
@@ -65,9 +108,11 @@ async def send_lines(
             value = strip_line(line)
             if not value.strip():
                 continue
-            pending.append(
-                await producer.send(topic, value, key=tenant_key(value, max_event_bytes))
-            )
+            key = tenant_key(value, max_event_bytes)
+            headers = None
+            if binary and key is not None and (message := binary_message(value)) is not None:
+                value, headers = message
+            pending.append(await producer.send(topic, value, key=key, headers=headers))
             sent += 1
             if len(pending) >= window:
                 await asyncio.gather(*pending)
