@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -82,6 +82,29 @@ async def start_client(client: Startable, settings: KafkaSettings) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.stop(), 5.0)
         raise
+
+
+#: What aiokafka's sender logs at ERROR when a broker refuses InitProducerId (Tansu does).
+_INIT_PRODUCER_ID_ERROR: Final = "Unexpected error during InitProducerIdRequest"
+
+
+class _DropInitProducerIdError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_INIT_PRODUCER_ID_ERROR)
+
+
+@contextlib.contextmanager
+def init_producer_id_handled() -> Iterator[None]:
+    """Around the start of an idempotent producer whose failure the caller handles and
+    reports itself: aiokafka's own ERROR about the failed InitProducerId is dropped.
+    Only that record, only meanwhile: every other sender error still shows."""
+    sender = logging.getLogger("aiokafka.producer.sender")
+    drop = _DropInitProducerIdError()
+    sender.addFilter(drop)
+    try:
+        yield
+    finally:
+        sender.removeFilter(drop)
 
 
 async def _start_admin(settings: KafkaSettings, request_timeout_ms: int) -> AIOKafkaAdminClient:

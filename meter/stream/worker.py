@@ -54,7 +54,9 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
+    UnknownError,
     UnsupportedForMessageFormatError,
+    UnsupportedVersionError,
 )
 from aiokafka.partitioner import murmur2
 
@@ -67,6 +69,7 @@ from meter.kafka import (
     close_consumer,
     describe_partitions,
     ensure_topics,
+    init_producer_id_handled,
     start_client,
 )
 from meter.stream.closing import (
@@ -384,14 +387,20 @@ class Worker:
         if self.config.idempotence in ("auto", "on"):
             producer = AIOKafkaProducer(**kw, **common, enable_idempotence=True)
             try:
-                # InitProducerId is part of start(); the embedded broker fails it.
-                await start_client(producer, self.settings)
+                # InitProducerId is part of start(); the embedded broker fails it.  Its
+                # failure is reported here, once, so aiokafka's own ERROR is left out.
+                with init_producer_id_handled():
+                    await start_client(producer, self.settings)
             except KafkaError as exc:
                 with contextlib.suppress(Exception):
                     await producer.stop()
                 if self.config.idempotence == "on":
                     raise
-                log.warning(
+                # What a broker without idempotent producers answers (Tansu: UnknownError)
+                # is expected and documented: INFO.  Anything else deserves a look.
+                expected = isinstance(exc, UnknownError | UnsupportedVersionError)
+                log.log(
+                    logging.INFO if expected else logging.WARNING,
                     "broker does not support idempotent producers (%s); using acks=all "
                     "without idempotence: totals stay exact because state is join-shaped, "
                     "a retried write is at worst written twice",

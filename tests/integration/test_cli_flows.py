@@ -43,7 +43,10 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert b"MEMORY ONLY" in (ARTIFACTS / "cli-broker.log").read_bytes()
             worker = subprocess.Popen(
-                meter("worker", "--broker", bootstrap), stdout=wlog, stderr=wlog, env=env
+                meter("worker", "--broker", bootstrap, "--http-port", "0"),
+                stdout=wlog,
+                stderr=wlog,
+                env=env,
             )
             sent = subprocess.run(
                 meter("send", str(TRICKY), "--broker", bootstrap),
@@ -82,6 +85,13 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
                 assert worker.wait(40) == 0
             broker.send_signal(signal.SIGTERM)
             assert broker.wait(20) == 0
+    # A clean start on the embedded broker: the expected fallback is one INFO line, and
+    # where the metrics are is said once.
+    log = (ARTIFACTS / "cli-worker.log").read_text()
+    assert "InitProducerIdRequest" not in log
+    assert "ERROR" not in log, log
+    assert log.count("INFO meter.stream.worker: broker does not support idempotent") == 1, log
+    assert log.count("metrics on http://") == 1, log
 
 
 def test_demo_runs_and_agrees_with_rate() -> None:
