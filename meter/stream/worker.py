@@ -1012,8 +1012,17 @@ class Worker:
         if hp.active:
             await self._publish_close(hp, month)
 
-    async def _publish_close(self, hp: HomePartition, month: str) -> None:
-        """Final usage records, tenant reports and this partition's summary (idempotent)."""
+    async def _publish_close(
+        self, hp: HomePartition, month: str, reports: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Final usage records, tenant reports and, last, this partition's summary.
+
+        The summary goes out only once everything before it is acknowledged, so it is the
+        close's receipt.  With ``reports`` (what ``meter.reports`` holds, read on
+        recovery), a close whose summary and tenant reports are there already, the same,
+        is not published again: a restart or rebalance republishes only what changed.
+        ``reports`` is updated with what is published.
+        """
         hc = hp.close
         t = self.config.topics
         grace = self.config.close_grace or timedelta(0)
@@ -1021,30 +1030,37 @@ class Worker:
         assert producer is not None
         closed_at = iso(closes_at(month, grace))
         tms = [hc.final_tenant_month(tenant, month) for tenant in sorted(hc.finals[month])]
-        futures = []
-        for tm in tms:
-            if not tm.workloads:
-                continue
-            key = usage_key(tm.tenant_id, month)
-            futures.append(
-                await producer.send(
-                    t.usage,
-                    encode_usage(tm, self.clock(), final=True, closed_at=closed_at),
-                    key=key,
-                )
-            )
-            futures.append(
-                await producer.send(t.reports, orjson.dumps(tenant_report(tm, grace)), key=key)
-            )
+        tenant_docs = {
+            usage_key(tm.tenant_id, month).decode(): (tm, tenant_report(tm, grace))
+            for tm in tms
+            if tm.workloads
+        }
+        summary_key = f"partition/{month}/{hp.number}"
         summary = partition_summary(month, hp.number, self._n_home, tms, grace)
-        futures.append(
-            await producer.send(
-                t.reports, orjson.dumps(summary), key=f"partition/{month}/{hp.number}".encode()
-            )
-        )
-        await asyncio.gather(*futures)
-        self.stats.published += len(futures)
-        await self._maybe_provider_summary(month)
+        if (
+            reports is not None
+            and reports.get(summary_key) == summary
+            and all(reports.get(key) == doc for key, (_, doc) in tenant_docs.items())
+        ):
+            log.debug("close of %s on home partition %d already published", month, hp.number)
+        else:
+            futures = []
+            for key, (tm, doc) in tenant_docs.items():
+                futures.append(
+                    await producer.send(
+                        t.usage,
+                        encode_usage(tm, self.clock(), final=True, closed_at=closed_at),
+                        key=key.encode(),
+                    )
+                )
+                futures.append(await producer.send(t.reports, orjson.dumps(doc), key=key.encode()))
+            await asyncio.gather(*futures)
+            await producer.send_and_wait(t.reports, orjson.dumps(summary), key=summary_key.encode())
+            self.stats.published += len(futures) + 1
+            if reports is not None:
+                reports.update({key: doc for key, (_, doc) in tenant_docs.items()})
+                reports[summary_key] = summary
+        await self._maybe_provider_summary(month, reports)
 
     async def _refresh_known_months(self) -> dict[str, dict[str, Any]] | None:
         """Read ``meter.reports``; learn every month some partition closed.  None on failure."""
@@ -1060,21 +1076,30 @@ class Worker:
         }
         return reports
 
-    async def _maybe_provider_summary(self, month: str) -> None:
-        """Publish the provider summary once every home partition has closed ``month``."""
-        reports = await self._refresh_known_months()
+    async def _maybe_provider_summary(
+        self, month: str, reports: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Publish the provider summary once every home partition has closed ``month``,
+        unless ``meter.reports`` holds it already, the same (read now unless ``reports``
+        is given; it is updated with what is published)."""
         if reports is None:
-            return
+            reports = await self._refresh_known_months()
+            if reports is None:
+                return
         parts = [reports.get(f"partition/{month}/{p}") for p in range(self._n_home)]
         if any(p is None for p in parts):
             return
         grace = self.config.close_grace or timedelta(0)
         doc = provider_summary(month, parts, grace)  # type: ignore[arg-type]
+        key = f"provider/{month}"
+        if reports.get(key) == doc:
+            return
         producer = self._producer
         assert producer is not None
         await producer.send_and_wait(
-            self.config.topics.reports, orjson.dumps(doc), key=f"provider/{month}".encode()
+            self.config.topics.reports, orjson.dumps(doc), key=key.encode()
         )
+        reports[key] = doc
         log.info("month %s closed on every partition: provider summary published", month)
 
     async def _publish_corrections(self) -> None:
@@ -1243,14 +1268,18 @@ class Worker:
                         )
         restore.assign([])
         for tp, n in tps.items():
-            hp = parts[n]
-            hp.recovered(targets[tp])
-            self._known_months |= hp.close.closed
+            parts[n].recovered(targets[tp])
+            self._known_months |= parts[n].close.closed
+        # Publish a close again only where meter.reports lacks it or says otherwise (one
+        # read for all); every correction since goes out with the next flush.  Unreadable
+        # reports: publish again (the same content).
+        closed = any(hp.close.closed for hp in parts.values())
+        reports = await self._refresh_known_months() if closed else None
+        for hp in parts.values():
             for month in sorted(hp.close.closed):
-                # Publish the close again (same content) and every correction since.
                 try:
                     if self._publishable():
-                        await self._publish_close(hp, month)
+                        await self._publish_close(hp, month, reports)
                 except (KafkaError, OSError, TimeoutError) as exc:
                     log.warning("could not republish the close of %s: %s", month, exc)
         self._resume_homes(homes)

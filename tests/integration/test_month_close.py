@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,68 @@ def test_a_worker_restarted_before_the_close_closes_with_nothing_new_to_read(
         assert provider["points"] == sum(r.points for r in october)
         closed = finals(kafka_settings, names.usage, "2026-10")
         assert sum(r["workloads"] for r in closed.values()) == sum(r.workloads for r in october)
+    finally:
+        second.terminate()
+        second.close()
+
+
+def copies(settings: KafkaSettings, topic: str) -> Counter[str]:
+    """How many records each key has on ``topic`` (the embedded broker never compacts)."""
+    return Counter(rec.key.decode() for rec in read_all(settings, topic))  # type: ignore[attr-defined]
+
+
+def final_records(settings: KafkaSettings, topic: str) -> int:
+    return sum(
+        1
+        for rec in read_all(settings, topic)
+        if orjson.loads(rec.value).get("final")  # type: ignore[attr-defined]
+    )
+
+
+def test_a_restart_after_the_close_publishes_and_logs_nothing_again(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    clock = tmp_path / "clock"
+    clock.write_text("2026-10-02T00:00:00Z")  # September (zones reach into it) not due yet
+    names = Names(unique)
+    names.extra = ["--clock", str(clock)]
+    lines = list(generate(800, seed=81, month="2026-10", tenants=12, workloads=6))
+    expected = expected_usage(lines)
+    months = sorted({r.month for r in expected})
+    first = WorkerProcess(kafka_settings.bootstrap, names, "first")
+    try:
+        first.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, lines)
+        wait_for_usage(kafka_settings, names.usage, expected, workers=[first])
+        clock.write_text("2026-11-03T00:00:01Z")
+        wait_until(
+            lambda: all(f"provider/{m}" in reports(kafka_settings, names.reports) for m in months),
+            "the provider summaries",
+        )
+        time.sleep(1)
+        assert first.terminate() == 0, first.log()
+    finally:
+        first.close()
+    before = copies(kafka_settings, names.reports)
+    finals = final_records(kafka_settings, names.usage)
+    # Once per change: one provider summary a month, one summary per partition and month,
+    # one final record per tenant-month, one line in the log.
+    summaries = {k: n for k, n in before.items() if k.startswith(("provider/", "partition/"))}
+    assert summaries == {
+        **{f"provider/{m}": 1 for m in months},
+        **{f"partition/{m}/{p}": 1 for m in months for p in range(4)},
+    }
+    assert finals == len({(r.tenant_id, r.month) for r in expected})
+    assert first.log().count("closed on every partition") == len(months)
+
+    second = WorkerProcess(kafka_settings.bootstrap, names, "second")
+    try:
+        # Recovery, and any republishing, is done before this line is logged.
+        second.wait_for_log("took home partitions")
+        time.sleep(2)
+        assert copies(kafka_settings, names.reports) == before
+        assert final_records(kafka_settings, names.usage) == finals
+        assert "closed on every partition" not in second.log()
     finally:
         second.terminate()
         second.close()
