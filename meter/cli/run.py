@@ -24,7 +24,7 @@ from meter.cli.common import (
     stream_config,
 )
 from meter.domain import Rater, UsageRow, load_ratecards
-from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args
+from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args, start_client
 from meter.kafka.settings import ENV_BROKER
 from meter.observe.usage_view import UsageView
 from meter.report import UsageReport, render
@@ -234,7 +234,7 @@ async def emit(
 ) -> None:
     """Produce ``lines`` at about ``rate`` per second, as job systems would."""
     producer = AIOKafkaProducer(**settings.client_kwargs(), acks="all", linger_ms=5)
-    await producer.start()
+    await start_client(producer, settings)
     try:
         started = time.monotonic()
         step = max(1, int(rate / 50))

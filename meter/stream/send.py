@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from meter.domain import Event, parse
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
-from meter.kafka import KafkaSettings
+from meter.kafka import KafkaSettings, start_client
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def send_lines(
         linger_ms=10,
         max_batch_size=1024 * 1024,
     )
-    await producer.start()
+    await start_client(producer, settings)  # a producer that cannot start is stopped
     sent = 0
     try:
         pending: list[asyncio.Future[object]] = []
