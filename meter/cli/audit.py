@@ -26,8 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "difference; exits 1 if there is one.",
     )
     p.add_argument("--month", required=True, help="the month to audit (YYYY-MM)")
-    p.add_argument("--jobs-topic", default=DEFAULTS.jobs)
-    p.add_argument("--usage-topic", default=DEFAULTS.usage)
+    p.add_argument(
+        "--jobs-topic", default=DEFAULTS.jobs, help="topic of the raw job events [%(default)s]"
+    )
+    p.add_argument(
+        "--usage-topic",
+        default=DEFAULTS.usage,
+        help="usage topic to check, with its .corrections [%(default)s]",
+    )
     p.add_argument("--ratecard", metavar="FILE", help="rate card file (default: built-in)")
     add_max_event_bytes_argument(p)
     add_kafka_arguments(p)

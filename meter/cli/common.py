@@ -43,9 +43,22 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="publish a tenant-month's usage at most this often [0.25]",
     )
-    g.add_argument("--jobs-topic", default=DEFAULTS.jobs)
-    g.add_argument("--usage-topic", default=DEFAULTS.usage)
-    g.add_argument("--rejected-topic", default=DEFAULTS.rejected)
+    g.add_argument(
+        "--jobs-topic",
+        default=DEFAULTS.jobs,
+        help="topic the job events are read from; its .by-tenant and .ledger.changelog "
+        "topics are named after it [%(default)s]",
+    )
+    g.add_argument(
+        "--usage-topic",
+        default=DEFAULTS.usage,
+        help="topic the usage records go to; corrections go to its .corrections [%(default)s]",
+    )
+    g.add_argument(
+        "--rejected-topic",
+        default=DEFAULTS.rejected,
+        help="dead-letter topic: every message meter cannot count, with its reason [%(default)s]",
+    )
     g.add_argument(
         "--session-timeout-ms",
         type=int,
@@ -60,7 +73,11 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         help="close a month this long after it ends, e.g. 2d, 36h, 0, or off [2d: the 3rd "
         "day of the next month, 00:00 UTC]",
     )
-    g.add_argument("--reports-topic", default=DEFAULTS.reports, help=f"[{DEFAULTS.reports}]")
+    g.add_argument(
+        "--reports-topic",
+        default=DEFAULTS.reports,
+        help="topic the month-close reports go to [%(default)s]",
+    )
     add_max_event_bytes_argument(
         g,
         "; dead letters keep at most this many bytes of the original (keep it below the "

@@ -50,7 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Produce each non-blank line of FILE (or - for standard input) as one "
         "message, bytes untouched (bad lines included), keyed by tenant_id where readable.",
     )
-    s.add_argument("file", metavar="FILE")
+    s.add_argument("file", metavar="FILE", help="JSON lines file, or - for standard input")
     s.add_argument("--topic", default="meter.jobs", help="topic to produce to [meter.jobs]")
     s.add_argument(
         "--mode",
@@ -72,7 +72,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--month", help="only this month (YYYY-MM)")
     r.add_argument("--tenant", help="only this tenant")
-    r.add_argument("--format", choices=(*FORMATS, "vspc-csv"), default="table")
+    r.add_argument(
+        "--format",
+        choices=(*FORMATS, "vspc-csv"),
+        default="table",
+        help="output format; vspc-csv is the vendor's monthly usage report [%(default)s]",
+    )
     r.add_argument("--topic", default="meter.usage", help="usage topic [meter.usage]")
     r.add_argument(
         "--with-corrections",

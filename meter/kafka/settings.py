@@ -293,15 +293,15 @@ def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
         "--security-protocol",
         type=str.upper,
         choices=SECURITY_PROTOCOLS,
-        help=f"(env {ENV_SECURITY_PROTOCOL}; default PLAINTEXT)",
+        help=f"how to reach the broker (env {ENV_SECURITY_PROTOCOL}; default PLAINTEXT)",
     )
     group.add_argument(
         "--sasl-mechanism",
         type=str.upper,
         choices=SASL_MECHANISMS,
-        help=f"(env {ENV_SASL_MECHANISM})",
+        help=f"SASL mechanism (env {ENV_SASL_MECHANISM})",
     )
-    group.add_argument("--sasl-username", help=f"(env {ENV_SASL_USERNAME})")
+    group.add_argument("--sasl-username", help=f"SASL user name (env {ENV_SASL_USERNAME})")
     group.add_argument(
         "--sasl-password-file",
         metavar="PATH",
