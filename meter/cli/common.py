@@ -97,16 +97,25 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_http_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
+def add_http_arguments(
+    p: argparse.ArgumentParser, default_port: int, *, status_page_flag: bool = False
+) -> None:
     g = p.add_argument_group("HTTP (metrics, health, status page)")
     g.add_argument("--http-host", default="127.0.0.1", help="address to serve on [127.0.0.1]")
     g.add_argument(
         "--http-port",
         type=int,
         default=default_port,
-        help=f"port to serve /metrics (and /healthz) on; one in use is an error; 0 = any "
-        f"free port, -1 = off [{default_port}]",
+        help=f"port to serve /metrics, /healthz (and the status page) on; one in use is an "
+        f"error; 0 = any free port, -1 = off [{default_port}]",
     )
+    if status_page_flag:
+        g.add_argument(
+            "--status-page",
+            action="store_true",
+            help="also serve the live status page at / and /api/usage (it reads the usage "
+            "topic, so it shows every worker's totals)",
+        )
     g.add_argument(
         "--metrics-months",
         type=int,

@@ -51,12 +51,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="meter run plus a simulated fleet of tenants, then the report",
         description="Start the meter, simulate tenants' job systems emitting events (license "
-        "changes, duplicates, failures, bad events), show live progress, print the report.",
+        "changes, duplicates, failures, bad events), show live progress, print the report, "
+        "then keep the status page up until Ctrl-C (--exit: stop at once).",
     )
     add_stack_arguments(d, http_port=0)
     d.add_argument("--events", type=int, default=20_000, help="events to emit [20000]")
     d.add_argument("--rate", type=float, default=2_000.0, help="events per second [2000]")
     d.add_argument("--tenants", type=int, default=12, help="simulated tenants [12]")
+    d.add_argument(
+        "--exit",
+        action="store_true",
+        help="stop after the report instead of keeping the status page up until Ctrl-C",
+    )
     d.set_defaults(func=demo, session_timeout_ms=6_000)
 
 
@@ -178,21 +184,29 @@ def demo(args: argparse.Namespace) -> int:
                     break
                 await asyncio.sleep(0.5)
             progress.show(final=True)
-        if stop.is_set() and rows != expected:
-            return 130
-        t = stats.tally
-        sys.stdout.write(render(UsageReport(usage=rows), "table"))
-        print(
-            f"\n{len(lines)} events emitted by {args.tenants} simulated tenants: "
-            f"{t.counted} counted, {t.duplicate} duplicate, {t.not_counted} not counted (failed), "
-            f"{t.rejected} rejected (on {config.topics.rejected} with their reasons)."
-        )
-        same = rows == expected
-        print(
-            "The totals read back from the usage topic "
-            + ("equal" if same else "DO NOT equal")
-            + " `meter rate` over the same events."
-        )
+            if stop.is_set() and rows != expected:
+                return 130
+            t = stats.tally
+            sys.stdout.write(render(UsageReport(usage=rows), "table"))
+            print(
+                f"\n{len(lines)} events emitted by {args.tenants} simulated tenants: "
+                f"{t.counted} counted, {t.duplicate} duplicate, {t.not_counted} not counted "
+                f"(failed), {t.rejected} rejected (on {config.topics.rejected} with their reasons)."
+            )
+            same = rows == expected
+            print(
+                "The totals read back from the usage topic "
+                + ("equal" if same else "DO NOT equal")
+                + " `meter rate` over the same events.",
+                flush=True,
+            )
+            if worker.http_url is not None and not args.exit and not stop.is_set():
+                # The point of the page is to be looked at: it stays until asked to stop.
+                say(
+                    f"the status page stays up on {worker.http_url}/ (the worker too); "
+                    "Ctrl-C to stop (--exit: stop after the report)"
+                )
+                await stop.wait()
         return 0 if same else 1
 
     return run_until_signalled(main(), stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,9 @@ from meter.cli.common import (
 )
 from meter.cli.rate import open_input
 from meter.domain import load_ratecards
+from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
+from meter.observe.usage_view import UsageView
 from meter.report import FORMATS, UsageReport, render
 from meter.report.vspc import render_vspc
 from meter.stream.send import MODES, send_lines
@@ -41,7 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     add_kafka_arguments(w)
     add_stream_arguments(w)
-    add_http_arguments(w, default_port=9464)
+    add_http_arguments(w, default_port=9464, status_page_flag=True)
     w.set_defaults(func=worker)
 
     s = sub.add_parser(
@@ -96,14 +99,25 @@ def worker(args: argparse.Namespace) -> int:
     log.info("Kafka: %s; rate cards %s", settings, ", ".join(cards.versions))
     stop = asyncio.Event()
 
+    if args.status_page and args.http_port < 0:
+        raise ConfigError("--status-page needs HTTP: --http-port is -1")
+
     async def main() -> int:
         w = Worker(settings, config, cards, now=clock_from(args.clock))
-        runner = await start_http(args, w, CollectorRegistry())
+        view = UsageView(settings, config.topics.usage) if args.status_page else None
+        view_task = None if view is None else asyncio.create_task(view.run(stop))
         try:
-            await w.run(stop)
+            runner = await start_http(args, w, CollectorRegistry(), view)
+            try:
+                await w.run(stop)
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            if view_task is not None:
+                stop.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(view_task, 10)
         return 0
 
     return run_until_signalled(main(), stop)

@@ -1,4 +1,5 @@
-"""The HTTP side of a worker: ``/metrics`` always; the status page with ``meter run``.
+"""The HTTP side of a worker: ``/metrics`` always; the status page with ``meter run``,
+``meter demo`` and ``meter worker --status-page``.
 
 - ``GET /metrics``: Prometheus exposition from the registry passed in.
 - ``GET /healthz``: 200 when the worker owns its partitions and makes progress; 503

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -43,7 +45,7 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert b"MEMORY ONLY" in (ARTIFACTS / "cli-broker.log").read_bytes()
             worker = subprocess.Popen(
-                meter("worker", "--broker", bootstrap, "--http-port", "0"),
+                meter("worker", "--broker", bootstrap, "--http-port", "0", "--status-page"),
                 stdout=wlog,
                 stderr=wlog,
                 env=env,
@@ -79,6 +81,12 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
                         break
                 time.sleep(0.5)
             assert rows == want
+            # The worker serves the status page too, with the same figures per month.
+            page = wait_for_line(ARTIFACTS / "cli-worker.log", r"status page on (http://\S+/)")
+            with urllib.request.urlopen(page, timeout=5) as resp:
+                assert resp.headers["Content-Type"].startswith("text/html")
+            for month in sorted({r["month"] for r in want}):
+                assert api_usage(page, month) == [r for r in want if r["month"] == month]
         finally:
             if worker is not None:
                 worker.send_signal(signal.SIGTERM)
@@ -94,9 +102,30 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
     assert log.count("metrics on http://") == 1, log
 
 
+def wait_for_line(path: Path, pattern: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (m := re.search(pattern, path.read_text(errors="replace"))):
+        assert time.monotonic() < deadline, f"{pattern!r} not in {path}"
+        time.sleep(0.1)
+    return m[1]
+
+
+def api_usage(page: str, month: str, timeout: float = 30.0) -> list[object]:
+    """The page's usage rows of ``month`` once they stop changing (the view tails a topic)."""
+    deadline = time.monotonic() + timeout
+    last: list[object] | None = None
+    while True:
+        with urllib.request.urlopen(f"{page}api/usage?month={month}", timeout=5) as resp:
+            rows = orjson.loads(resp.read())["usage"]
+        if rows == last or time.monotonic() > deadline:
+            return rows
+        last = rows
+        time.sleep(0.5)
+
+
 def test_demo_runs_and_agrees_with_rate() -> None:
     out = subprocess.run(
-        meter("demo", "--events", "3000", "--rate", "3000"),
+        meter("demo", "--events", "3000", "--rate", "3000", "--exit"),
         capture_output=True,
         timeout=120,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -106,3 +135,31 @@ def test_demo_runs_and_agrees_with_rate() -> None:
     assert "TOTAL" in text
     assert "equal `meter rate` over the same events" in text
     assert b"MEMORY ONLY" in out.stderr
+
+
+def test_demo_keeps_its_status_page_up_until_sigterm(tmp_path: Path) -> None:
+    out, err = tmp_path / "demo.out", tmp_path / "demo.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        demo = subprocess.Popen(
+            meter("demo", "--events", "600", "--rate", "3000"),
+            stdout=stdout,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            page = wait_for_line(err, r"status page stays up on (http://\S+/)", timeout=120)
+            assert "equal `meter rate`" in out.read_text()
+            time.sleep(1)
+            assert demo.poll() is None, err.read_text()[-3000:]
+            with urllib.request.urlopen(page, timeout=5) as resp:
+                assert resp.status == 200
+            with urllib.request.urlopen(f"{page}healthz", timeout=5) as resp:
+                assert resp.status == 200  # the worker is still up, holding its partitions
+            with urllib.request.urlopen(f"{page}api/usage", timeout=5) as resp:
+                assert orjson.loads(resp.read())["usage"]
+            demo.send_signal(signal.SIGTERM)
+            assert demo.wait(40) == 0, err.read_text()[-3000:]
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait(10)
