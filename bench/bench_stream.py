@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import json
 import os
 import random
@@ -887,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(raw stacks to bench/out/stream-worker.pyspy.txt; slows it down)",
     )
     args = p.parse_args(argv)
+    if args.faust and importlib.util.find_spec("faust") is None:
+        p.error("--faust needs faust-streaming: pip install -e '.[faust]'")
     try:
         res = asyncio.run(run(args))
     finally:

