@@ -1181,10 +1181,11 @@ class Worker:
                 return
             try:
                 await self._check_committed(assigned)
+                reports = None
                 if homes and self.config.close_grace is not None:
-                    await self._refresh_known_months()
+                    reports = await self._refresh_known_months()
                 if homes:
-                    await self._recover(sorted(homes))
+                    await self._recover(sorted(homes), reports)
             except DataLostError as exc:
                 self._halt(f"{_LOST} ({exc}); restore the broker's data, then restart the workers")
                 return
@@ -1216,9 +1217,13 @@ class Worker:
                     f"below {ours} this worker committed"
                 )
 
-    async def _recover(self, homes: list[int]) -> int:
+    async def _recover(
+        self, homes: list[int], reports: dict[str, dict[str, Any]] | None = None
+    ) -> int:
         """Bring ``homes`` up to the changelog's end: new or rebuilt ones from offset 0,
-        fenced ones from where their state was (a join: replaying again changes nothing)."""
+        fenced ones from where their state was (a join: replaying again changes nothing).
+
+        ``reports``: ``meter.reports`` as just read (else it is read here when needed)."""
         restore = self._restore
         assert restore is not None
         started = time.monotonic()
@@ -1274,7 +1279,8 @@ class Worker:
         # read for all); every correction since goes out with the next flush.  Unreadable
         # reports: publish again (the same content).
         closed = any(hp.close.closed for hp in parts.values())
-        reports = await self._refresh_known_months() if closed else None
+        if closed and reports is None:
+            reports = await self._refresh_known_months()
         for hp in parts.values():
             for month in sorted(hp.close.closed):
                 try:
