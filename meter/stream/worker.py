@@ -86,7 +86,6 @@ from meter.stream.lease import Lease, watch_heartbeats
 from meter.stream.partition import DataLostError, HomePartition, Phase
 from meter.stream.records import (
     H_EXCEPTION,
-    ChangelogError,
     changelog_chunks,
     changelog_slices,
     dead_letter,
@@ -161,12 +160,10 @@ class WorkerStats:
     newest_event_ts: float = 0.0
     #: Messages whose handling raised (each went to the dead-letter topic).
     internal_errors: int = 0
-    #: Writes that failed and were retried; writes that can never succeed.
+    #: Writes that failed and were retried.
     write_retries: int = 0
-    writes_blocked: int = 0
-    #: Times a home partition was fenced (ownership in doubt) and caught up.
+    #: Times a home partition was fenced (ownership in doubt).
     fenced: int = 0
-    caught_up: int = 0
 
 
 class Worker:
@@ -478,14 +475,17 @@ class Worker:
             if time.monotonic() - self._last_close_check >= 1.0:
                 await self._close_checked()
         except DataLostError as exc:
-            self._halt(
-                f"{_LOST} ({exc}); meter stopped "
-                "processing and committing so that no total is built on missing data. Restore "
-                "the broker's data (or, if the loss is accepted, recreate meter's topics and "
-                "replay meter.jobs from the job systems), then restart the workers"
-            )
+            self._data_lost(exc)
         except WriteBlockedError as exc:
             self._halt(str(exc))
+
+    def _data_lost(self, exc: DataLostError) -> None:
+        self._halt(
+            f"{_LOST} ({exc}); meter stopped processing and committing so that no total is "
+            "built on missing data. Restore the broker's data (or, if the loss is accepted, "
+            "recreate meter's topics and replay meter.jobs from the job systems), then restart "
+            "the workers"
+        )
 
     def _halt(self, reason: str) -> None:
         if not self.halted:
@@ -529,11 +529,7 @@ class Worker:
 
     async def _check_ownership(self) -> None:
         """Fence every partition when the lease lapsed; catch up fenced ones once it holds."""
-        if not self.lease.valid():
-            self._fence_all(
-                f"group membership not confirmed for {self.lease.age():.1f}s "
-                "(paused or cut off past the session timeout?)"
-            )
+        if not self._lease_holds():
             return
         fenced = [n for n, h in self.homes.items() if h.phase in (Phase.FENCED, Phase.RECOVERING)]
         if fenced:
@@ -795,7 +791,6 @@ class Worker:
                 except (KafkaError, OSError) as exc:
                     blocked = _blocked(writes, exc, what)
                     if blocked is not None:
-                        self.stats.writes_blocked += 1
                         raise WriteBlockedError(
                             f"{_BLOCKED}: {blocked}; meter stopped processing and "
                             "committing (nothing was skipped: the input stays where it is). Fix "
@@ -824,8 +819,6 @@ class Worker:
                     self._writes_failing_since = None
                     for home, futures in changelog.items():
                         self.homes[home].written([f.result().offset for f in futures])
-                    for home in batches.keys() - changelog.keys():
-                        self.homes[home].written([])
                     return
         finally:
             if not completed:
@@ -858,12 +851,19 @@ class Worker:
 
     def _publishable(self) -> list[HomePartition]:
         """The partitions that may publish now: ACTIVE, and the lease holds."""
-        if not self.lease.valid():
-            self._fence_all(
-                f"group membership not confirmed for {self.lease.age():.1f}s at publish time"
-            )
+        if not self._lease_holds():
             return []
         return [h for h in self.homes.values() if h.active]
+
+    def _lease_holds(self) -> bool:
+        """True while the lease holds; once it lapsed, every partition is fenced."""
+        if self.lease.valid():
+            return True
+        self._fence_all(
+            f"group membership not confirmed for {self.lease.age():.1f}s "
+            "(paused or cut off past the session timeout?)"
+        )
+        return False
 
     async def _flush(self) -> None:
         """Publish the usage record of every tenant-month whose acknowledged state changed."""
@@ -1151,9 +1151,7 @@ class Worker:
                     self._check_input_log()
                     await asyncio.wait_for(self._flush(), 10.0)
                 except DataLostError as exc:
-                    self._halt(
-                        f"{_LOST} ({exc}); restore the broker's data, then restart the workers"
-                    )
+                    self._data_lost(exc)
                 except (TimeoutError, KafkaError, OSError) as exc:
                     log.warning("could not publish usage before a rebalance: %s", exc)
             for hp in self.homes.values():
@@ -1187,7 +1185,7 @@ class Worker:
                 if homes:
                     await self._recover(sorted(homes), reports)
             except DataLostError as exc:
-                self._halt(f"{_LOST} ({exc}); restore the broker's data, then restart the workers")
+                self._data_lost(exc)
                 return
             except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
                 # The partitions stay RECOVERING; the loop tries again (nothing is applied
@@ -1263,7 +1261,7 @@ class Worker:
                         continue
                     try:
                         total += hp.replay(rec.value)
-                    except (ChangelogError, Exception) as exc:  # noqa: BLE001 - never stop recovery
+                    except Exception as exc:  # noqa: BLE001 - never stop recovery (ChangelogError and bugs)
                         log.error(  # noqa: TRY400 - the traceback adds nothing
                             "%s[%d]@%d unreadable changelog record skipped: %s",
                             tp.topic,
@@ -1291,8 +1289,6 @@ class Worker:
         self._resume_homes(homes)
         self.stats.recovered_entries += total
         caught = [n for n in homes if starts[n] > 0]
-        if caught:
-            self.stats.caught_up += len(caught)
         log.info(
             "took home partitions %s: recovered %d ledger entries in %.2fs%s",
             homes,
