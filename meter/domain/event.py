@@ -150,6 +150,19 @@ REJECTION_CODES: Final = (
 )
 
 
+def _utf8_json(buf: bytes, where: str) -> bytes | Rejected:
+    """Non-ASCII JSON bytes without a leading byte order mark, or why they are not UTF-8.
+
+    msgspec checks UTF-8 only in the strings it decodes, and then raises
+    UnicodeDecodeError; RFC 8259 §8.1 wants the whole message checked.
+    """
+    try:
+        buf.decode()
+    except UnicodeDecodeError as exc:
+        return Rejected("invalid_json", f"{where}not valid UTF-8 at byte {exc.start}")
+    return buf[3:] if buf.startswith(_BOM) else buf
+
+
 def parse(raw: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event | Rejected:
     """Decode and validate one event.  Never raises, whatever ``raw`` holds.
 
@@ -168,15 +181,11 @@ def parse(raw: bytes | str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event |
     size = len(buf)
     if size > max_bytes:
         return too_large(size, max_bytes)
-    if not buf.isascii():
-        # msgspec checks UTF-8 only in the strings it decodes, and then raises
-        # UnicodeDecodeError; RFC 8259 §8.1 wants the whole message checked.
-        try:
-            buf.decode()
-        except UnicodeDecodeError as exc:
-            return Rejected("invalid_json", f"not valid UTF-8 at byte {exc.start}")
-        if buf.startswith(_BOM):
-            buf = buf[3:]
+    if not buf.isascii():  # the common case needs no call
+        checked = _utf8_json(buf, "")
+        if isinstance(checked, Rejected):
+            return checked
+        buf = checked
     try:
         env = _decoder.decode(buf)
     except msgspec.ValidationError as exc:
@@ -320,12 +329,10 @@ def _parse_binary(
         except UnicodeDecodeError as exc:
             return Rejected("invalid_value", f"header {name}: not valid UTF-8 at byte {exc.start}")
     if not data.isascii():
-        try:
-            data.decode()
-        except UnicodeDecodeError as exc:
-            return Rejected("invalid_json", f"data: not valid UTF-8 at byte {exc.start}")
-        if data.startswith(_BOM):
-            data = data[3:]
+        checked = _utf8_json(data, "data: ")
+        if isinstance(checked, Rejected):
+            return checked
+        data = checked
     try:
         _raw_decoder.decode(data)  # exactly one JSON value, so the envelope below is sound
     except msgspec.DecodeError as exc:
