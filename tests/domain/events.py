@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 from hypothesis import strategies as st
 
-from meter.domain import LICENSED_TYPES, LICENSES, WORKLOAD_TYPES
+from meter.domain import LICENSED_TYPES, LICENSES, REJECTION_CODES, WORKLOAD_TYPES, Event, Rejected
+from meter.domain.event import MAX_REASON_CHARS
 
 
 def event(
@@ -113,3 +114,14 @@ def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
 
 
 mutated_events = valid_events().flatmap(mutated)
+
+
+def one_outcome(result: Event | Rejected) -> Event | Rejected:
+    """Assert a parse gave one outcome of the right kind: an event, or a rejection with a
+    known code (never internal_error) and a short reason."""
+    assert isinstance(result, Event | Rejected)
+    if isinstance(result, Rejected):
+        assert result.code in REJECTION_CODES
+        assert result.code != "internal_error", result
+        assert 0 < len(result.reason) <= MAX_REASON_CHARS
+    return result
