@@ -18,17 +18,17 @@ import contextlib
 import logging
 import socket
 import struct
-import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Literal, Self
+
+from tests.loopback import LoopbackServer
 
 log = logging.getLogger(__name__)
 
 PauseMode = Literal["reset", "blackhole"]
 
 
-class TcpProxy:
+class TcpProxy(LoopbackServer):
     def __init__(
         self,
         target_port: int,
@@ -37,61 +37,19 @@ class TcpProxy:
         listen_port: int = 0,
         listen_host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(listen_port=listen_port, listen_host=listen_host)
         self.target_host = target_host
         self.target_port = target_port
-        self.listen_host = listen_host
-        self._requested_port = listen_port
-        self.port = listen_port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
         self._blackholed: set[asyncio.StreamWriter] = set()
         self._paused: PauseMode | None = None
         self.connections_accepted = 0
         self.connections_dropped = 0
 
-    @staticmethod
-    def reserve_port(host: str = "127.0.0.1") -> int:
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
-            return port
+    def _thread_name(self) -> str:
+        return f"tcp-proxy-{self.target_port}"
 
-    # ------------------------------------------------------------------ public API
     def start(self) -> Self:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(
-                        self._handle, self.listen_host, self._requested_port, reuse_address=True
-                    )
-                )
-                self.port = self._server.sockets[0].getsockname()[1]
-            except OSError as exc:
-                errors.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self._shutdown())
-                loop.close()
-
-        self._thread = threading.Thread(
-            target=run, name=f"tcp-proxy-{self.target_port}", daemon=True
-        )
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            raise errors[0]
+        super().start()
         log.debug("proxy %d -> %s:%d started", self.port, self.target_host, self.target_port)
         return self
 
@@ -105,25 +63,6 @@ class TcpProxy:
     @property
     def paused(self) -> bool:
         return self._paused is not None
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop = None
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ internals
     def _call(self, fn: Callable[..., None], *args: Any) -> None:

@@ -25,7 +25,8 @@ import pytest
 
 from meter.broker import EmbeddedBroker
 from tests.integration.harness import ARTIFACTS, Names, WorkerProcess, expected_usage
-from tests.kafka.sasl_front import MECHANISMS, SaslFront, reserve_port
+from tests.kafka.sasl_front import MECHANISMS, SaslFront
+from tests.loopback import reserve_port
 
 pytestmark = pytest.mark.integration
 

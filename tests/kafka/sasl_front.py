@@ -25,26 +25,17 @@ import contextlib
 import hashlib
 import hmac
 import os
-import socket
 import struct
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
+
+from tests.loopback import LoopbackServer
 
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _HASH = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
 _API_VERSIONS, _SASL_HANDSHAKE, _SASL_AUTHENTICATE = 18, 17, 36
 _UNSUPPORTED_SASL_MECHANISM, _SASL_AUTHENTICATION_FAILED = 33, 58
 _ITERATIONS = 4096
-
-
-def reserve_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -77,7 +68,7 @@ def _string(value: str | None) -> bytes:
     return struct.pack(">h", len(raw)) + raw
 
 
-class SaslFront:
+class SaslFront(LoopbackServer):
     def __init__(
         self,
         users: Mapping[str, str],
@@ -88,12 +79,10 @@ class SaslFront:
         listen_host: str = "127.0.0.1",
         mechanisms: Iterable[str] = MECHANISMS,
     ) -> None:
+        super().__init__(listen_port=listen_port, listen_host=listen_host)
         self.users = dict(users)
         self.target_host = target_host
         self.target_port = target_port
-        self.listen_host = listen_host
-        self._requested_port = listen_port
-        self.port = listen_port
         self.mechanisms = tuple(mechanisms)
         self.accepted: list[tuple[str, str]] = []  # (mechanism, user) of each login
         self.refused: list[tuple[str, str]] = []
@@ -103,67 +92,13 @@ class SaslFront:
                 salt = os.urandom(16)
                 salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), salt, _ITERATIONS)
                 self._credentials[(mechanism, user)] = (salt, salted)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def bootstrap(self) -> str:
         return f"{self.listen_host}:{self.port}"
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> Self:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(
-                        self._handle, self.listen_host, self._requested_port, reuse_address=True
-                    )
-                )
-                self.port = self._server.sockets[0].getsockname()[1]
-            except OSError as exc:
-                errors.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self._shutdown())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="sasl-front", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            raise errors[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop = None
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _thread_name(self) -> str:
+        return "sasl-front"
 
     async def _shutdown(self) -> None:
         if self._server is not None:
