@@ -24,6 +24,7 @@ from meter.domain import Rater, load_ratecards
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.stream.send import strip_line
 from tests.domain.events import line, mutated_events, valid_events
+from tests.integration.harness import report_rows
 
 CARDS = load_ratecards()
 
@@ -56,16 +57,7 @@ def expected(data: bytes, max_bytes: int) -> Rater:
 
 
 def usage(rater: Rater) -> list[dict[str, Any]]:
-    return [
-        {
-            "month": u.month,
-            "tenant_id": u.tenant_id,
-            "workload_type": u.workload_type,
-            "workloads": u.workloads,
-            "points": u.points,
-        }
-        for u in rater.ledger.usage()
-    ]
+    return report_rows(rater.ledger.usage())
 
 
 @settings(

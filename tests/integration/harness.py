@@ -25,6 +25,20 @@ from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
+def report_rows(rows: Iterable[UsageRow]) -> list[dict[str, object]]:
+    """Usage rows as ``meter report --format json`` shows their main fields."""
+    return [
+        {
+            "month": u.month,
+            "tenant_id": u.tenant_id,
+            "workload_type": u.workload_type,
+            "workloads": u.workloads,
+            "points": u.points,
+        }
+        for u in rows
+    ]
+
+
 def expected_usage(lines: Iterable[bytes]) -> list[UsageRow]:
     r = Rater(load_ratecards())
     for line in lines:

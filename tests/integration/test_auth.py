@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from meter.broker import EmbeddedBroker
-from tests.integration.harness import ARTIFACTS, Names, WorkerProcess, expected_usage
+from tests.integration.harness import ARTIFACTS, Names, WorkerProcess, expected_usage, report_rows
 from tests.kafka.sasl_front import MECHANISMS, SaslFront
 from tests.loopback import reserve_port
 
@@ -145,16 +145,7 @@ def test_the_right_password_works(front: SaslFront, tmp_path: Path) -> None:
     """A worker, ``meter send`` and ``meter report`` through SASL, one mechanism each."""
     lines = [line for line in TRICKY.read_bytes().splitlines(keepends=True) if line.strip()]
     thirds = [b"".join(lines[i::3]) for i in range(3)]
-    want = [
-        {
-            "month": u.month,
-            "tenant_id": u.tenant_id,
-            "workload_type": u.workload_type,
-            "workloads": u.workloads,
-            "points": u.points,
-        }
-        for u in expected_usage(lines)
-    ]
+    want = report_rows(expected_usage(lines))
     suffix = os.urandom(4).hex()
     topics = ["--jobs-topic", f"jobs-{suffix}", "--usage-topic", f"usage-{suffix}"]
     ARTIFACTS.mkdir(exist_ok=True)

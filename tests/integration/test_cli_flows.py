@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.integration.harness import ARTIFACTS, expected_usage
+from tests.integration.harness import ARTIFACTS, expected_usage, report_rows
 from tests.integration.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -57,16 +57,7 @@ def test_broker_worker_send_report(tmp_path: Path) -> None:
                 timeout=60,
             )
             assert b"sent 34 messages" in sent.stderr
-            want = [
-                {
-                    "month": u.month,
-                    "tenant_id": u.tenant_id,
-                    "workload_type": u.workload_type,
-                    "workloads": u.workloads,
-                    "points": u.points,
-                }
-                for u in expected_usage(TRICKY.read_bytes().splitlines())
-            ]
+            want = report_rows(expected_usage(TRICKY.read_bytes().splitlines()))
             deadline = time.monotonic() + 60
             rows = None
             while time.monotonic() < deadline:
