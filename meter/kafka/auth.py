@@ -262,16 +262,30 @@ def _refused(
 async def _plain(conn: _Conn, settings: KafkaSettings, server: str) -> AuthenticationError | None:
     assert settings.sasl_username is not None and settings.sasl_password is not None
     user, password = settings.sasl_username, settings.sasl_password.get_secret_value()
-    try:
-        code, message, _ = await conn.authenticate(f"\0{user}\0{password}".encode())
-    except ConnectionError:
-        return _rejected(settings, server)
-    return None if code == 0 else _refused(settings, server, code, message)
+    step = await _step(conn, settings, server, f"\0{user}\0{password}".encode())
+    return step if isinstance(step, AuthenticationError) else None
 
 
 def _attributes(message: bytes) -> dict[str, str]:
     pairs = (p.split("=", 1) for p in message.decode("utf-8", "replace").split(",") if "=" in p)
     return {k: v for k, v in pairs}
+
+
+async def _step(
+    conn: _Conn, settings: KafkaSettings, server: str, payload: bytes
+) -> tuple[bytes, dict[str, str]] | AuthenticationError:
+    """One SaslAuthenticate round trip: the server's answer and its SCRAM attributes, or
+    why the login failed (refused, connection closed, or an ``e=`` attribute)."""
+    try:
+        code, message, answer = await conn.authenticate(payload)
+    except ConnectionError:
+        return _rejected(settings, server)
+    if code != 0:
+        return _refused(settings, server, code, message)
+    attributes = _attributes(answer)
+    if "e" in attributes:
+        return _rejected(settings, server, _reason(attributes["e"], settings))
+    return answer, attributes
 
 
 async def _scram(conn: _Conn, settings: KafkaSettings, server: str) -> AuthenticationError | None:
@@ -282,15 +296,10 @@ async def _scram(conn: _Conn, settings: KafkaSettings, server: str) -> Authentic
     nonce = base64.b64encode(os.urandom(18)).decode()
     first_bare = f"n={user},r={nonce}"
     malformed = _failure(settings, f"got a malformed SCRAM answer from {server}")
-    try:
-        code, message, server_first = await conn.authenticate(f"n,,{first_bare}".encode())
-    except ConnectionError:
-        return _rejected(settings, server)
-    if code != 0:
-        return _refused(settings, server, code, message)
-    first = _attributes(server_first)
-    if "e" in first:
-        return _rejected(settings, server, _reason(first["e"], settings))
+    step = await _step(conn, settings, server, f"n,,{first_bare}".encode())
+    if isinstance(step, AuthenticationError):
+        return step
+    server_first, first = step
     combined, salt_b64, iterations = first.get("r", ""), first.get("s", ""), first.get("i", "")
     if not combined.startswith(nonce) or not iterations.isdigit():
         return malformed
@@ -313,17 +322,10 @@ async def _scram(conn: _Conn, settings: KafkaSettings, server: str) -> Authentic
     auth_message = b",".join((first_bare.encode(), server_first, final_bare.encode()))
     signature = hmac.digest(stored_key, auth_message, hash_name)
     proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
-    try:
-        code, message, server_final = await conn.authenticate(
-            f"{final_bare},p={proof.decode()}".encode()
-        )
-    except ConnectionError:
-        return _rejected(settings, server)
-    if code != 0:
-        return _refused(settings, server, code, message)
-    final = _attributes(server_final)
-    if "e" in final:
-        return _rejected(settings, server, _reason(final["e"], settings))
+    step = await _step(conn, settings, server, f"{final_bare},p={proof.decode()}".encode())
+    if isinstance(step, AuthenticationError):
+        return step
+    final = step[1]
     expected = hmac.digest(hmac.digest(salted, b"Server Key", hash_name), auth_message, hash_name)
     try:
         verifier = base64.b64decode(final.get("v", ""), validate=True)
