@@ -107,9 +107,21 @@ def _second_look(
     if len(line) <= max_bytes and line and not line.isspace():
         return result
     rater.tally.add("rejected", -1)  # the verdict on the first piece is taken back
-    size = len(line)
-    blank = line.isspace() or not line
-    end = line[-2:]  # the line's last two bytes, for its terminator
+    size, blank = rest_of_line(line, stream, limit)
+    if blank:
+        return None
+    if size > max_bytes:
+        return rater.reject(too_large(size, max_bytes))
+    return rater.feed(line[:size])
+
+
+def rest_of_line(first: bytes, stream: BinaryIO, limit: int) -> tuple[int, bool]:
+    """Read the rest of the line that began with ``first`` in pieces of at most ``limit``
+    bytes, holding none of them; return its size without the terminator, and whether it
+    is blank (whitespace only)."""
+    size = len(first)
+    blank = first.isspace() or not first
+    end = first[-2:]  # the line's last two bytes, for its terminator
     while not end.endswith(b"\n"):
         piece = stream.readline(limit)
         if not piece:
@@ -117,13 +129,9 @@ def _second_look(
         size += len(piece)
         blank = blank and piece.isspace()
         end = (end + piece[-2:])[-2:]
-    if blank:
-        return None
     if end.endswith(b"\n"):
         size -= 2 if end == b"\r\n" else 1
-    if size > max_bytes:
-        return rater.reject(too_large(size, max_bytes))
-    return rater.feed(line[:size])
+    return size, blank
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from meter.cli.common import (
     start_http,
     stream_config,
 )
-from meter.cli.rate import open_input
+from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
@@ -178,15 +178,7 @@ def bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes
         if len(line) < limit or line.endswith(b"\n"):
             yield number, line, len(line)
             continue
-        size, piece = len(line), line
-        while not piece.endswith(b"\n") and (piece := stream.readline(limit)):
-            size += len(piece)
-            line = piece if len(piece) > 1 else line[-1:] + piece
-        if line.endswith(b"\r\n"):
-            size -= 2
-        elif line.endswith(b"\n"):
-            size -= 1
-        yield number, None, size
+        yield number, None, rest_of_line(line, stream, limit)[0]
 
 
 def report(args: argparse.Namespace) -> int:
