@@ -3,6 +3,10 @@
 
 It serves the status page and ``/api/usage`` whatever number of workers there
 are, because it reads what all of them publish.
+
+A month whose every usage record is final (``"final": true``, ``closed_at``) is
+shown as submitted, with the corrections after its close and the corrected
+totals; any other month is running: its records with the corrections folded in.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,6 +36,9 @@ class UsageView:
         self.records: dict[str, dict[str, Any]] = {}
         self.corrections: dict[str, dict[str, Any]] = {}
         self.version = 0  # bumps on every change, for cheap polling
+        #: Set by whoever builds the view: the license document of a month (or None),
+        #: added to :meth:`document` as ``license``.
+        self.license_doc: Callable[[str], dict[str, Any] | None] | None = None
 
     def months(self) -> list[str]:
         months = {r["month"] for r in self.records.values() if "month" in r}
@@ -38,9 +46,17 @@ class UsageView:
         return sorted(months, reverse=True)
 
     def document(self, month: str | None = None, tenant_id: str | None = None) -> dict[str, Any]:
-        """The same shape as ``meter report --format json``."""
-        rows = usage_rows(fold(self.records, self.corrections), month=month, tenant_id=tenant_id)
-        return UsageReport(usage=rows).as_dict()
+        """The same shape as ``meter report --format json``; for one month, with its
+        status (see :func:`month_document`) and ``license`` when there is one."""
+        if month is None:
+            rows = usage_rows(fold(self.records, self.corrections), tenant_id=tenant_id)
+            return UsageReport(usage=rows).as_dict()
+        doc = month_document(self.records, self.corrections, month, tenant_id)
+        if self.license_doc is not None:
+            lic = self.license_doc(month)
+            if lic is not None:
+                doc["license"] = lic
+        return doc
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tail the topic until ``stop``; reconnects on its own."""
@@ -93,6 +109,55 @@ class UsageView:
                 keep_correction(into, k, record)
             if into.get(k) is not before:
                 self.version += 1
+
+
+def month_document(
+    records: dict[str, dict[str, Any]],
+    corrections: dict[str, dict[str, Any]],
+    month: str,
+    tenant_id: str | None = None,
+) -> dict[str, Any]:
+    """One month's usage and what it is, as ``meter report --month M --with-corrections``.
+
+    - ``running`` (``"final": false``): not every record of the month is final yet;
+      ``usage`` is what the events say now (corrections folded in).
+    - ``final``: every record is final; ``usage`` is the month as closed, ``closed_at``.
+    - ``final+corrections``: also late events after the close: ``corrections`` (per
+      workload) and ``corrected_usage`` (final + corrections).
+
+    A month known only from corrections (closed with no usage, late events after) is final.
+    """
+    mine = [r for r in records.values() if r.get("month") == month]
+    fixes = [c for c in corrections.values() if c.get("month") == month and _correction(c)]
+    closed = all(r.get("final") is True for r in mine) and bool(mine or fixes)
+    if not closed:
+        rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant_id)
+        return {**UsageReport(usage=rows).as_dict(), "final": False, "status": "running"}
+    doc = UsageReport(usage=usage_rows(records, month=month, tenant_id=tenant_id)).as_dict()
+    doc["final"] = True
+    closed_at = sorted({r["closed_at"] for r in mine if isinstance(r.get("closed_at"), str)})
+    if closed_at:
+        doc["closed_at"] = closed_at[-1]
+    fixes = sorted(
+        (c for c in fixes if tenant_id in (None, c["tenant_id"])),
+        key=lambda c: (c["tenant_id"], c["workload_type"], str(c.get("workload_id"))),
+    )
+    doc["status"] = "final+corrections" if fixes else "final"
+    if fixes:
+        doc["corrections"] = fixes
+        corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant_id)
+        doc["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
+    return doc
+
+
+def _correction(c: dict[str, Any]) -> bool:
+    """In the shape :func:`~meter.stream.usage.fold` adds in."""
+    return (
+        isinstance(c.get("tenant_id"), str)
+        and isinstance(c.get("workload_type"), str)
+        and isinstance(c.get("workloads_added"), int)
+        and isinstance(c.get("points_added"), int)
+    )
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -136,6 +136,8 @@ def test_api_usage_for_a_month_has_the_documented_shape() -> None:
             {"month": "2026-11", "tenant_id": "globex", "workload_type": "server",
              "workloads": 2, "points": 7},
         ],
+        "final": False,
+        "status": "running",
         "month": "2026-11",
         "months": ["2026-12", "2026-11", "2026-10"],
         "version": 7,
