@@ -139,6 +139,10 @@ class Ledger:
             tm = self._months[key] = TenantMonth(tenant_id, month, self.height)
         return tm.add(workload_type, workload_id, rate)
 
+    def rate(self, tenant_id: str, month: str, workload_type: str, workload_id: str) -> Rate | None:
+        """The workload's rate in the tenant-month; ``None`` when it is not counted there."""
+        return self._rates.get((tenant_id, month, workload_type, workload_id))
+
     def merge(self, other: Ledger) -> Ledger:
         """Join ``other`` into this ledger (in place) and return self.
 

@@ -14,6 +14,7 @@ from meter.domain.event import (
     parse_message,
 )
 from meter.domain.ledger import Ledger
+from meter.domain.license import Key, LicenseLedger, license_ledger, tail_month
 from meter.domain.ratecard import Rate, RateCards
 
 
@@ -56,6 +57,9 @@ class Rater:
     tally: Tally = field(default_factory=Tally)
     #: Larger events are rejected as ``too_large``.
     max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    #: Sessions in a month's last days, for the next month's 31-day window (license view):
+    #: (tenant, next month, type, workload) -> highest rate.
+    tails: dict[Key, Rate] = field(default_factory=dict)
 
     def feed(
         self, raw: bytes | str, headers: Sequence[tuple[str, bytes | None]] | None = None
@@ -83,13 +87,25 @@ class Rater:
             return no_ratecard(event, self.cards)
         if event.result == "failed":
             tally.not_counted += 1
-        elif self.ledger.add(
+            return event
+        if self.ledger.add(
             event.tenant_id, event.month, event.workload_type, event.workload_id, rate
         ):
             tally.counted += 1
         else:
             tally.duplicate += 1
+        if event.date % 100 >= 29:  # only a month's last days reach the next month's window
+            nxt = tail_month(event.date)
+            if nxt is not None:
+                key = (event.tenant_id, nxt, event.workload_type, event.workload_id)
+                old = self.tails.get(key)
+                if old is None or rate > old:
+                    self.tails[key] = rate
         return event
+
+    def license_view(self, history_start: str | None = None) -> LicenseLedger:
+        """The license view (vendor rules) of what was fed; it shares this rater's ledger."""
+        return license_ledger(self.ledger, self.tails.items(), history_start)
 
     def reject(self, rejection: Rejected) -> Rejected:
         """Count an input rejected before it could be fed (e.g. a line too long to read)."""

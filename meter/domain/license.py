@@ -1,0 +1,567 @@
+"""The license view: what the vendor bills the provider, by the vendor's rules.
+
+meter keeps two views of the same events; their names are used everywhere:
+
+- **tenant usage** (calendar month): :class:`~meter.domain.ledger.Ledger`.  A workload
+  counts in the UTC calendar month of its sessions.  What a provider charges its own
+  tenants; ``meter.usage``, ``meter report``, ``meter rate`` and the dashboards.
+- **license usage** (vendor rules): this module.  What the provider submits to the
+  vendor and is billed on (``--format vspc-csv``, the month close's license report,
+  the license gauges).
+
+The vendor's rules (Veeam Cloud Connect Guide, "Veeam Cloud Connect License" and
+"License Usage Reporting"; Veeam Rental Licensing and Usage Reporting Guide; cited
+with addresses in the README):
+
+- A *protected workload* has at least one restore point in the past **31 days**.  The
+  report for month M is generated at B = 00:00 UTC on the first day of M+1, so
+  ``counted(M)`` is every workload with a ``success``/``warning`` session in
+  [B - 31 days, B): all of M, and for a month shorter than 31 days the last days of
+  the month before (:func:`tail_month`).
+- A *new workload* was processed for the first time in the calendar month; it consumes
+  no points in that month (it is listed for information) and is an ordinary workload
+  from the next month.  ``first(w)`` is the month of w's earliest counted session meter
+  knows of; ``new(M)`` are the counted workloads with ``first == M``.  The first month
+  of meter's history (``history_start``; default: the earliest month in the data) has
+  no new workloads: meter cannot know what ran before it, and billing them is the safe
+  side.
+- Each workload is charged once, at the highest rate of its sessions in the window
+  (each session rated by the card in effect at its time).
+
+It is still a join: ``first`` is a minimum, windows are sets, rates a maximum, and the
+history start (when not fixed) a minimum.  :class:`LicenseLedger` keeps per
+tenant-month totals incrementally, so a change costs O(1), not a rescan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Final
+
+import orjson
+
+from meter.domain.ledger import Ledger
+from meter.domain.month import days_in_month
+from meter.domain.ratecard import Height, Rate
+from meter.errors import ConfigError
+
+#: A workload is protected with a restore point in the past this many days.
+WINDOW_DAYS: Final = 31
+#: The rules, as every license report states them.
+RULES: Final = {
+    "view": "license",
+    "window_days": WINDOW_DAYS,
+    "counted": "success or warning session in [B - 31 days, B), B = 00:00 UTC on the "
+    "first day of the next month",
+    "new_workloads": "first counted session in the month; free in that month",
+    "rental": "backups of rental tenants consume 0 points; replicas always consume",
+    "rate": "highest rate of the window's sessions, each by the card in effect then",
+}
+
+#: (tenant, month, workload_type, workload_id)
+Key = tuple[str, str, str, str]
+
+_TAIL_CACHE: dict[int, str | None] = {}
+
+
+def next_month(month: str) -> str | None:
+    """The month after ``month`` (``YYYY-MM``); ``None`` after 9999-12."""
+    y, m = int(month[:4]), int(month[5:7])
+    if m == 12:
+        return None if y >= 9999 else f"{y + 1:04d}-01"
+    return f"{y:04d}-{m + 1:02d}"
+
+
+def previous_month(month: str) -> str | None:
+    """The month before ``month``; ``None`` before 0001-01."""
+    y, m = int(month[:4]), int(month[5:7])
+    if m == 1:
+        return None if y <= 1 else f"{y - 1:04d}-12"
+    return f"{y:04d}-{m - 1:02d}"
+
+
+def window(month: str) -> tuple[date, date | None]:
+    """``[start, end)`` of ``month``'s 31-day window, as UTC dates.
+
+    ``end`` is the first day of the next month (``None`` for 9999-12, whose window is
+    then its own 31 days: the month has 31)."""
+    y, m = int(month[:4]), int(month[5:7])
+    nxt = next_month(month)
+    if nxt is None:
+        return date(y, m, 1), None
+    end = date(int(nxt[:4]), int(nxt[5:7]), 1)
+    return end - timedelta(days=WINDOW_DAYS), end
+
+
+def tail_month(day: int) -> str | None:
+    """The month whose window reaches back to the UTC date ``day`` (``YYYYMMDD``) in
+    the month before it, or ``None``.
+
+    A session on day d of month X also counts in X+1's report when X+1 has fewer than
+    31 days and d is among X's last ``31 - days(X+1)`` days: e.g. 29-31 January for
+    February (30-31 in a leap year), 31 March for April.  Cheap: days before the 29th
+    never are.
+    """
+    if day % 100 < 29:
+        return None
+    hit = _TAIL_CACHE.get(day, "")
+    if hit != "":
+        return hit
+    y, m, d = day // 10000, day // 100 % 100, day % 100
+    out: str | None = None
+    if y >= 1:
+        ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+        if ny <= 9999 and d > days_in_month(y, m) + days_in_month(ny, nm) - WINDOW_DAYS:
+            out = f"{ny:04d}-{nm:02d}"
+    if len(_TAIL_CACHE) > 100_000:
+        _TAIL_CACHE.clear()
+    _TAIL_CACHE[day] = out
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRow:
+    """One tenant's workloads of one type in one month's license report."""
+
+    month: str
+    tenant_id: str
+    workload_type: str
+    #: counted workloads (window), new ones included
+    workloads: int
+    #: of ``workloads``, new this month: free this month
+    new: int
+    #: of ``workloads``, charged at their tenant's rental license
+    rental: int
+    #: points of the workloads that are not new: what the vendor bills
+    points: int
+    #: points the new workloads would have consumed (for information)
+    new_points: int
+
+    @property
+    def billable(self) -> int:
+        return self.workloads - self.new
+
+
+class LicenseMonth:
+    """One tenant's license totals in one month, per workload type.
+
+    ``totals[type] = [workloads, new, rental, points, new_points]``.  ``revision``
+    is the sum of the counted workloads' rate heights plus the number that are not
+    new: with a fixed history start it strictly grows with every change of what the
+    report shows (a workload joins, its rate rises, or it stops being new)."""
+
+    __slots__ = ("month", "revision", "tenant_id", "totals")
+
+    def __init__(self, tenant_id: str, month: str) -> None:
+        self.tenant_id = tenant_id
+        self.month = month
+        self.totals: dict[str, list[int]] = {}
+        self.revision = 0
+
+    @property
+    def points(self) -> int:
+        return sum(t[3] for t in self.totals.values())
+
+    @property
+    def new_points(self) -> int:
+        return sum(t[4] for t in self.totals.values())
+
+    def rows(self) -> list[LicenseRow]:
+        return [
+            LicenseRow(self.month, self.tenant_id, wtype, *t)
+            for wtype, t in sorted(self.totals.items())
+            if t[0] > 0
+        ]
+
+
+#: What one workload contributes to a month's report: its rate and whether it is new.
+Contribution = tuple[Rate, bool]
+
+
+class LicenseLedger:
+    """The license view beside a calendar :class:`Ledger`, kept up to date as a join.
+
+    Feed every calendar entry through :meth:`add` (it joins the calendar ledger too)
+    and every tail entry (a session in the last days of a month, for the next month's
+    window: :func:`tail_month`) through :meth:`add_tail`.
+
+    ``history_start`` fixes the first month of meter's history; ``None`` takes the
+    earliest month in the data (a minimum: a late event for an earlier month moves it,
+    and its report then gains new workloads, as the join says).
+    """
+
+    __slots__ = ("_fixed_start", "_min_month", "calendar", "first", "height", "months", "tails")
+
+    def __init__(
+        self,
+        calendar: Ledger | None = None,
+        history_start: str | None = None,
+        height: Height | None = None,
+    ) -> None:
+        self.calendar = calendar if calendar is not None else Ledger()
+        self.height: Height = height if height is not None else self.calendar.height
+        self._fixed_start = history_start
+        self._min_month: str | None = None
+        #: (tenant, report month, type, workload) -> highest rate of its tail sessions
+        self.tails: dict[Key, Rate] = {}
+        #: (tenant, type, workload) -> month of its earliest counted session
+        self.first: dict[tuple[str, str, str], str] = {}
+        #: (tenant, month) -> totals
+        self.months: dict[tuple[str, str], LicenseMonth] = {}
+        # A calendar given full: its entries oldest month first, so each workload's first
+        # month is known before any later month of it is counted.
+        by_month: dict[str, list[tuple[str, str, str]]] = {}
+        for t, m, w, i, _ in self.calendar.entries():
+            by_month.setdefault(m, []).append((t, w, i))
+        for m in sorted(by_month):
+            for t, w, i in by_month[m]:
+                self._joined(t, m, w, i, None, None)
+
+    @property
+    def history_start(self) -> str | None:
+        return self._fixed_start or self._min_month
+
+    # ------------------------------------------------------------------ joins
+
+    def add(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
+        """Join a calendar entry (into the calendar ledger too); True when it changed."""
+        cal = self.calendar
+        old = cal.rate(tenant, month, wtype, wid)
+        if old is not None and old >= rate:
+            return False
+        wkey = (tenant, wtype, wid)
+        first = self.first.get(wkey)
+        # The months whose report this can change: this one, and the one it was new in.
+        before = self._contribution(tenant, month, wtype, wid)
+        was_first = (
+            (first, self._contribution(tenant, first, wtype, wid))
+            if first is not None and month < first
+            else None
+        )
+        cal.add(tenant, month, wtype, wid, rate)
+        self._joined(tenant, month, wtype, wid, before, was_first)
+        return True
+
+    def _joined(
+        self,
+        tenant: str,
+        month: str,
+        wtype: str,
+        wid: str,
+        before: Contribution | None,
+        was_first: tuple[str, Contribution | None] | None,
+    ) -> None:
+        wkey = (tenant, wtype, wid)
+        first = self.first.get(wkey)
+        if first is None or month < first:
+            self.first[wkey] = month
+        moved = None
+        if self._min_month is None or month < self._min_month:
+            moved, self._min_month = self._min_month, month
+        self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
+        if was_first is not None:
+            old_first, old = was_first
+            self._shift(
+                tenant, old_first, wtype, old, self._contribution(tenant, old_first, wtype, wid)
+            )
+        if moved is not None and self._fixed_start is None:
+            # The history start moved earlier: its old month may now have new workloads.
+            self._recount(moved)
+
+    def add_tail(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
+        """Join a session from the last days of the month before ``month`` into
+        ``month``'s window; True when the tail state changed."""
+        key = (tenant, month, wtype, wid)
+        old = self.tails.get(key)
+        if old is not None and old >= rate:
+            return False
+        before = self._contribution(tenant, month, wtype, wid)
+        self.tails[key] = rate
+        self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
+        return True
+
+    def merge(self, other: LicenseLedger) -> LicenseLedger:
+        """Join ``other``'s calendar and tail entries in (in place); returns self."""
+        for entry in other.calendar.entries():
+            self.add(*entry)
+        for (t, m, w, i), rate in other.tails.items():
+            self.add_tail(t, m, w, i, rate)
+        return self
+
+    # ------------------------------------------------------------------ reading
+
+    def contribution(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
+        """The workload's rate and new-ness in ``month``'s report; ``None``: not counted."""
+        return self._contribution(tenant, month, wtype, wid)
+
+    def _contribution(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
+        cal = self.calendar.rate(tenant, month, wtype, wid)
+        tail = self.tails.get((tenant, month, wtype, wid))
+        if cal is None:
+            if tail is None:
+                return None
+            return tail, False  # seen the month before: not new
+        rate = cal if tail is None or cal >= tail else tail
+        start = self._fixed_start or self._min_month
+        new = self.first.get((tenant, wtype, wid)) == month and start is not None and month > start
+        return rate, new
+
+    def workloads(self, month: str) -> Iterator[tuple[str, str, str, Contribution]]:
+        """``(tenant, type, workload, contribution)`` of every workload counted in ``month``."""
+        seen: set[tuple[str, str, str]] = set()
+        for tm in self.calendar.tenant_months():
+            if tm.month != month:
+                continue
+            for wtype, wid in tm.workloads:
+                c = self._contribution(tm.tenant_id, month, wtype, wid)
+                assert c is not None
+                seen.add((tm.tenant_id, wtype, wid))
+                yield tm.tenant_id, wtype, wid, c
+        for t, m, w, i in self.tails:
+            if m == month and (t, w, i) not in seen:
+                c = self._contribution(t, m, w, i)
+                assert c is not None
+                yield t, w, i, c
+
+    def tenant_month(self, tenant: str, month: str) -> LicenseMonth | None:
+        return self.months.get((tenant, month))
+
+    def tenant_months(self) -> Iterable[LicenseMonth]:
+        return self.months.values()
+
+    def report_months(self) -> list[str]:
+        """Every month with a counted workload, oldest first."""
+        return sorted({m for (_, m), lm in self.months.items() if lm.totals})
+
+    def rows(self, month: str | None = None, tenant_id: str | None = None) -> list[LicenseRow]:
+        """Rows sorted by month, tenant, type; one per non-empty group."""
+        rows = [
+            row
+            for (t, m), lm in self.months.items()
+            if (month is None or m == month) and (tenant_id is None or t == tenant_id)
+            for row in lm.rows()
+        ]
+        rows.sort(key=lambda r: (r.month, r.tenant_id, r.workload_type))
+        return rows
+
+    def new_points(self, month: str) -> int:
+        return sum(lm.new_points for (_, m), lm in self.months.items() if m == month)
+
+    def points(self, month: str) -> int:
+        return sum(lm.points for (_, m), lm in self.months.items() if m == month)
+
+    # ------------------------------------------------------------------ totals
+
+    def _shift(
+        self,
+        tenant: str,
+        month: str,
+        wtype: str,
+        before: Contribution | None,
+        after: Contribution | None,
+    ) -> None:
+        if before == after:
+            return
+        key = (tenant, month)
+        lm = self.months.get(key)
+        if lm is None:
+            lm = self.months[key] = LicenseMonth(tenant, month)
+        t = lm.totals.get(wtype)
+        if t is None:
+            t = lm.totals[wtype] = [0, 0, 0, 0, 0]
+        height = self.height
+        for sign, c in ((-1, before), (1, after)):
+            if c is None:
+                continue
+            rate, new = c
+            t[0] += sign
+            t[2] += sign * (rate[2] == "rental")
+            if new:
+                t[1] += sign
+                t[4] += sign * rate[0]
+            else:
+                t[3] += sign * rate[0]
+                lm.revision += sign
+            lm.revision += sign * height(rate)
+
+    def _recount(self, month: str) -> None:
+        """Rebuild ``month``'s totals from its workloads (after the history start moved)."""
+        for key in [k for k in self.months if k[1] == month]:
+            del self.months[key]
+        for tenant, wtype, _, c in list(self.workloads(month)):
+            self._shift(tenant, month, wtype, None, c)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LicenseLedger):
+            return NotImplemented
+        return self.calendar == other.calendar and self.tails == other.tails
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def license_ledger(
+    calendar: Ledger, tails: Iterable[tuple[Key, Rate]], history_start: str | None = None
+) -> LicenseLedger:
+    """The license view of a calendar ledger and its tail entries (``meter rate``).
+
+    The view shares ``calendar``: what is added to it later joins that ledger too."""
+    view = LicenseLedger(calendar, history_start)
+    for (t, m, w, i), rate in tails:
+        view.add_tail(t, m, w, i, rate)
+    return view
+
+
+# ---------------------------------------------------------------- the provider's license
+
+#: Days an expired license keeps working.
+GRACE_DAYS: Final = 60
+#: Days before expiry that meter starts warning.
+EXPIRY_WARNING_DAYS: Final = 30
+#: The states of :func:`license_status`, worst first.
+STATES: Final = ("expired", "over_allowance", "grace", "warning", "expiring", "ok", "undeclared")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLicense:
+    """What the provider licensed from the vendor (``--license FILE``)."""
+
+    licensed_points: int
+    #: The last day the license is valid (UTC); ``None``: no expiry declared.
+    expires: date | None = None
+    source: str = ""
+
+
+def over_warning(licensed: int) -> int:
+    """Points over the licensed number past which the vendor's console warns:
+    max(10, 10% of licensed).  Used points are whole, so the floor compares exactly."""
+    return max(10, licensed // 10)
+
+
+def over_allowed(licensed: int) -> int:
+    """Points the provider may use over the licensed number, before last month's new
+    points: max(20, 20% of licensed)."""
+    return max(20, licensed // 5)
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseStatus:
+    """Used points of a month against the license; every number a reader needs."""
+
+    month: str
+    used_points: int
+    new_points: int
+    previous_new_points: int
+    license: ProviderLicense | None
+    today: date
+
+    @property
+    def declared(self) -> bool:
+        return self.license is not None
+
+    @property
+    def warning_points(self) -> int | None:
+        lic = self.license
+        return None if lic is None else lic.licensed_points + over_warning(lic.licensed_points)
+
+    @property
+    def allowed_points(self) -> int | None:
+        """Licensed + max(20, 20%) + the new points of the previous calendar month."""
+        lic = self.license
+        if lic is None:
+            return None
+        return lic.licensed_points + over_allowed(lic.licensed_points) + self.previous_new_points
+
+    @property
+    def days_to_expiry(self) -> int | None:
+        lic = self.license
+        if lic is None or lic.expires is None:
+            return None
+        return (lic.expires - self.today).days
+
+    @property
+    def state(self) -> str:
+        if self.license is None:
+            return "undeclared"
+        days = self.days_to_expiry
+        if days is not None and days < -GRACE_DAYS:
+            return "expired"
+        allowed, warning = self.allowed_points, self.warning_points
+        assert allowed is not None and warning is not None
+        if self.used_points > allowed:
+            return "over_allowance"
+        if days is not None and days < 0:
+            return "grace"
+        if self.used_points > warning:
+            return "warning"
+        if days is not None and days < EXPIRY_WARNING_DAYS:
+            return "expiring"
+        return "ok"
+
+    def as_dict(self) -> dict[str, object]:
+        lic = self.license
+        return {
+            "declared": lic is not None,
+            "licensed_points": None if lic is None else lic.licensed_points,
+            "expires": None if lic is None or lic.expires is None else lic.expires.isoformat(),
+            "days_to_expiry": self.days_to_expiry,
+            "month": self.month,
+            "used_points": self.used_points,
+            "new_points": self.new_points,
+            "previous_new_points": self.previous_new_points,
+            "warning_points": self.warning_points,
+            "allowed_points": self.allowed_points,
+            "state": self.state,
+        }
+
+
+def parse_license(doc: object, where: str = "<license>") -> ProviderLicense:
+    """Validate a decoded license document: ``{"licensed_points": N, "expires": "YYYY-MM-DD"}``
+    (``expires`` optional).  Raises :class:`~meter.errors.ConfigError` naming the problem."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected an object with licensed_points (and expires)")
+    unknown = sorted(set(doc) - {"licensed_points", "expires", "comment"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown keys {', '.join(map(repr, unknown))}; "
+            "expected licensed_points, expires (and comment)"
+        )
+    points = doc.get("licensed_points")
+    if not isinstance(points, int) or isinstance(points, bool) or points < 0:
+        raise ConfigError(f"{where}: licensed_points must be a whole number >= 0, got {points!r}")
+    expires = doc.get("expires")
+    day: date | None = None
+    if expires is not None:
+        day = _iso_date(expires)
+        if day is None:
+            raise ConfigError(
+                f"{where}: expires must be a date YYYY-MM-DD (the last valid day), "
+                f"got {expires!r:.40}"
+            )
+    assert isinstance(points, int)
+    return ProviderLicense(points, day, where)
+
+
+def _iso_date(value: object) -> date | None:
+    if not isinstance(value, str) or len(value) != 10:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def load_license(path: str) -> ProviderLicense:
+    """Read a license file (JSON); a missing or malformed one is a ConfigError."""
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read license file: {exc.strerror}") from exc
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    return parse_license(doc, path)
