@@ -6,13 +6,18 @@
   with a one-line reason otherwise (recovering, fenced, halted, connecting).
 - ``GET /``: the live status page (when a usage view is given).
 - ``GET /api/usage?month=YYYY-MM[&tenant=T]``: the same document as
-  ``meter report --format json``, plus ``months`` (every month seen) and ``month``.
+  ``meter report --format json``, plus ``months`` (every month seen), ``month``, the
+  month's ``status`` (``running``, ``final`` or ``final+corrections``), ``closed_at`` for
+  a closed month, and ``license`` when the view has a license source. A month that is
+  not ``YYYY-MM`` (01..12, year 0001..9999) is a 400 with ``{"error": "..."}``; no month
+  (or an empty one) means this UTC month if it has usage, else the newest that has.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -49,7 +54,11 @@ def build_app(
 
         async def api_usage(request: web.Request) -> web.Response:
             months = view.months()
-            month = request.query.get("month") or default_month(months)
+            asked = request.query.get("month")
+            try:
+                month = parse_month(asked) if asked else default_month(months)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
             doc = view.document(month=month, tenant_id=request.query.get("tenant") or None)
             doc["month"] = month
             doc["months"] = months
@@ -59,6 +68,21 @@ def build_app(
         app.router.add_get("/", index)
         app.router.add_get("/api/usage", api_usage)
     return app
+
+
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
+
+
+def parse_month(value: str) -> str:
+    """``value`` if it is a month ``YYYY-MM`` (01..12, year 0001..9999); else ValueError
+    naming the value and the expected form."""
+    m = _MONTH.fullmatch(value)
+    if m is None or int(m[1]) < 1 or not 1 <= int(m[2]) <= 12:
+        raise ValueError(
+            f"invalid month {value!r:.60}: expected YYYY-MM "
+            "(month 01..12, year 0001..9999), e.g. 2026-11"
+        )
+    return value
 
 
 def default_month(months: list[str]) -> str:

@@ -10,13 +10,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry, Counter
 
 from meter.kafka import KafkaSettings
 from meter.observe import http
-from meter.observe.http import build_app, default_month
+from meter.observe.http import build_app, default_month, parse_month
 from meter.observe.usage_view import UsageView
 
 
@@ -228,3 +229,62 @@ def test_current_month_is_utc_year_month() -> None:
     assert len(m) == 7
     assert m[4] == "-"
     assert 1 <= int(m[5:]) <= 12
+
+
+BAD_MONTHS = [
+    "bogus", "2026-13", "2026-00", "0000-01", "2026-1", "26-11", "2026-011", "202611",
+    "2026/11", " 2026-11", "2026-11 ", "2026-11\n", "2026-11-01", "２０２６-11", "-2026-11",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("month", BAD_MONTHS)
+def test_parse_month_refuses_what_is_not_yyyy_mm(month: str) -> None:
+    with pytest.raises(ValueError, match=r"expected YYYY-MM \(month 01\.\.12, year 0001\.\.9999\)"):
+        parse_month(month)
+
+
+@pytest.mark.parametrize("month", ["0001-01", "2026-01", "2026-11", "2026-12", "9999-12"])
+def test_parse_month_takes_every_valid_month(month: str) -> None:
+    assert parse_month(month) == month
+
+
+def test_api_usage_answers_400_naming_a_bad_month() -> None:
+    async def body(client: TestClient) -> list[tuple[int, str, Any]]:
+        out = []
+        for month in BAD_MONTHS:
+            resp = await client.get("/api/usage", params={"month": month})
+            out.append((resp.status, resp.headers["Content-Type"], await resp.json()))
+        return out
+
+    for month, (status, ctype, doc) in zip(
+        BAD_MONTHS,
+        run_with_client(build_app(CollectorRegistry(), filled_view()), body),
+        strict=True,
+    ):
+        assert status == 400, month
+        assert ctype.startswith("application/json")
+        assert set(doc) == {"error"}
+        assert repr(month) in doc["error"]
+        assert "YYYY-MM" in doc["error"]
+
+
+def test_api_usage_names_a_long_bad_month_shortened() -> None:
+    async def body(client: TestClient) -> tuple[int, Any]:
+        resp = await client.get("/api/usage", params={"month": "x" * 5000})
+        return resp.status, await resp.json()
+
+    status, doc = run_with_client(build_app(CollectorRegistry(), filled_view()), body)
+    assert status == 400
+    assert len(doc["error"]) < 200
+
+
+def test_api_usage_with_an_empty_month_uses_the_default_month(monkeypatch: Any) -> None:
+    monkeypatch.setattr(http, "current_month", lambda: "2026-11")
+
+    async def body(client: TestClient) -> tuple[int, Any]:
+        resp = await client.get("/api/usage?month=")
+        return resp.status, await resp.json()
+
+    status, doc = run_with_client(build_app(CollectorRegistry(), filled_view()), body)
+    assert status == 200
+    assert doc["month"] == "2026-11"
