@@ -5,13 +5,18 @@ Nothing here runs per event: the worker keeps plain integers (its
 collector turns them into metric families when Prometheus scrapes.  Usage
 gauges cover only the months ``months()`` returns (by default the current and
 the previous UTC month) so label cardinality stays bounded.
+
+Two views, named as everywhere in meter: ``meter_points`` / ``meter_workloads`` are
+tenant usage (calendar month, what a provider charges its tenants);
+``meter_license_*`` are license usage (the vendor's rules, what the provider is billed
+on), beside the provider's declared license (``--license FILE``).
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from meter import __version__
 from meter.domain import OUTCOMES, REJECTION_CODES, Ledger
+from meter.domain.license import ProviderLicense
 from meter.stream.worker import Worker
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -147,7 +153,13 @@ class WorkerCollector(Collector):
         for (topic, partition), value in sorted(self.worker.lag().items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
-        yield from usage_families(self.worker.ledgers.values(), self.months())
+        months = self.months()
+        yield from usage_families(self.worker.ledgers.values(), months)
+        yield from license_families(
+            getattr(self.worker, "provider_license", None),
+            self.worker.now().date(),
+            _license_totals(self.worker, months),
+        )
 
 
 def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metric]:
@@ -171,6 +183,67 @@ def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metr
                 points.add_metric(labels, p)
     yield workloads
     yield points
+
+
+#: The per-month license gauges: (totals key, metric name, help).
+_LICENSE_MONTH_GAUGES = (
+    ("used_points", "meter_license_used_points",
+     "License usage (vendor rules): points the vendor bills for the month, new workloads "
+     "excluded"),
+    ("new_points", "meter_license_new_points",
+     "License usage (vendor rules): points of the month's new workloads (free this month)"),
+    ("previous_new_points", "meter_license_previous_new_points",
+     "License usage (vendor rules): new points of the month before, which the allowance adds"),
+    ("workloads", "meter_license_workloads",
+     "License usage (vendor rules): protected workloads (a success or warning session in the "
+     "31-day window), new ones included"),
+    ("new_workloads", "meter_license_new_workloads",
+     "License usage (vendor rules): of those, workloads processed for the first time this "
+     "month"),
+)  # fmt: skip
+_SHARE = ". This worker's home partitions only: the provider's figure is the sum over all workers."
+
+
+def _license_totals(worker: Worker, months: set[str]) -> dict[str, dict[str, int]]:
+    totals = getattr(worker, "license_totals", None)
+    if totals is None:
+        return {}
+    out: dict[str, dict[str, int]] = totals(months)
+    return out
+
+
+def license_families(
+    lic: ProviderLicense | None, today: date, totals: dict[str, dict[str, int]]
+) -> Iterator[Metric]:
+    """The provider's license, and each month's license usage on this worker."""
+    declared = GaugeMetricFamily(
+        "meter_license_declared",
+        "1 when the provider declared its license (--license FILE), 0 when not: then there "
+        "are no licensed points, expiry or license alerts, and everything else works.",
+    )
+    declared.add_metric([], 0 if lic is None else 1)
+    yield declared
+    licensed = GaugeMetricFamily(
+        "meter_license_licensed_points",
+        "Points the provider licensed from the vendor (only when a license is declared).",
+    )
+    expiry = GaugeMetricFamily(
+        "meter_license_expiry_days",
+        "Days from today (UTC) to the license's last valid day: 0 on that day, negative "
+        "after it (60 days of grace, then workloads are no longer processed). Only when "
+        "the license declares an expiry.",
+    )
+    if lic is not None:
+        licensed.add_metric([], lic.licensed_points)
+        if lic.expires is not None:
+            expiry.add_metric([], (lic.expires - today).days)
+    yield licensed
+    yield expiry
+    for key, name, doc in _LICENSE_MONTH_GAUGES:
+        family = GaugeMetricFamily(name, doc + _SHARE, labels=["month"])
+        for month, values in sorted(totals.items()):
+            family.add_metric([month], values.get(key, 0))
+        yield family
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
 from meter.domain import load_ratecards
+from meter.domain.license import ProviderLicense
 from meter.kafka import KafkaSettings
-from meter.observe.metrics import instrument, recent_months
+from meter.observe.metrics import _license_totals, instrument, recent_months
 from meter.stream.config import StreamConfig
 from meter.stream.partition import HomePartition
 from meter.stream.worker import Worker
@@ -97,3 +99,104 @@ def test_latency_histogram_is_fed_by_the_worker() -> None:
 def test_recent_months_wraps_the_year() -> None:
     months = recent_months(3, now=lambda: datetime(2027, 1, 5, tzinfo=UTC))()
     assert months == {"2027-01", "2026-12", "2026-11"}
+
+
+# ---------------------------------------------------------------- license gauges
+
+NOV = {"month": "2026-11"}
+
+
+def licensed_worker(lic: ProviderLicense | None, *, today: datetime) -> Worker:
+    """A worker with a declared license (or none) and license totals on its homes."""
+    w = make_worker()
+    w.now = lambda: today
+    w.provider_license = lic  # what --license FILE sets
+    asked: list[set[str]] = []
+
+    def license_totals(months: set[str]) -> dict[str, dict[str, int]]:
+        asked.append(months)
+        known = {
+            "2026-11": {"used_points": 55, "new_points": 10, "previous_new_points": 4,
+                        "workloads": 13, "new_workloads": 2},
+            "2026-10": {"used_points": 40, "new_points": 4, "previous_new_points": 0,
+                        "workloads": 9, "new_workloads": 1},
+            "2026-08": {"used_points": 1, "new_points": 0, "previous_new_points": 0,
+                        "workloads": 1, "new_workloads": 0},
+        }  # fmt: skip
+        return {m: t for m, t in known.items() if m in months}
+
+    w.license_totals = license_totals
+    w.asked = asked
+    return w
+
+
+def test_declared_license_exports_licensed_points_and_days_to_expiry() -> None:
+    registry = CollectorRegistry()
+    now = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
+    w = licensed_worker(ProviderLicense(50, date(2026, 12, 26)), today=now)
+    instrument(w, registry, recent_months(2, now=lambda: now))
+    assert registry.get_sample_value("meter_license_declared") == 1
+    assert registry.get_sample_value("meter_license_licensed_points") == 50
+    assert registry.get_sample_value("meter_license_expiry_days") == 29
+    # the last valid day is 0, the day after -1 (grace), read from the worker's clock
+    w.now = lambda: datetime(2026, 12, 26, tzinfo=UTC)
+    assert registry.get_sample_value("meter_license_expiry_days") == 0
+    w.now = lambda: datetime(2027, 2, 25, tzinfo=UTC)
+    assert registry.get_sample_value("meter_license_expiry_days") == -61
+
+
+def test_license_without_expiry_has_no_expiry_gauge() -> None:
+    registry = CollectorRegistry()
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    instrument(licensed_worker(ProviderLicense(200), today=now), registry)
+    assert registry.get_sample_value("meter_license_declared") == 1
+    assert registry.get_sample_value("meter_license_licensed_points") == 200
+    assert registry.get_sample_value("meter_license_expiry_days") is None
+
+
+def test_undeclared_license_says_so_and_still_exports_license_usage() -> None:
+    registry = CollectorRegistry()
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    instrument(licensed_worker(None, today=now), registry, recent_months(2, now=lambda: now))
+    assert registry.get_sample_value("meter_license_declared") == 0
+    assert registry.get_sample_value("meter_license_licensed_points") is None
+    assert registry.get_sample_value("meter_license_expiry_days") is None
+    assert registry.get_sample_value("meter_license_used_points", NOV) == 55
+    help_text = {m.name: m.documentation for m in registry.collect()}
+    assert "--license" in help_text["meter_license_declared"]
+
+
+def test_per_month_license_gauges_for_the_usage_months() -> None:
+    registry = CollectorRegistry()
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    w = licensed_worker(ProviderLicense(50, date(2027, 6, 30)), today=now)
+    instrument(w, registry, recent_months(2, now=lambda: now))
+    assert registry.get_sample_value("meter_license_used_points", NOV) == 55
+    assert registry.get_sample_value("meter_license_new_points", NOV) == 10
+    assert registry.get_sample_value("meter_license_previous_new_points", NOV) == 4
+    assert registry.get_sample_value("meter_license_workloads", NOV) == 13
+    assert registry.get_sample_value("meter_license_new_workloads", NOV) == 2
+    oct_ = {"month": "2026-10"}
+    assert registry.get_sample_value("meter_license_used_points", oct_) == 40
+    assert registry.get_sample_value("meter_license_new_workloads", oct_) == 1
+    # the same months as the usage gauges: 2026-08 is not asked for, nor exported
+    assert w.asked[-1] == {"2026-11", "2026-10"}
+    assert registry.get_sample_value("meter_license_used_points", {"month": "2026-08"}) is None
+    # a share of the provider's figure: the HELP says to sum over workers
+    help_text = {m.name: m.documentation for m in registry.collect()}
+    for name in ("used_points", "new_points", "previous_new_points", "workloads"):
+        assert "sum over all workers" in help_text[f"meter_license_{name}"]
+
+
+def test_a_worker_without_license_state_exports_empty_license_families() -> None:
+    registry = CollectorRegistry()
+    w = make_worker()
+    w.provider_license = None
+    w.license_totals = lambda months: {}
+    instrument(w, registry)
+    names = {m.name for m in registry.collect()}
+    assert {"meter_license_declared", "meter_license_used_points"} <= names
+    assert registry.get_sample_value("meter_license_declared") == 0
+    assert registry.get_sample_value("meter_license_used_points", NOV) is None
+    # a worker that offers no license view at all reads as no state
+    assert _license_totals(SimpleNamespace(), {"2026-11"}) == {}  # type: ignore[arg-type]
