@@ -23,7 +23,9 @@ DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "meter.json"
 GENERATOR = DEPLOY / "grafana" / "build_dashboard.py"
 #: Every alert deploy/prometheus/rules.yml defines.
 ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
-          "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors"}  # fmt: skip
+          "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors",
+          "MeterLicenseOverWarning", "MeterLicenseOverAllowance", "MeterLicenseExpiring",
+          "MeterLicenseGracePeriod", "MeterLicenseExpired"}  # fmt: skip
 
 
 def require_binary(name: str) -> str:

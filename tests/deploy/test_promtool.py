@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from meter.domain.license import over_allowed, over_warning
 from tests.deploy import (
     ALERTS,
     DASHBOARD_JSON,
@@ -71,6 +72,52 @@ def test_every_alert_fires_and_stays_quiet_in_the_unit_tests() -> None:
     quiet = {name for name, empty in cases if empty}
     assert fires == ALERTS, f"no firing case for {ALERTS - fires}"
     assert quiet == ALERTS, f"no quiet case for {ALERTS - quiet}"
+
+
+def test_license_lines_are_the_domain_rules(tmp_path: Path) -> None:
+    """The recorded warning and allowance lines agree with meter.domain.license (what
+    `meter report` and the status page show) for licenses small and large, at the
+    floors and around the 10% and 20% steps."""
+    licensed = [0, 1, 9, 50, 99, 100, 101, 105, 109, 199, 200, 205, 209, 1234, 100_000]
+    series, warning, allowed = [], [], []
+    for n, points in enumerate(licensed):
+        job = f"meter-{n}"
+        series += [
+            {"series": f'meter_license_licensed_points{{job="{job}", instance="w{w}"}}',
+             "values": f"{points}x5"}
+            for w in (1, 2)
+        ] + [
+            {"series": f'meter_license_previous_new_points{{job="{job}", instance="w{w}", '
+                       'month="2026-11"}', "values": f"{n + w}x5"}
+            for w in (1, 2)
+        ]  # fmt: skip
+        warning.append(
+            {"labels": f'meter:license_warning_points{{job="{job}"}}',
+             "value": points + over_warning(points)}
+        )  # fmt: skip
+        allowed.append(
+            {"labels": f'meter:license_allowed_points{{job="{job}", month="2026-11"}}',
+             "value": points + over_allowed(points) + (n + 1) + (n + 2)}
+        )  # fmt: skip
+    doc = {
+        "rule_files": [str(PROMETHEUS_DIR / "rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {"expr": "meter:license_warning_points", "eval_time": "2m",
+                     "exp_samples": warning},
+                    {"expr": "meter:license_allowed_points", "eval_time": "2m",
+                     "exp_samples": allowed},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "license.test.yml"
+    path.write_text(json.dumps(doc), encoding="utf-8")  # JSON is YAML too
+    assert "SUCCESS" in promtool("test", "rules", str(path))
 
 
 def test_dashboard_json_is_what_the_generator_writes() -> None:
