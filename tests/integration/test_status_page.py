@@ -4,10 +4,15 @@ Debian's chromium (``/usr/bin/chromium``) driven by Playwright (its own browser 
 is not used).  The page must show exactly what ``meter rate`` computes over the same
 events, for the month chosen in its selector, and follow new events without a reload.
 Missing browser or Playwright: skipped, except on CI (``CI=true``) where that fails.
+
+The page also works on a phone (no sideways scrolling at 420 and 360 px), says whether a
+month is running or final, in UTC, and shows the license gauge when the API has one: those
+are checked against an in-process server with a usage view filled by hand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from meter.kafka import KafkaSettings
+from meter.observe.http import build_app, serve
+from meter.observe.usage_view import UsageView
 from meter.sim.fleet import generate
 
 pytestmark = pytest.mark.integration
@@ -45,6 +55,8 @@ CHROMIUM_ARGS = [
 ]
 BROKER_LINE = re.compile(r"embedded Kafka-protocol broker \(Tansu\) on (\S+)")
 PAGE_LINE = re.compile(r"status page on (http://\S+/)")
+UTC_TIME = re.compile(r"\b\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC\b")
+PHONES = (420, 360)
 
 
 def _unavailable(reason: str) -> None:
@@ -237,6 +249,28 @@ def assert_shows_exactly(seen: dict[str, Any], expected: dict[str, Any]) -> None
     assert not seen["errorShown"]
 
 
+def layout(page: Any) -> dict[str, Any]:
+    """Widths, and the text a person sees (``innerText`` skips what is hidden)."""
+    return page.evaluate(
+        """() => ({
+          scrollWidth: document.documentElement.scrollWidth,
+          innerWidth: window.innerWidth,
+          text: document.body.innerText,
+          status: document.querySelector('[data-testid="month-status"]').dataset.status,
+          label: document.querySelector('[data-testid="status-label"]').innerText,
+        })"""
+    )
+
+
+def assert_fits(page: Any, width: int) -> dict[str, Any]:
+    page.set_viewport_size({"width": width, "height": 800})
+    page.wait_for_timeout(100)
+    seen = layout(page)
+    assert seen["innerWidth"] == width
+    assert seen["scrollWidth"] <= seen["innerWidth"], f"the page scrolls sideways at {width} px"
+    return seen
+
+
 def select_month(page: Any, month: str) -> None:
     page.wait_for_selector(f'[data-testid="month-select"] option[value="{month}"]',
                            state="attached", timeout=60_000)  # fmt: skip
@@ -305,11 +339,27 @@ def test_status_page_shows_what_meter_rate_computes_and_updates_live(
         assert seen["selected"] == this
         assert page.evaluate("() => window.__notReloaded === true"), "the page was reloaded"
 
+        # An open month says so, and every time on the page says UTC.
+        seen_layout = layout(page)
+        assert seen_layout["status"] == "running"
+        assert seen_layout["label"] == "Running (not final)"
+        assert UTC_TIME.search(seen_layout["text"]), seen_layout["text"]
+        assert "Live" not in seen_layout["text"]
+        assert "billable this month" not in seen_layout["text"]
+
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "status-page.png"
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("METER_UPDATE_DOCS") == "1":  # refresh the README's screenshot
             shutil.copyfile(shot, ROOT / "docs" / "status-page.png")
+
+        # On a phone: no sideways scrolling, the label and a UTC time still in view.
+        for width in PHONES:
+            narrow = assert_fits(page, width)
+            assert "Running (not final)" in narrow["text"]
+            assert UTC_TIME.search(narrow["text"])
+            page.screenshot(path=str(ARTIFACTS / f"status-page-{width}.png"), full_page=True)
+        page.set_viewport_size({"width": 1360, "height": 900})
 
         assert meter.stop() == 0, meter.log()
 
@@ -322,3 +372,198 @@ def test_status_page_shows_what_meter_rate_computes_and_updates_live(
         page.screenshot(path=str(ARTIFACTS / "status-page-error.png"), full_page=True)
     finally:
         meter.kill()
+
+
+# ------------------------------------------------------------ a view filled by hand
+
+CLOSED_AT = "2026-12-03T00:00:00Z"
+LICENSE = {
+    "declared": True, "licensed_points": 500, "expires": "2027-06-30", "days_to_expiry": 214,
+    "month": "2026-11", "used_points": 430, "new_points": 12, "previous_new_points": 8,
+    "warning_points": 550, "allowed_points": 608, "state": "ok",
+}  # fmt: skip
+UNDECLARED = {
+    "declared": False, "licensed_points": None, "expires": None, "days_to_expiry": None,
+    "month": "2026-12", "used_points": 40, "new_points": 3, "previous_new_points": 12,
+    "warning_points": None, "allowed_points": None, "state": "undeclared",
+}  # fmt: skip
+
+
+def usage_record(tenant: str, month: str, usage: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant,
+        "month": month,
+        "revision": 1,
+        "usage": {t: {"workloads": w, "points": p} for t, (w, p) in usage.items()},
+    }
+
+
+def filled_view() -> UsageView:
+    """November 2026 closed, with two late events after; December 2026 open."""
+    view = UsageView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.usage")
+    for r in [
+        usage_record("acme", "2026-11", {"vm": (3, 15), "replica": (1, 10)}),
+        usage_record("globex", "2026-11", {"server": (2, 7)}),
+    ]:
+        view.records[f"{r['tenant_id']}/2026-11"] = {**r, "final": True, "closed_at": CLOSED_AT}
+    view.records["initech/2026-12"] = usage_record("initech", "2026-12", {"vm": (4, 20)})
+    for wid, wtype, points in [("vm-9", "vm", 5), ("r-2", "replica", 10)]:
+        view.corrections[f"acme/2026-11/{wtype}/{wid}"] = {
+            "tenant_id": "acme", "month": "2026-11", "workload_type": wtype,
+            "workload_id": wid, "workloads_added": 1, "points_added": points,
+            "ratecard": "vcsp-2026", "event_id": f"late-{wid}", "reason": "late",
+            "corrected_at": "2026-12-05T10:00:00Z",
+        }  # fmt: skip
+    view.version = 1
+    return view
+
+
+@pytest.fixture
+def served() -> Iterator[Callable[[UsageView], str]]:
+    """Serve a view in-process (its own event loop in a thread); returns the page's URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runners = []
+
+    def start(view: UsageView) -> str:
+        app = build_app(CollectorRegistry(), view)
+        fut = asyncio.run_coroutine_threadsafe(serve(app, "127.0.0.1", 0), loop)
+        runner, port = fut.result(timeout=10)
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}/"
+
+    try:
+        yield start
+    finally:
+        for runner in runners:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def read_license(page: Any) -> dict[str, Any]:
+    return page.evaluate(
+        """() => {
+          const q = (id) => document.querySelector(`[data-testid="${id}"]`);
+          const sec = q("license");
+          const left = (id) => q(id) && !q(id).hidden ? parseFloat(q(id).style.left) : null;
+          const val = (id) => q(id) ? q(id).querySelector("dd").dataset.value : null;
+          return {
+            shown: !!sec && !sec.hidden && sec.offsetParent !== null,
+            title: sec ? sec.querySelector("h2").innerText.replace(/\\s+/g, " ") : null,
+            state: sec ? sec.dataset.state : null,
+            stateText: q("license-state") ? q("license-state").innerText : null,
+            gaugeShown: !!q("license-gauge") && q("license-gauge").offsetParent !== null,
+            fill: parseFloat(document.getElementById("l-fill").style.width),
+            marks: {licensed: left("license-mark-licensed"), warning: left("license-mark-warning"),
+                    allowed: left("license-mark-allowed")},
+            values: {used: val("license-used"), licensed: val("license-licensed"),
+                     warning: val("license-warning"), allowed: val("license-allowed"),
+                     days: val("license-expiry")},
+            text: sec ? sec.innerText : "",
+          };
+        }"""
+    )
+
+
+def open_month(page: Any, url: str, month: str) -> None:
+    page.goto(f"{url}?month={month}")
+    page.wait_for_function(
+        f"() => document.body.dataset.month === {json.dumps(month)}", timeout=15_000
+    )
+
+
+def test_status_page_shows_final_months_corrections_license_and_fits_a_phone(
+    browser: Any, served: Callable[[UsageView], str]
+) -> None:
+    view = filled_view()
+    view.license_doc = {"2026-11": LICENSE, "2026-12": UNDECLARED}.get
+    url = served(view)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+
+    # A closed month with late events after: final, its close time in UTC, its corrections.
+    open_month(page, url, "2026-11")
+    seen = layout(page)
+    assert seen["status"] == "final+corrections"
+    assert seen["label"] == "Final \u2014 closed 2026-12-03 00:00:00 UTC"
+    assert "Running" not in seen["text"]
+    assert "billable this month" not in seen["text"]
+    assert "Tenant usage (calendar month)" in seen["text"]
+    fixes = page.evaluate(
+        """() => { const c = document.querySelector('[data-testid="corrections"]');
+                   return {shown: !c.hidden, text: c.innerText, ...c.dataset}; }"""
+    )
+    assert fixes["shown"]
+    assert fixes["count"] == "2"
+    assert (fixes["workloads"], fixes["points"]) == ("8", "47")
+    assert "2 corrections after the close" in fixes["text"]
+    assert "8 workloads, 47 points" in fixes["text"]
+    # The figures above are the month as closed.
+    assert read_page(page)["points"] == 32
+
+    lic = read_license(page)
+    assert lic["shown"]
+    assert lic["title"] == "License usage (vendor rules: 31-day window, new workloads free)"
+    assert lic["state"] == "ok"
+    assert lic["stateText"].startswith("OK")
+    assert lic["gaugeShown"]
+    assert lic["values"] == {
+        "used": "430", "licensed": "500", "warning": "550", "allowed": "608", "days": "214"
+    }  # fmt: skip
+    for number in ("430 points", "500 points", "550 points", "608 points", "214 days to expiry"):
+        assert number in lic["text"], number
+    # Used, then the license, then the warning line, then the allowance, on one scale.
+    marks = lic["marks"]
+    assert 0 < lic["fill"] < marks["licensed"] < marks["warning"] < marks["allowed"] < 100
+    assert lic["fill"] / marks["licensed"] == pytest.approx(430 / 500, rel=0.01)
+    assert marks["allowed"] / marks["licensed"] == pytest.approx(608 / 500, rel=0.01)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "status-page-final.png"), full_page=True)
+
+    for width in PHONES:
+        narrow = assert_fits(page, width)
+        assert "Final \u2014 closed 2026-12-03 00:00:00 UTC" in narrow["text"]
+        assert read_license(page)["gaugeShown"]
+        # The usage table may scroll, inside its own panel only.
+        assert page.evaluate(
+            """() => { const t = document.querySelector('.table-scroll');
+                       return t.getBoundingClientRect().right <= window.innerWidth; }"""
+        )
+        page.screenshot(path=str(ARTIFACTS / f"status-page-final-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1360, "height": 900})
+
+    # An open month: running; no license declared: said so, no gauge.
+    open_month(page, url, "2026-12")
+    seen = layout(page)
+    assert (seen["status"], seen["label"]) == ("running", "Running (not final)")
+    assert page.locator('[data-testid="corrections"]').is_hidden()
+    lic = read_license(page)
+    assert lic["shown"]
+    assert lic["state"] == "undeclared"
+    assert lic["stateText"] == "No license declared (set --license FILE)"
+    assert not lic["gaugeShown"]
+    assert "40 points" in lic["text"]
+
+    # No license key in the API document: no license section, the rest as before.
+    view.license_doc = None
+    view.version += 1
+    page.wait_for_function(
+        """() => document.querySelector('[data-testid="license"]').hidden""", timeout=15_000
+    )
+    assert read_page(page)["points"] == 20
+    assert layout(page)["label"] == "Running (not final)"
+
+
+def test_status_page_says_what_is_wrong_with_a_bad_month(
+    browser: Any, served: Callable[[UsageView], str]
+) -> None:
+    page = browser.new_page(viewport={"width": 420, "height": 800})
+    page.goto(served(filled_view()) + "?month=2026-13")
+    page.wait_for_selector('[data-testid="live-status"][data-state="error"]', timeout=15_000)
+    error = read_page(page)["error"]
+    assert "HTTP 400" in error
+    assert "'2026-13'" in error
+    assert "YYYY-MM" in error
+    assert layout(page)["scrollWidth"] <= 420
