@@ -1,4 +1,18 @@
-"""``meter rate FILE``: rate JSON lines offline and print the usage report."""
+"""``meter rate FILE``: rate JSON lines offline and print the usage report.
+
+Two views of the same events (see :mod:`meter.domain.license`):
+
+- **tenant usage** (calendar month): ``--format csv`` is only this; ``json`` has it as
+  ``usage`` and ``table`` prints it first, as before.
+- **license usage** (vendor rules: the 31-day window, new workloads free in their first
+  month): ``--format vspc-csv`` is only this (:mod:`meter.report.license`); ``json``
+  adds it as ``license_usage`` and ``table`` prints it after the tenant usage.
+
+A month's license report is ``running`` until the month closes (``now`` >=
+:func:`~meter.domain.close.closes_at`: 00:00 UTC on the 3rd day of the next month, when
+the streaming meter closes it) and ``final`` after.  ``now`` is the system clock, or
+``--clock FILE`` as for the other commands.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +20,28 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
-from meter.cli.common import add_max_event_bytes_argument
+from meter.cli.common import add_max_event_bytes_argument, clock_from
 from meter.domain import Event, Rater, Rejected, load_ratecards
+from meter.domain.close import is_closed
 from meter.domain.event import too_large
+from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
 from meter.errors import InputError
+from meter.observe.http import parse_month
 from meter.report import FORMATS, UsageReport, render
+from meter.report.license import (
+    MonthInfo,
+    license_section,
+    license_table,
+    month_info,
+    render_license_csv,
+)
+from meter.report.render import TENANT_USAGE_TITLE
 
 BOM = b"\xef\xbb\xbf"
 
@@ -25,12 +51,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "rate",
         help="rate a file of job events (JSON lines) and print the usage report",
         description="Read job events as JSON lines from FILE (or - for standard input), "
-        "rate them by the rate card and print the usage per month, tenant and workload type.",
+        "rate them by the rate card and print the usage per month, tenant and workload type "
+        "(tenant usage, calendar month) and the license usage by the vendor's rules.",
     )
     p.add_argument("file", metavar="FILE", help="JSON lines file, or - for standard input")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument(
+        "--format",
+        choices=(*FORMATS, "vspc-csv"),
+        default="table",
+        help="output format: table (both views), json (both), csv (tenant usage), "
+        "vspc-csv (the vendor's license usage report) [table]",
+    )
     p.add_argument("--ratecard", metavar="FILE", help="rate card file (default: built-in)")
-    p.add_argument("--month", help="only report this month (YYYY-MM)")
+    p.add_argument("--month", type=month_arg, help="only report this month (YYYY-MM)")
     p.add_argument("--tenant", help="only report this tenant")
     p.add_argument(
         "--max-rejected",
@@ -39,8 +72,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="list at most N rejected lines (the rest are counted) [100]",
     )
+    p.add_argument(
+        "--history-start",
+        type=month_arg,
+        metavar="YYYY-MM",
+        help="first month of meter's history: it has no new workloads (what ran before is "
+        "unknown, so all are billed) [the earliest month in the data]",
+    )
+    p.add_argument(
+        "--license",
+        metavar="FILE",
+        help='the provider\'s license, JSON: {"licensed_points": N, "expires": "YYYY-MM-DD"}; '
+        "used points are shown against it [none declared]",
+    )
+    p.add_argument(
+        "--clock",
+        metavar="FILE",
+        help="for drills and tests: read the current time (RFC 3339) from FILE instead of "
+        "the system clock; it decides which months are final",
+    )
     add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
+
+
+def month_arg(value: str) -> str:
+    """A ``YYYY-MM`` flag value; anything else is a usage error (exit 2) naming it."""
+    try:
+        return parse_month(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @contextmanager
@@ -135,7 +195,9 @@ def rest_of_line(first: bytes, stream: BinaryIO, limit: int) -> tuple[int, bool]
 
 
 def run(args: argparse.Namespace) -> int:
-    rater = Rater(load_ratecards(args.ratecard), max_bytes=args.max_event_bytes)
+    cards = load_ratecards(args.ratecard)
+    license = load_license(args.license) if args.license else None
+    rater = Rater(cards, max_bytes=args.max_event_bytes)
     try:
         with open_input(args.file) as stream:
             rejected, not_listed = rate_stream(stream, rater, max(args.max_rejected, 0))
@@ -149,5 +211,38 @@ def run(args: argparse.Namespace) -> int:
         rejected=rejected,
         rejected_not_listed=not_listed,
     )
-    sys.stdout.write(render(report, args.format))
+    if args.format == "csv":
+        sys.stdout.write(render(report, "csv"))
+        return 0
+    view = rater.license_view(args.history_start)
+    rows = view.rows(month=args.month, tenant_id=args.tenant)
+    infos = license_months(view, args, clock_from(args.clock)(), license, rows)
+    if args.format == "vspc-csv":
+        sys.stdout.write(render_license_csv(rows, infos, cards))
+    elif args.format == "json":
+        report.extra.update(license_section(rows, infos))
+        sys.stdout.write(render(report, "json"))
+    else:
+        sys.stdout.write(f"{TENANT_USAGE_TITLE}\n\n")
+        sys.stdout.write(render(report, args.format))
+        sys.stdout.write("\n")
+        sys.stdout.write(license_table(rows, infos))
     return 0
+
+
+def month_status(month: str, now: datetime) -> str:
+    """``final`` once ``month`` has closed (as the streaming meter closes it), else ``running``."""
+    return "final" if is_closed(month, now) else "running"
+
+
+def license_months(
+    view: LicenseLedger,
+    args: argparse.Namespace,
+    now: datetime,
+    license: ProviderLicense | None,
+    rows: list[LicenseRow],
+) -> list[MonthInfo]:
+    """What each reported month's license report is: ``--month``, else every month
+    with rows."""
+    months = [args.month] if args.month else sorted({r.month for r in rows})
+    return [month_info(view, m, month_status(m, now), now, license, args.tenant) for m in months]

@@ -24,6 +24,9 @@ import orjson
 from meter.domain import Tally, UsageRow
 
 FORMATS: Final = ("table", "csv", "json")
+#: The title of the calendar-month table where the license usage (vendor rules) is
+#: shown too, so nobody confuses the two views.
+TENANT_USAGE_TITLE: Final = "TENANT USAGE (calendar month)"
 
 
 @dataclass

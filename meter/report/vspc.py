@@ -1,5 +1,11 @@
-"""The vendor's usage report as CSV (``meter report --format vspc-csv``).
+"""The vendor's workload names and per-unit points, and the old calendar-month CSV.
 
+``--format vspc-csv`` is the license usage report by the vendor's rules (31-day
+window, new workloads free in their first month): :mod:`meter.report.license`
+renders it, with :data:`WORKLOAD_NAMES` and :func:`per_unit` from here.
+
+:func:`render_vspc` is the earlier CSV of the **calendar-month** view (tenant usage),
+kept only while ``meter report`` still calls it; it is *not* what the vendor bills.
 One row per tenant and workload type, then one provider total row per workload
 type and a grand total:
 
