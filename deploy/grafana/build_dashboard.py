@@ -7,6 +7,9 @@ Plain Python, no dependencies: the dashboard is data, and the JSON is committed 
 Grafana provisions it from files (see ``provisioning/dashboards/meter.yml``).  Edit this
 file, not the JSON; a test checks that the JSON is what this script writes.
 
+The license row shows license usage (the vendor's rules: what the provider is billed
+on) against the declared license; the usage row shows tenant usage (calendar months).
+
 Queries use two Grafana variables: ``$month`` (the dashboard's month, YYYY-MM, from the
 ``month`` label of ``meter_points``, newest first, so it defaults to the current month)
 and Grafana's ``$__rate_interval``.
@@ -342,6 +345,143 @@ def worker_panels() -> list[Panel]:
     ]
 
 
+#: The license lines, as deploy/prometheus/rules.yml records them (meter-license group)
+#: but from the workers' own series, so the panels need no rules loaded.
+LICENSED = "max(meter_license_licensed_points)"
+USED = f"sum(meter_license_used_points{{{MONTH}}})"
+WARNING_LINE = f"{LICENSED} + clamp_min(floor({LICENSED} / 10), 10)"
+ALLOWED_LINE = (
+    f"{LICENSED} + clamp_min(floor({LICENSED} / 5), 20)"
+    f" + sum(meter_license_previous_new_points{{{MONTH}}})"
+)
+NO_LICENSE = "No license declared (--license FILE)"
+
+
+def license_stat(title: str, description: str, expr: str, no_value: str, **field: Any) -> Panel:
+    p = stat(title, description, expr)
+    p["fieldConfig"]["defaults"].update(noValue=no_value, **field)
+    p["options"]["graphMode"] = "none"
+    return p
+
+
+def lines(*steps: tuple[str, float | None]) -> Panel:
+    """Grafana thresholds: from each value up, its colour (the first from below)."""
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
+
+
+def dashed(name: str, color: str | None = None) -> Panel:
+    """An override drawing the series ``name`` as a dashed line: a limit, not a measure."""
+    props: list[Panel] = [
+        {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+        {"id": "custom.fillOpacity", "value": 0},
+    ]
+    if color:
+        props.append({"id": "color", "value": {"mode": "fixed", "fixedColor": color}})
+    return {"matcher": {"id": "byName", "options": name}, "properties": props}
+
+
+def with_limits(*overrides: Panel) -> Panel:
+    fc = defaults("short", fillOpacity=10, showPoints="never")
+    fc["overrides"] = list(overrides)
+    return fc
+
+
+def license_panels() -> list[Panel]:
+    """License usage (vendor rules): what the vendor bills, against the declared license.
+    One panel per license alert: the warning line, the allowance, the expiry."""
+    declared = license_stat(
+        "License",
+        "Whether the provider declared its license (--license FILE with licensed_points "
+        "and expires). Without one meter meters and reports as usual, and the license "
+        "panels and alerts have nothing to compare with.",
+        "max(meter_license_declared)",
+        "No data",
+        color={"mode": "thresholds"},
+        thresholds=lines(("text", None)),
+    )
+    declared["fieldConfig"]["defaults"]["mappings"] = [
+        {
+            "type": "value",
+            "options": {
+                "0": {"text": "Not declared", "color": "text", "index": 0},
+                "1": {"text": "Declared", "color": "green", "index": 1},
+            },
+        }
+    ]
+    return [
+        declared,
+        license_stat(
+            "Licensed points",
+            "Points the provider licensed from the vendor, as declared in the license file.",
+            LICENSED,
+            NO_LICENSE,
+        ),
+        license_stat(
+            "License used points ($month)",
+            "Points the vendor bills for the month by its own rules: workloads with a "
+            "restore point in the 31 days before the month's end, each at its highest rate, "
+            "new workloads excluded (free in their first month). Not the tenant usage above, "
+            "which counts calendar months.",
+            USED,
+            "No license usage",
+        ),
+        license_stat(
+            "Days to license expiry",
+            "Days from today (UTC) to the license's last valid day; negative after it. "
+            "Yellow: under 30 days (MeterLicenseExpiring); orange: expired, in the vendor's "
+            "60-day grace period (MeterLicenseGracePeriod); red: past the grace period, "
+            "workloads are no longer processed (MeterLicenseExpired).",
+            "min(meter_license_expiry_days)",
+            "No expiry declared",
+            unit="suffix: days",
+            color={"mode": "thresholds"},
+            thresholds=lines(("red", None), ("orange", -60), ("yellow", 0), ("green", 30)),
+        ),
+        timeseries(
+            "License used points vs the warning line ($month)",
+            "Used points (vendor rules, new workloads excluded, summed over workers) against "
+            "the licensed points and the vendor's warning line, licensed + max(10, 10%). "
+            "MeterLicenseOverWarning fires after 15 minutes above the line.",
+            [
+                target(USED, "used", "A"),
+                target(LICENSED, "licensed", "B"),
+                target(WARNING_LINE, "warning line", "C"),
+            ],
+            fieldConfig=with_limits(dashed("licensed"), dashed("warning line", "orange")),
+            timeFrom="now/M",
+        ),
+        timeseries(
+            "License used points vs the allowance ($month)",
+            "Used points against the allowance: licensed + max(20, 20%) + the new points of "
+            "the month before. Past it the vendor no longer processes the workloads above "
+            "it; MeterLicenseOverAllowance fires after 15 minutes above the line.",
+            [
+                target(USED, "used", "A"),
+                target(ALLOWED_LINE, "allowance", "B"),
+                target(
+                    f"sum(meter_license_previous_new_points{{{MONTH}}})",
+                    "new points of the month before",
+                    "C",
+                ),
+            ],
+            fieldConfig=with_limits(dashed("allowance", "red")),
+            timeFrom="now/M",
+        ),
+        timeseries(
+            "New workloads ($month)",
+            "Workloads processed for the first time this month and the points they would "
+            "consume: free this month; next month they are ordinary workloads, and these "
+            "points raise that month's allowance. Beside them, all protected workloads.",
+            [
+                target(f"sum(meter_license_new_points{{{MONTH}}})", "new points", "A"),
+                target(f"sum(meter_license_new_workloads{{{MONTH}}})", "new workloads", "B"),
+                target(f"sum(meter_license_workloads{{{MONTH}}})", "protected workloads", "C"),
+            ],
+            timeFrom="now/M",
+        ),
+    ]
+
+
 def layout(sections: list[tuple[str, list[Panel], list[tuple[int, int]]]]) -> list[Panel]:
     """Place panels left to right in a 24-column grid; sizes are (width, height)."""
     out: list[Panel] = []
@@ -387,6 +527,7 @@ def build() -> dict[str, Any]:
     panels = layout(
         [
             ("Usage", usage_panels(), [(6, 4)] * 4 + [(12, 10), (12, 10), (24, 8)]),
+            ("License usage (vendor rules)", license_panels(), [(6, 4)] * 4 + [(8, 8)] * 3),
             ("Pipeline", pipeline_panels(), [(12, 8)] * 4 + [(8, 8)] * 3),
             ("Workers", worker_panels(), [(6, 8)] * 4),
         ]
@@ -394,7 +535,8 @@ def build() -> dict[str, Any]:
     return {
         "uid": "meter",
         "title": "meter",
-        "description": "Usage per tenant and month, and the health of the meter workers.",
+        "description": "Usage per tenant and month, license usage against the provider's "
+        "license, and the health of the meter workers.",
         "tags": ["meter", "kafka", "billing"],
         "timezone": "utc",
         "editable": False,

@@ -32,6 +32,13 @@ PANELS = {
     "Event-to-total latency",
     "Newest event age",
     "Forwarded share",
+    "License",
+    "Licensed points",
+    "License used points ($month)",
+    "Days to license expiry",
+    "License used points vs the warning line ($month)",
+    "License used points vs the allowance ($month)",
+    "New workloads ($month)",
 }
 
 
@@ -146,6 +153,61 @@ def test_dashboard_shape() -> None:
             assert p["datasource"] == {"type": "prometheus", "uid": "prometheus"}
             g = p["gridPos"]
             assert g["x"] + g["w"] <= 24, p["title"]
+
+
+def test_license_row_has_a_panel_for_each_license_alert() -> None:
+    panels = dashboard()["panels"]
+    (start,) = [i for i, p in enumerate(panels) if p["title"] == "License usage (vendor rules)"]
+    end = next((i for i, p in enumerate(panels) if i > start and p["type"] == "row"), None)
+    row = panels[start + 1 : end]
+    license_alerts = {a for a in ALERTS if a.startswith("MeterLicense")}
+    shown = {a for p in row for a in license_alerts if a in p["description"]}
+    assert shown == license_alerts
+    # a provider without a license sees that said, not an empty panel
+    by_title = {p["title"]: p for p in row}
+    no_value = by_title["Licensed points"]["fieldConfig"]["defaults"]["noValue"]
+    assert "No license declared" in no_value
+    # the expiry colours change where the alerts do
+    steps = by_title["Days to license expiry"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, -60, 0, 30]
+
+
+def test_license_panels_draw_the_lines_the_alerts_use(tmp_path: Path) -> None:
+    """The dashboard computes the lines from the workers' series; on the vendor's
+    200-point example (two workers) they are the recorded 220 and 240 + new points."""
+    queries = {
+        (p["title"], t["legendFormat"]): t["expr"].replace("$month", "2026-11")
+        for p in dashboard()["panels"]
+        for t in p.get("targets", [])
+    }
+    warning = queries[("License used points vs the warning line ($month)", "warning line")]
+    allowed = queries[("License used points vs the allowance ($month)", "allowance")]
+    used = queries[("License used points vs the allowance ($month)", "used")]
+    series = [
+        {"series": f'meter_license_{name}{{job="meter", instance="w{w}"{labels}}}',
+         "values": f"{value}x5"}
+        for w, prev_new, used_points in ((1, 6, 120), (2, 4, 101))
+        for name, labels, value in (
+            ("licensed_points", "", 200),
+            ("previous_new_points", ', month="2026-11"', prev_new),
+            ("used_points", ', month="2026-11"', used_points),
+            ("used_points", ', month="2026-10"', 1000),
+        )
+    ]  # fmt: skip
+    doc = {
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": q, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": v}]}
+                for q, v in ((warning, 220), (allowed, 250), (used, 221))
+            ],
+        }],
+    }  # fmt: skip
+    path = tmp_path / "dashboard.test.yml"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    assert "SUCCESS" in promtool("test", "rules", str(path))
 
 
 def test_every_dashboard_query_parses(tmp_path: Path) -> None:
