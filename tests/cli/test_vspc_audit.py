@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import pytest
+
 from meter.domain import UsageRow, load_ratecards
+from meter.domain.license import LicenseRow
 from meter.report.audit import compare
+from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
 from meter.report.vspc import render_vspc
 
 
@@ -61,3 +67,47 @@ def test_table_shows_a_final_report_and_its_corrections() -> None:
     assert text.startswith("FINAL report for 2026-10 (closed 2026-11-03T00:00:00Z)")
     assert "acme  vm  vm-9: +1 workloads, +5 points (event e-9, late)" in text
     assert "corrected totals: 3 workloads, 15 points" in text
+
+
+def test_license_csv_from_rows_and_month_info() -> None:
+    """The renderers ``meter report`` calls: rows and what each month's report is."""
+    at = datetime(2026, 3, 5, 12, 0, 7, tzinfo=UTC)
+    rows = [
+        LicenseRow("2026-02", "acme", "replica", 1, 0, 1, 10, 0),
+        LicenseRow("2026-02", "acme", "vm", 3, 1, 1, 5, 5),
+        LicenseRow("2026-02", "globex", "cloud_vm", 1, 1, 0, 0, 11),
+    ]
+    infos = [
+        MonthInfo("2026-02", "final+corrections", at, ("vcsp-2026",), "2025-12"),
+        MonthInfo("9999-12", "running", at),
+    ]
+    lines = render_license_csv(rows, infos, load_ratecards()).splitlines()
+    head = "2026-02,2026-01-29T00:00:00Z,2026-03-01T00:00:00Z,final+corrections"
+    tail = "vcsp-2026,2025-12,2026-03-05T12:00:07Z"
+    assert lines[1:] == [
+        f"{head},acme,CC_VM_Backup,3,1,1,2,5,5,5,{tail}",
+        f"{head},acme,CC_VM_Replica,1,0,1,1,10,10,0,{tail}",
+        f"{head},globex,PC_VM_Backup,1,1,0,0,11,0,11,{tail}",
+        f"{head},*,CC_VM_Backup,3,1,1,2,5,5,5,{tail}",
+        f"{head},*,CC_VM_Replica,1,0,1,1,10,10,0,{tail}",
+        f"{head},*,PC_VM_Backup,1,1,0,0,11,0,11,{tail}",
+        f"{head},*,TOTAL,5,2,2,3,,15,16,{tail}",
+        "9999-12,9999-12-01T00:00:00Z,10000-01-01T00:00:00Z,running,*,TOTAL,0,0,0,0,,0,0,,,"
+        "2026-03-05T12:00:07Z",
+    ]
+    feb = license_section(rows, infos)["license_usage"]["months"][0]
+    assert (feb["status"], feb["license"], feb["totals"]["points"]) == (
+        "final+corrections",
+        None,
+        15,
+    )
+    text = license_table(rows, infos)
+    assert text.startswith(
+        "LICENSE USAGE (vendor rules) 2026-02 — final+corrections — "
+        "window 2026-01-29T00:00:00Z..2026-03-01T00:00:00Z\n"
+    )
+    assert "license: no license declared (--license FILE)" in text
+    with pytest.raises(ValueError, match="rows of 2026-02 but no MonthInfo"):
+        render_license_csv(rows, infos[1:], load_ratecards())
+    with pytest.raises(ValueError, match="status 'closed'"):
+        MonthInfo("2026-02", "closed", at)
