@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
+from meter.domain.license import ProviderLicense, load_license
 from meter.errors import ConfigError
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
@@ -78,6 +80,13 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.reports,
         help="topic the month-close reports go to [%(default)s]",
     )
+    g.add_argument(
+        "--license-topic",
+        default=DEFAULTS.license,
+        help="topic the license view (vendor rules) goes to, one record per tenant-month; "
+        "its corrections go to its .corrections [%(default)s]",
+    )
+    add_license_arguments(g)
     add_max_event_bytes_argument(
         g,
         "; dead letters keep at most this many bytes of the original (keep it below the "
@@ -164,6 +173,8 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         rejected=args.rejected_topic,
         reports=args.reports_topic,
         corrections=f"{args.usage_topic}.corrections",
+        license=args.license_topic,
+        license_corrections=f"{args.license_topic}.corrections",
         by_tenant=f"{args.jobs_topic}.by-tenant",
         changelog=f"{args.jobs_topic}.ledger.changelog",
     )
@@ -176,7 +187,37 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         idempotence=args.idempotence,
         close_grace=args.close_grace,
         max_event_bytes=args.max_event_bytes,
+        history_start=args.history_start,
     )
+
+
+def month_arg(text: str) -> str:
+    """argparse type of a ``YYYY-MM`` month (0001-01 to 9999-12): a clear error, exit 2."""
+    if re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", text) is None or text < "0001-01":
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a month: expected YYYY-MM, 0001-01 to 9999-12 (e.g. 2026-11)"
+        )
+    return text
+
+
+def add_license_arguments(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--license",
+        metavar="FILE",
+        help="the provider's license (JSON: licensed_points, expires): used points are "
+        "shown against it and the vendor's allowance [none declared]",
+    )
+    g.add_argument(
+        "--history-start",
+        type=month_arg,
+        metavar="YYYY-MM",
+        help="license view: the first month of meter's history, which has no new workloads "
+        "(meter cannot know what ran before it) [the earliest month in the data]",
+    )
+
+
+def provider_license(args: argparse.Namespace) -> ProviderLicense | None:
+    return None if args.license is None else load_license(args.license)
 
 
 def add_max_event_bytes_argument(p: argparse._ActionsContainer, more: str = "") -> None:

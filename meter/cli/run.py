@@ -19,6 +19,7 @@ from meter.cli.common import (
     add_http_arguments,
     add_stream_arguments,
     clock_from,
+    provider_license,
     run_until_signalled,
     start_http,
     stream_config,
@@ -82,6 +83,7 @@ async def meter_stack(
     settings = settings_from_args(args)
     config = stream_config(args)
     cards = load_ratecards(args.ratecard)
+    license_ = provider_license(args)  # a bad file is one line before anything starts
     embedded: EmbeddedBroker | None = None
     if args.broker is None and not os.environ.get(ENV_BROKER):
         embedded = EmbeddedBroker(args.broker_port).start()
@@ -92,7 +94,14 @@ async def meter_stack(
         )
     else:
         say(f"Kafka broker: {settings}")
-    worker = Worker(settings, config, cards, stats=stats, now=clock_from(args.clock))
+    worker = Worker(
+        settings,
+        config,
+        cards,
+        stats=stats,
+        now=clock_from(args.clock),
+        provider_license=license_,
+    )
     view = UsageView(settings, config.topics.usage)
     view_task = asyncio.create_task(view.run(stop), name="meter-usage-view")
     try:

@@ -17,6 +17,7 @@ from meter.cli.common import (
     add_max_event_bytes_argument,
     add_stream_arguments,
     clock_from,
+    provider_license,
     run_until_signalled,
     start_http,
     stream_config,
@@ -96,6 +97,7 @@ def worker(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     cards = load_ratecards(args.ratecard)
     config = stream_config(args)
+    license_ = provider_license(args)
     log.info("Kafka: %s; rate cards %s", settings, ", ".join(cards.versions))
     stop = asyncio.Event()
 
@@ -103,7 +105,13 @@ def worker(args: argparse.Namespace) -> int:
         raise ConfigError("--status-page needs HTTP: --http-port is -1")
 
     async def main() -> int:
-        w = Worker(settings, config, cards, now=clock_from(args.clock))
+        w = Worker(
+            settings,
+            config,
+            cards,
+            now=clock_from(args.clock),
+            provider_license=license_,
+        )
         view = UsageView(settings, config.topics.usage) if args.status_page else None
         view_task = None if view is None else asyncio.create_task(view.run(stop))
         try:

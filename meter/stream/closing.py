@@ -9,16 +9,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from meter.domain import Height, Ledger, Rate, TenantMonth, points_height
 from meter.domain.close import Correction, closes_at, corrections
+from meter.domain.license import Contribution, LicenseLedger, LicenseMonth, window
 
 FINAL = "final"
 CLOSED = "closed"
+
+#: tenant -> {(workload_type, workload_id): (rate, new)}: a month's license report at close.
+LicenseSnapshot = dict[str, dict[tuple[str, str], Contribution]]
 
 
 def iso(t: datetime) -> str:
@@ -44,7 +48,28 @@ class HomeClose:
     )
     #: (tenant, month, workload_type, workload_id) -> id of the event behind a late change
     late_ids: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
+    #: month -> the license view's report at close (vendor rules), and its history start
+    license_finals: dict[str, LicenseSnapshot] = field(default_factory=dict)
+    license_starts: dict[str, str | None] = field(default_factory=dict)
     height: Height = points_height
+
+    def license_snapshot(self, lic: LicenseLedger, month: str) -> LicenseSnapshot:
+        snap: LicenseSnapshot = {}
+        for tenant, wtype, wid, c in lic.workloads(month):
+            snap.setdefault(tenant, {})[(wtype, wid)] = c
+        return snap
+
+    def final_license_month(self, tenant: str, month: str) -> LicenseMonth:
+        """A tenant's license totals at ``month``'s close."""
+        lm = LicenseMonth(tenant, month)
+        for (wtype, _), (rate, new) in self.license_finals.get(month, {}).get(tenant, {}).items():
+            t = lm.totals.setdefault(wtype, [0, 0, 0, 0, 0])
+            t[0] += 1
+            t[1] += new
+            t[2] += rate[2] == "rental"
+            t[3 + new] += rate[0]
+            lm.revision += self.height(rate) + (not new)
+        return lm
 
     def snapshot(self, ledger: Ledger, month: str) -> dict[str, dict[tuple[str, str], Rate]]:
         return {
@@ -159,7 +184,21 @@ def provider_summary(month: str, parts: list[dict[str, Any]], grace: timedelta) 
             u["points"] += t["points"]
             u["rental_workloads"] += t.get("rental_workloads", 0)
     usage = dict(sorted(usage.items()))
-    return {
+    lic: dict[str, Any] = {}
+    for part in parts:
+        pl = part.get("license_usage")
+        if not isinstance(pl, dict):
+            continue
+        lic.setdefault("history_start", pl.get("history_start"))
+        for wtype, u in pl.get("usage", {}).items():
+            held = lic.setdefault("usage", {}).setdefault(wtype, dict.fromkeys(u, 0))
+            for k, v in u.items():
+                held[k] = held.get(k, 0) + v
+    if lic:
+        lic["usage"] = dict(sorted(lic.get("usage", {}).items()))
+        for name in ("workloads", "new_workloads", "rental_workloads", "points", "new_points"):
+            lic[name] = sum(u.get(name, 0) for u in lic["usage"].values())
+    doc = {
         "type": "provider_summary",
         "month": month,
         "tenants": sum(p["tenants"] for p in parts),
@@ -167,4 +206,118 @@ def provider_summary(month: str, parts: list[dict[str, Any]], grace: timedelta) 
         "workloads": sum(u["workloads"] for u in usage.values()),
         "points": sum(u["points"] for u in usage.values()),
         "closed_at": iso(closes_at(month, grace)),
+    }
+    if lic:
+        doc["license_usage"] = lic
+    return doc
+
+
+# ---------------------------------------------------------------- license view records
+
+
+def license_key(tenant_id: str, month: str) -> bytes:
+    return f"{tenant_id}/{month}".encode()
+
+
+def _day(d: date | None) -> str | None:
+    return None if d is None else f"{d.year:04d}-{d.month:02d}-{d.day:02d}T00:00:00Z"
+
+
+def license_totals(lms: Iterable[LicenseMonth]) -> dict[str, Any]:
+    """Per workload type and in all: workloads, new, rental, points (billable), new points."""
+    usage: dict[str, dict[str, int]] = {}
+    for lm in lms:
+        for wtype, (n, new, rental, points, new_points) in lm.totals.items():
+            u = usage.setdefault(
+                wtype,
+                {"workloads": 0, "new_workloads": 0, "rental_workloads": 0, "points": 0,
+                 "new_points": 0},
+            )  # fmt: skip
+            u["workloads"] += n
+            u["new_workloads"] += new
+            u["rental_workloads"] += rental
+            u["points"] += points
+            u["new_points"] += new_points
+    usage = {w: u for w, u in sorted(usage.items()) if u["workloads"]}
+    out: dict[str, Any] = {"usage": usage}
+    for name in ("workloads", "new_workloads", "rental_workloads", "points", "new_points"):
+        out[name] = sum(u[name] for u in usage.values())
+    return out
+
+
+def license_record(
+    lm: LicenseMonth,
+    history_start: str | None,
+    updated_at: str,
+    *,
+    status: str,
+    closed_at: str | None = None,
+) -> dict[str, Any]:
+    """One tenant-month of the license view (``meter.license``), running or final.
+
+    ``points`` are what the vendor bills (new workloads excluded); the window is
+    ``[period_start, period_end)``.  Readers keep, per key, the record with the earliest
+    ``history_start`` and then the highest ``revision`` (:func:`license_order`)."""
+    start, end = window(lm.month)
+    doc: dict[str, Any] = {
+        "view": "license",
+        "tenant_id": lm.tenant_id,
+        "month": lm.month,
+        "status": status,
+        "period_start": _day(start),
+        "period_end": _day(end),
+        "history_start": history_start,
+        "revision": lm.revision,
+        **license_totals([lm]),
+        "updated_at": updated_at,
+    }
+    if closed_at is not None:
+        doc["closed_at"] = closed_at
+    return doc
+
+
+def license_order(record: dict[str, Any]) -> tuple[int, int]:
+    """Which of two records of one tenant-month is newer: the history start only moves
+    earlier and, with the same start, the revision only grows."""
+    hs = record.get("history_start")
+    start = -(int(hs[:4]) * 12 + int(hs[5:7])) if isinstance(hs, str) and len(hs) == 7 else 0
+    rev = record.get("revision")
+    return start, rev if isinstance(rev, int) and not isinstance(rev, bool) else -1
+
+
+def license_correction_record(
+    key: tuple[str, str, str, str],
+    now: Contribution | None,
+    before: Contribution | None,
+    event_id: str | None,
+    corrected_at: str,
+) -> dict[str, Any] | None:
+    """How one workload's line in a closed month's license report differs from the final
+    report; ``None`` when it does not."""
+    if now == before:
+        return None
+    tenant, month, wtype, wid = key
+
+    def parts(c: Contribution | None) -> tuple[int, int, int, int, int]:
+        if c is None:
+            return 0, 0, 0, 0, 0
+        rate, new = c
+        return 1, int(new), int(rate[2] == "rental"), 0 if new else rate[0], rate[0] if new else 0
+
+    a, b = parts(now), parts(before)
+    return {
+        "view": "license",
+        "tenant_id": tenant,
+        "month": month,
+        "workload_type": wtype,
+        "workload_id": wid,
+        "workloads_added": a[0] - b[0],
+        "new_added": a[1] - b[1],
+        "rental_added": a[2] - b[2],
+        "points_added": a[3] - b[3],
+        "new_points_added": a[4] - b[4],
+        "ratecard": None if now is None else now[0][1],
+        "event_id": event_id,
+        "reason": "late",
+        "corrected_at": corrected_at,
     }

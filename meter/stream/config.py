@@ -34,6 +34,10 @@ class Topics:
     reports: str = "meter.reports"
     #: Corrections to closed months, keyed per workload.
     corrections: str = "meter.usage.corrections"
+    #: The license view (vendor rules): one record per tenant-month, running then final.
+    license: str = "meter.license"
+    #: Corrections to closed months' license reports, keyed per workload.
+    license_corrections: str = "meter.license.corrections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,9 @@ class StreamConfig:
     close_grace: timedelta | None = DEFAULT_GRACE
     #: Events larger than this are rejected as ``too_large`` (never forwarded or copied whole).
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    #: License view: the first month of meter's history (it has no new workloads);
+    #: None: each home partition's earliest month.
+    history_start: str | None = None
 
     def topic_specs(self) -> list[TopicSpec]:
         t = self.topics
@@ -72,4 +79,6 @@ class StreamConfig:
             TopicSpec(t.rejected, n, rf, {"retention.ms": str(90 * DAY_MS)}),
             TopicSpec(t.reports, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.corrections, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.license, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.license_corrections, n, rf, {"cleanup.policy": "compact"}),
         ]

@@ -39,8 +39,9 @@ from collections.abc import Iterator
 from typing import Final
 
 from meter.domain import Height, Ledger, Rate, points_height
+from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
-from meter.stream.closing import HomeClose
+from meter.stream.closing import HomeClose, LicenseSnapshot
 from meter.stream.records import Entry, read_changelog
 
 log = logging.getLogger(__name__)
@@ -81,27 +82,41 @@ class HomePartition:
         "_batch",
         "_batch_ids",
         "_finals_pending",
+        "_lfinals_pending",
+        "_lstarts_pending",
         "_pending",
         "_pending_corr",
+        "_pending_lcorr",
+        "_pending_lic",
+        "_tail_batch",
         "changelog_end",
         "close",
         "corr_dirty",
         "dirty",
         "height",
+        "history_start",
+        "lcorr_dirty",
         "ledger",
+        "lic_dirty",
+        "license",
         "needs_rebuild",
         "number",
         "phase",
         "reason",
     )
 
-    def __init__(self, number: int, height: Height = points_height) -> None:
+    def __init__(
+        self, number: int, height: Height = points_height, history_start: str | None = None
+    ) -> None:
         self.number = number
         self.height = height
+        self.history_start = history_start
         self.phase = Phase.RECOVERING
         #: Why the partition was last fenced (for logs and /healthz).
         self.reason = ""
         self.ledger = Ledger(height)
+        #: The license view (vendor rules) beside the calendar ledger; shares it.
+        self.license = LicenseLedger(self.ledger, history_start, height)
         self.close = HomeClose(height=height)
         #: Every changelog record below this offset is joined into the ledger.
         self.changelog_end = 0
@@ -113,11 +128,21 @@ class HomePartition:
         self.corr_dirty: set[WorkloadKey] = set()
         self._pending: dict[TM, int] = {}
         self._pending_corr: set[WorkloadKey] = set()
+        #: License view: acknowledged changes of open months' reports, not yet published.
+        self.lic_dirty: set[TM] = set()
+        #: License view: acknowledged changes to closed months' reports (corrections).
+        self.lcorr_dirty: set[WorkloadKey] = set()
+        self._pending_lic: set[TM] = set()
+        self._pending_lcorr: set[WorkloadKey] = set()
         #: This batch's changes, in order, for the changelog; and late events' ids by index.
         self._batch: list[Entry] = []
         self._batch_ids: dict[int, str] = {}
+        #: This batch's tail entries (license view) for the changelog.
+        self._tail_batch: list[Entry] = []
         #: Final-snapshot chunks read while replaying, waiting for their close marker.
         self._finals_pending: dict[str, dict[str, dict[tuple[str, str], Rate]]] = {}
+        self._lfinals_pending: dict[str, LicenseSnapshot] = {}
+        self._lstarts_pending: dict[str, str | None] = {}
 
     def __repr__(self) -> str:
         return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
@@ -135,6 +160,8 @@ class HomePartition:
             # Nothing unverified is published: after catching up, everything is again.
             self.dirty.clear()
             self.corr_dirty.clear()
+            self.lic_dirty.clear()
+            self.lcorr_dirty.clear()
 
     @property
     def active(self) -> bool:
@@ -159,10 +186,13 @@ class HomePartition:
 
     def _reset(self) -> None:
         self.ledger = Ledger(self.height)
+        self.license = LicenseLedger(self.ledger, self.history_start, self.height)
         self.close = HomeClose(height=self.height)
         self.changelog_end = 0
         self.needs_rebuild = False
         self._finals_pending.clear()
+        self._lfinals_pending.clear()
+        self._lstarts_pending.clear()
         self._drop_batch()
 
     def recovered(self, end: int) -> None:
@@ -182,15 +212,43 @@ class HomePartition:
                 (c.tenant_id, c.month, c.workload_type, c.workload_id)
                 for c in hc.corrections(self.ledger, month)
             )
+        for lm in self.license.tenant_months():
+            if lm.month not in hc.closed:
+                self.lic_dirty.add((lm.tenant_id, lm.month))
+        for month in hc.closed:
+            final = hc.license_finals.get(month, {})
+            for tenant, wtype, wid, c in self.license.workloads(month):
+                if final.get(tenant, {}).get((wtype, wid)) != c:
+                    self.lcorr_dirty.add((tenant, month, wtype, wid))
+            for tenant, held in final.items():
+                for wtype, wid in held:
+                    if self.license.contribution(tenant, month, wtype, wid) is None:
+                        self.lcorr_dirty.add((tenant, month, wtype, wid))  # cannot happen: a join
         self.move(Phase.ACTIVE)
 
     # ------------------------------------------------------------------ one batch
 
-    def apply(self, entry: Entry, ts: int, event_id: str) -> bool:
-        """Join one rated event in; True when the state changed (pending until acked)."""
+    def apply(self, entry: Entry, ts: int, event_id: str, tail: str | None = None) -> bool:
+        """Join one rated event in; True when its calendar month's state changed.
+
+        ``tail``: the next month, when the event's day is in that month's 31-day window
+        (:func:`~meter.domain.license.tail_month`).  Every change is pending until acked.
+        """
         tenant, month, wtype, wid, rate = entry
-        if not self.ledger.add(tenant, month, wtype, wid, rate):
+        lic = self.license
+        if tail is not None and lic.add_tail(tenant, tail, wtype, wid, rate):
+            self._tail_batch.append((tenant, tail, wtype, wid, rate))
+            self._touch_license(tenant, tail, wtype, wid)
+        first = lic.first.get((tenant, wtype, wid))
+        start = lic.history_start
+        if not lic.add(tenant, month, wtype, wid, rate):
             return False
+        self._touch_license(tenant, month, wtype, wid)
+        if first is not None and month < first:
+            self._touch_license(tenant, first, wtype, wid)  # it is no longer new there
+        if start is not None and lic.history_start != start:
+            for t, w, i, _ in list(lic.workloads(start)):  # the history start moved earlier
+                self._touch_license(t, start, w, i)
         self._batch.append(entry)
         if month in self.close.closed:
             # Late: the final record stays; the difference becomes a correction.
@@ -204,11 +262,18 @@ class HomePartition:
                 self._pending[(tenant, month)] = ts
         return True
 
-    def take_batch(self) -> tuple[list[Entry], dict[int, str]]:
-        """This batch's changes for the changelog (the partition keeps them pending)."""
-        batch, ids = self._batch, self._batch_ids
-        self._batch, self._batch_ids = [], {}
-        return batch, ids
+    def _touch_license(self, tenant: str, month: str, wtype: str, wid: str) -> None:
+        if month in self.close.closed:
+            self._pending_lcorr.add((tenant, month, wtype, wid))
+        else:
+            self._pending_lic.add((tenant, month))
+
+    def take_batch(self) -> tuple[list[Entry], dict[int, str], list[Entry]]:
+        """This batch's changes for the changelog: ledger entries, late events' ids, tail
+        entries (the partition keeps them pending)."""
+        batch, ids, tails = self._batch, self._batch_ids, self._tail_batch
+        self._batch, self._batch_ids, self._tail_batch = [], {}, []
+        return batch, ids, tails
 
     def written(self, offsets: list[int]) -> None:
         """Our changelog records were acknowledged at ``offsets``: promote pending changes.
@@ -221,8 +286,12 @@ class HomePartition:
             if held is None or 0 <= ts < held:
                 self.dirty[tm] = ts
         self.corr_dirty |= self._pending_corr
+        self.lic_dirty |= self._pending_lic
+        self.lcorr_dirty |= self._pending_lcorr
         self._pending = {}
         self._pending_corr = set()
+        self._pending_lic = set()
+        self._pending_lcorr = set()
         if not offsets:
             return
         offsets = sorted(offsets)
@@ -248,9 +317,11 @@ class HomePartition:
             self.reason = f"a changelog write did not complete ({why})"
 
     def _drop_batch(self) -> None:
-        self._batch, self._batch_ids = [], {}
+        self._batch, self._batch_ids, self._tail_batch = [], {}, []
         self._pending = {}
         self._pending_corr = set()
+        self._pending_lic = set()
+        self._pending_lcorr = set()
 
     def take_dirty(self) -> dict[TM, int]:
         dirty, self.dirty = self.dirty, {}
@@ -265,32 +336,53 @@ class HomePartition:
         version cannot read.
         """
         cl = read_changelog(raw)
-        ledger = self.ledger
+        lic = self.license
         hc = self.close
         for n, entry in enumerate(cl.entries):
-            ledger.add(*entry)
+            lic.add(*entry)
             if n in cl.event_ids:
                 hc.late_ids[entry[:4]] = cl.event_ids[n]
+        for entry in cl.tails:
+            lic.add_tail(*entry)
         if cl.final is not None:
             snap = self._finals_pending.setdefault(cl.final, {})
             for tenant, wtype, wid, rate in cl.final_entries:
-                ledger.add(tenant, cl.final, wtype, wid, rate)
+                lic.add(tenant, cl.final, wtype, wid, rate)
                 held = snap.setdefault(tenant, {}).get((wtype, wid))
                 if held is None or rate > held:
                     snap[tenant][(wtype, wid)] = rate
+        if cl.license_final is not None:
+            lsnap = self._lfinals_pending.setdefault(cl.license_final, {})
+            self._lstarts_pending[cl.license_final] = cl.history_start
+            for tenant, wtype, wid, rate, new in cl.license_entries:
+                lsnap.setdefault(tenant, {})[(wtype, wid)] = (rate, new)
         if cl.closed is not None:
             hc.closed.add(cl.closed)
             hc.finals[cl.closed] = self._finals_pending.pop(cl.closed, {})
-        return len(cl.entries) + len(cl.final_entries)
+            hc.license_finals[cl.closed] = self._lfinals_pending.pop(cl.closed, {})
+            hc.license_starts[cl.closed] = self._lstarts_pending.pop(cl.closed, None)
+        return len(cl.entries) + len(cl.final_entries) + len(cl.tails)
 
     # ------------------------------------------------------------------ month close
 
-    def closed(self, month: str, snapshot: dict[str, dict[tuple[str, str], Rate]]) -> None:
-        """``month``'s final snapshot and marker are acknowledged on the changelog."""
+    def closed(
+        self,
+        month: str,
+        snapshot: dict[str, dict[tuple[str, str], Rate]],
+        license_snapshot: LicenseSnapshot | None = None,
+        history_start: str | None = None,
+    ) -> None:
+        """``month``'s final snapshots and marker are acknowledged on the changelog."""
         self.close.closed.add(month)
         self.close.finals[month] = snapshot
+        self.close.license_finals[month] = license_snapshot or {}
+        self.close.license_starts[month] = history_start
         for tenant in snapshot:
             self.dirty.pop((tenant, month), None)
+        self.lic_dirty = {tm for tm in self.lic_dirty if tm[1] != month}
+
+    def license_now(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
+        return self.license.contribution(tenant, month, wtype, wid)
 
     def months(self) -> Iterator[str]:
         return (tm.month for tm in self.ledger.tenant_months())

@@ -1,6 +1,8 @@
 """What the streaming meter writes on its topics, as bytes.  Pure: no Kafka here.
 
-- changelog: ``{"v": 1, "entries": [[tenant, month, type, workload, points, card], ...]}``
+- changelog: ``{"v": 1, "entries": [[tenant, month, type, workload, points, card, license], ...]}``;
+  a session in a month's last days that also counts in the next month's 31-day window
+  (license view) as ``{"v": 1, "tails": [[tenant, next month, type, ...], ...]}``
 - usage: the record documented in ``schemas/usage-record.v1.schema.json``
 - rejected: the original bytes untouched when they fit, else a bounded prefix, with the
   original headers; the reason and the source travel in bounded headers (:func:`dead_letter`)
@@ -97,14 +99,54 @@ def encode_changelog(entries: Sequence[Entry], event_ids: Sequence[str | None] =
     return orjson.dumps({"v": CHANGELOG_VERSION, "entries": rows})
 
 
+def encode_tails(entries: Sequence[Entry]) -> bytes:
+    """Tail entries: ``(tenant, report month, type, workload, rate)`` of sessions in the last
+    days of the month before the report month, which that month's 31-day window reaches."""
+    return orjson.dumps(
+        {
+            "v": CHANGELOG_VERSION,
+            "tails": [[t, m, w, i, r[0], r[1], r[2]] for t, m, w, i, r in entries],
+        }
+    )
+
+
+def tail_chunks(entries: Sequence[Entry]) -> Iterator[bytes]:
+    """``entries`` (tail entries) as changelog records that each fit."""
+    for part in changelog_slices(entries):
+        yield encode_tails(entries[part])
+
+
+#: A workload in a month's license report at close: (tenant, type, workload, rate, new).
+LicenseFinal = tuple[str, str, str, Rate, bool]
+
+
+def encode_license_final_chunk(
+    month: str, rows: Iterable[LicenseFinal], history_start: str | None
+) -> bytes:
+    return orjson.dumps(
+        {
+            "v": CHANGELOG_VERSION,
+            "license_final": month,
+            "history_start": history_start,
+            "entries": [[t, w, i, r[0], r[1], r[2], int(new)] for t, w, i, r, new in rows],
+        }
+    )
+
+
 @dataclass
 class ChangelogRecord:
-    """One decoded changelog record: ledger entries, a final snapshot chunk, or a close marker."""
+    """One decoded changelog record: ledger entries, tail entries, a final snapshot chunk
+    (of the calendar or the license view), or a close marker."""
 
     entries: list[Entry] = field(default_factory=list)
     event_ids: dict[int, str] = field(default_factory=dict)
+    #: Tail entries (license view): the month is the report month whose window they reach.
+    tails: list[Entry] = field(default_factory=list)
     final: str | None = None  # month of a final snapshot chunk
     final_entries: list[tuple[str, str, str, Rate]] = field(default_factory=list)
+    license_final: str | None = None  # month of a license-view final snapshot chunk
+    license_entries: list[LicenseFinal] = field(default_factory=list)
+    history_start: str | None = None  # of a license-view final snapshot chunk
     closed: str | None = None  # month of a close marker
 
 
@@ -142,6 +184,17 @@ def read_changelog(raw: bytes) -> ChangelogRecord:
             for t, w, i, p, c, lic in doc["entries"]:
                 _ids(t, w, i)
                 rec.final_entries.append((t, w, i, (int(p), str(c), str(lic))))
+        elif "license_final" in doc:
+            rec.license_final = _month(doc["license_final"])
+            hs = doc.get("history_start")
+            rec.history_start = None if hs is None else _month(hs)
+            for t, w, i, p, c, lic, new in doc["entries"]:
+                _ids(t, w, i)
+                rec.license_entries.append((t, w, i, (int(p), str(c), str(lic)), bool(new)))
+        elif "tails" in doc:
+            for t, m, w, i, p, c, lic in doc["tails"]:
+                _ids(t, w, i)
+                rec.tails.append((t, _month(m), w, i, (int(p), str(c), str(lic))))
         else:
             for n, row in enumerate(doc["entries"]):
                 t, m, w, i, p, c, lic = row[:7]

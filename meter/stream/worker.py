@@ -62,6 +62,7 @@ from aiokafka.partitioner import murmur2
 
 from meter.domain import Event, RateCards, Rejected, Tally, parse, parse_message
 from meter.domain.close import closes_at, correction_for, months_to_close
+from meter.domain.license import ProviderLicense, next_month, tail_month
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
@@ -77,19 +78,25 @@ from meter.stream.closing import (
     encode_closed_marker,
     encode_final_chunk,
     iso,
+    license_correction_record,
+    license_key,
+    license_record,
+    license_totals,
     partition_summary,
     provider_summary,
     tenant_report,
 )
 from meter.stream.config import StreamConfig
 from meter.stream.lease import Lease, watch_heartbeats
-from meter.stream.partition import DataLostError, HomePartition, Phase
+from meter.stream.partition import DataLostError, HomePartition, Phase, WorkloadKey
 from meter.stream.records import (
     H_EXCEPTION,
     changelog_chunks,
     changelog_slices,
     dead_letter,
+    encode_license_final_chunk,
     encode_usage,
+    tail_chunks,
     usage_key,
 )
 from meter.stream.usage import keep_last, read_keyed
@@ -176,10 +183,13 @@ class Worker:
         clock: Callable[[], str] = utc_now,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         stats: WorkerStats | None = None,
+        provider_license: ProviderLicense | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
         self.cards = cards
+        #: What the provider licensed (``--license``); None: not declared.
+        self.provider_license = provider_license
         self.clock = clock
         #: The close clock (injectable so tests can move time).
         self.now = now
@@ -637,11 +647,13 @@ class Worker:
                         self.stats.forwarded += 1
                         continue
                     entry = (tenant, result.month, result.workload_type, result.workload_id, rate)
-                    if here.apply(entry, rec.timestamp, result.id):  # type: ignore[union-attr]
+                    # A month's last days also count in the next month's window (license view).
+                    tail = tail_month(result.date) if result.date % 100 >= 29 else None
+                    if here.apply(entry, rec.timestamp, result.id, tail):  # type: ignore[union-attr]
                         tally.counted += 1
-                        touched.add(home)
                     else:
                         tally.duplicate += 1
+                    touched.add(home)
                 except Exception as exc:  # noqa: BLE001 - one message never stops a partition
                     rejects.append(
                         (rec, rec.value or b"", self._internal(rec, exc), type(exc).__name__)
@@ -751,7 +763,11 @@ class Worker:
         that can never succeed halts the worker (:class:`WriteBlockedError`); a
         write that did not complete leaves the partitions it touched to be rebuilt.
         """
-        batches = {n: self.homes[n].take_batch() for n in sorted(touched)}
+        batches = {}
+        for n in sorted(touched):
+            batch = self.homes[n].take_batch()
+            if batch[0] or batch[2]:
+                batches[n] = batch
         if not (batches or forwards or dead):
             return
         t = self.config.topics
@@ -765,8 +781,8 @@ class Worker:
                 changelog: dict[int, list[asyncio.Future[Any]]] = {}
                 what = ""
                 try:
-                    for home, (entries, ids) in batches.items():
-                        for value in changelog_chunks(entries, ids):
+                    for home, (entries, ids, tails) in batches.items():
+                        for value in (*changelog_chunks(entries, ids), *tail_chunks(tails)):
                             what = f"changelog {t.changelog}[{home}] ({_sources(offsets)})"
                             fut = await producer.send(t.changelog, value, partition=home)
                             changelog.setdefault(home, []).append(fut)
@@ -803,7 +819,7 @@ class Worker:
                     log.warning(
                         "writing %d changelog entries, %d forwards and %d rejections failed "
                         "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
-                        sum(len(e) for e, _ in batches.values()),
+                        sum(len(e) + len(tl) for e, _, tl in batches.values()),
                         len(forwards),
                         len(dead),
                         type(exc).__name__,
@@ -869,6 +885,7 @@ class Worker:
         """Publish the usage record of every tenant-month whose acknowledged state changed."""
         self._last_flush = time.monotonic()
         await self._publish_corrections()
+        await self._publish_license()
         if not any(h.dirty for h in self.homes.values()):
             return
         producer = self._producer
@@ -912,6 +929,90 @@ class Worker:
             for ts in published:
                 if ts >= 0:  # recovered state has no arrival time
                     self.on_latency(max(0.0, (acked_ms - ts) / 1000))
+
+    async def _publish_license(self) -> None:
+        """The license view: running records of open months, corrections of closed ones."""
+        homes = self._publishable()
+        if not any(h.lic_dirty or h.lcorr_dirty for h in homes):
+            return
+        producer = self._producer
+        if producer is None:
+            return
+        t = self.config.topics
+        now = self.clock()
+        futures = []
+        taken: list[tuple[HomePartition, set[tuple[str, str]], set[WorkloadKey]]] = []
+        try:
+            for hp in homes:
+                keys, hp.lic_dirty = hp.lic_dirty, set()
+                corr, hp.lcorr_dirty = hp.lcorr_dirty, set()
+                taken.append((hp, keys, corr))
+                lic = hp.license
+                for tenant, month in keys:
+                    lm = lic.tenant_month(tenant, month)
+                    if lm is None:
+                        continue
+                    doc = license_record(lm, lic.history_start, now, status="running")
+                    futures.append(
+                        await producer.send(
+                            t.license, orjson.dumps(doc), key=license_key(tenant, month)
+                        )
+                    )
+                finals = hp.close.license_finals
+                for key in corr:
+                    tenant, month, wtype, wid = key
+                    before = finals.get(month, {}).get(tenant, {}).get((wtype, wid))
+                    cdoc = license_correction_record(
+                        key,
+                        lic.contribution(tenant, month, wtype, wid),
+                        before,
+                        hp.close.late_ids.get(key),
+                        now,
+                    )
+                    if cdoc is not None:
+                        futures.append(
+                            await producer.send(
+                                t.license_corrections,
+                                orjson.dumps(cdoc),
+                                key="/".join(key).encode(),
+                            )
+                        )
+            acked = await _acked(futures, "license records")
+        except (KafkaError, OSError) as exc:
+            log.warning("publishing license records failed (%s); will retry", exc)
+            acked = False
+        if not acked:
+            for hp, keys, corr in taken:
+                if hp.active:
+                    hp.lic_dirty |= keys
+                    hp.lcorr_dirty |= corr
+            return
+        self.stats.published += len(futures)
+
+    def license_totals(self, months: set[str]) -> dict[str, dict[str, int]]:
+        """The license view of ``months`` on this worker's active home partitions, summed:
+        used (billable) points, new points, the previous month's new points, workloads."""
+        out: dict[str, dict[str, int]] = {}
+        for hp in self.homes.values():
+            if not hp.active:
+                continue
+            for lm in hp.license.tenant_months():
+                for month, fields in ((lm.month, 0), (next_month(lm.month), 1)):
+                    if month is None or month not in months:
+                        continue
+                    o = out.setdefault(
+                        month,
+                        {"used_points": 0, "new_points": 0, "previous_new_points": 0,
+                         "workloads": 0, "new_workloads": 0},
+                    )  # fmt: skip
+                    if fields == 0:
+                        o["used_points"] += lm.points
+                        o["new_points"] += lm.new_points
+                        o["workloads"] += sum(t[0] for t in lm.totals.values())
+                        o["new_workloads"] += sum(t[1] for t in lm.totals.values())
+                    else:
+                        o["previous_new_points"] += lm.new_points
+        return out
 
     # ------------------------------------------------------------------ month close
 
@@ -996,12 +1097,29 @@ class Worker:
                     t.changelog, encode_final_chunk(month, chunk), partition=hp.number
                 )
             )
+        lsnap = hp.close.license_snapshot(hp.license, month)
+        lrows = [
+            (tenant, w, i, rate, new)
+            for tenant, wl in lsnap.items()
+            for (w, i), (rate, new) in wl.items()
+        ]
+        # At least one chunk, empty or not: it carries the history start of the close.
+        for part in list(changelog_slices([(r[0], month, r[1], r[2], r[3]) for r in lrows])) or [
+            slice(0, 0)
+        ]:
+            futures.append(
+                await producer.send(
+                    t.changelog,
+                    encode_license_final_chunk(month, lrows[part], hp.license.history_start),
+                    partition=hp.number,
+                )
+            )
         # The marker goes last: a snapshot without it is not a close.
         marker = encode_closed_marker(month, closes_at(month, grace))
         futures.append(await producer.send(t.changelog, marker, partition=hp.number))
         metas = await asyncio.gather(*futures)
         hp.written([m.offset for m in metas])
-        hp.closed(month, snap)
+        hp.closed(month, snap, lsnap, hp.license.history_start)
         self._known_months.add(month)
         log.info(
             "closed %s on home partition %d: %d tenants, final records published",
@@ -1035,8 +1153,11 @@ class Worker:
             for tm in tms
             if tm.workloads
         }
+        lms = [hc.final_license_month(tenant, month) for tenant in sorted(hc.license_finals[month])]
         summary_key = f"partition/{month}/{hp.number}"
         summary = partition_summary(month, hp.number, self._n_home, tms, grace)
+        start = hc.license_starts.get(month)
+        summary["license_usage"] = {"history_start": start, **license_totals(lms)}
         if (
             reports is not None
             and reports.get(summary_key) == summary
@@ -1054,6 +1175,20 @@ class Worker:
                     )
                 )
                 futures.append(await producer.send(t.reports, orjson.dumps(doc), key=key.encode()))
+            for lm in lms:
+                if lm.totals:
+                    ldoc = license_record(
+                        lm,
+                        start,
+                        self.clock(),
+                        status="final",
+                        closed_at=closed_at,
+                    )
+                    futures.append(
+                        await producer.send(
+                            t.license, orjson.dumps(ldoc), key=license_key(lm.tenant_id, month)
+                        )
+                    )
             await asyncio.gather(*futures)
             await producer.send_and_wait(t.reports, orjson.dumps(summary), key=summary_key.encode())
             self.stats.published += len(futures) + 1
@@ -1174,7 +1309,7 @@ class Worker:
                 del self._positions[key]
             height = self.cards.height
             for home in homes - set(self.homes):
-                self.homes[home] = HomePartition(home, height)
+                self.homes[home] = HomePartition(home, height, self.config.history_start)
             if self.halted:
                 return
             try:

@@ -155,9 +155,18 @@ def names(unique: str) -> Names:
     return Names(unique)
 
 
+#: A license the test fleet stays well within, expiring long after the test: the license
+#: panels and recording rules have data, and the license alerts stay quiet.
+LICENSE = {"licensed_points": 1_000_000, "expires": "9999-12-31"}
+
+
 @pytest.fixture
-def worker(broker: BrokerHandle, names: Names) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(broker.bootstrap, names, "prometheus")
+def worker(broker: BrokerHandle, names: Names, tmp_path: Path) -> Iterator[WorkerProcess]:
+    license_file = tmp_path / "license.json"
+    license_file.write_text(json.dumps(LICENSE), encoding="utf-8")
+    w = WorkerProcess(
+        broker.bootstrap, names, "prometheus", extra=["--license", str(license_file)]
+    )
     try:
         yield w
     finally:

@@ -28,7 +28,8 @@ def test_a_change_is_published_only_once_its_changelog_write_is_acknowledged() -
     assert hp.apply(("acme", "2026-11", "vm", "a", RATE), 1000, "e1")
     assert not hp.apply(("acme", "2026-11", "vm", "a", RATE), 1001, "e2")  # duplicate
     assert hp.take_dirty() == {}  # pending, not publishable
-    batch, ids = hp.take_batch()
+    batch, ids, tails = hp.take_batch()
+    assert tails == []  # no tail month passed: the next month's window does not reach it
     assert batch == [("acme", "2026-11", "vm", "a", RATE)]
     assert ids == {}
     hp.written([10])
