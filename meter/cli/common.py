@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -17,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from meter.cli.rate import month_arg
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.domain.license import ProviderLicense, load_license
@@ -189,15 +189,6 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         max_event_bytes=args.max_event_bytes,
         history_start=args.history_start,
     )
-
-
-def month_arg(text: str) -> str:
-    """argparse type of a ``YYYY-MM`` month (0001-01 to 9999-12): a clear error, exit 2."""
-    if re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", text) is None or text < "0001-01":
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a month: expected YYYY-MM, 0001-01 to 9999-12 (e.g. 2026-11)"
-        )
-    return text
 
 
 def add_license_arguments(g: argparse._ActionsContainer) -> None:

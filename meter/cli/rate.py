@@ -31,8 +31,8 @@ from meter.domain import Event, Rater, Rejected, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
+from meter.domain.month import parse_month
 from meter.errors import InputError
-from meter.observe.http import parse_month
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import (
     MonthInfo,

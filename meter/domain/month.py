@@ -11,6 +11,7 @@ _RFC3339: Final = re.compile(
     r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
 )
 
+_MONTH_ARG: Final = re.compile(r"([0-9]{4})-([0-9]{2})")
 _DAYS: Final = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
@@ -71,6 +72,18 @@ def utc_date(value: str) -> tuple[int, int, int]:
                 year += 1  # year 10000 in UTC: valid RFC 3339; see utc_month
                 month = 1
     return year, month, day
+
+
+def parse_month(value: str) -> str:
+    """``value`` if it is a month ``YYYY-MM`` (01..12, year 0001..9999); else ValueError
+    naming the value and the expected form."""
+    m = _MONTH_ARG.fullmatch(value)
+    if m is None or int(m[1]) < 1 or not 1 <= int(m[2]) <= 12:
+        raise ValueError(
+            f"invalid month {value!r:.60}: expected YYYY-MM "
+            "(month 01..12, year 0001..9999), e.g. 2026-11"
+        )
+    return value
 
 
 def month_key(year: int, month: int) -> str:

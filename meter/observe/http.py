@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meter.domain.month import parse_month
 from meter.observe.usage_view import UsageView
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,6 @@ def build_app(
         app.router.add_get("/", index)
         app.router.add_get("/api/usage", api_usage)
     return app
-
-
-_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
-
-
-def parse_month(value: str) -> str:
-    """``value`` if it is a month ``YYYY-MM`` (01..12, year 0001..9999); else ValueError
-    naming the value and the expected form."""
-    m = _MONTH.fullmatch(value)
-    if m is None or int(m[1]) < 1 or not 1 <= int(m[2]) <= 12:
-        raise ValueError(
-            f"invalid month {value!r:.60}: expected YYYY-MM "
-            "(month 01..12, year 0001..9999), e.g. 2026-11"
-        )
-    return value
 
 
 def default_month(months: list[str]) -> str:

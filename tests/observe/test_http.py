@@ -15,9 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry, Counter
 
+from meter.domain.month import parse_month
 from meter.kafka import KafkaSettings
 from meter.observe import http
-from meter.observe.http import build_app, default_month, parse_month
+from meter.observe.http import build_app, default_month
 from meter.observe.usage_view import UsageView
 
 
