@@ -16,10 +16,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from meter.cli.rate import month_arg
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.domain.license import ProviderLicense, load_license
+from meter.domain.month import parse_month
 from meter.errors import ConfigError
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
@@ -189,6 +189,14 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         max_event_bytes=args.max_event_bytes,
         history_start=args.history_start,
     )
+
+
+def month_arg(value: str) -> str:
+    """A ``YYYY-MM`` flag value; anything else is a usage error (exit 2) naming it."""
+    try:
+        return parse_month(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_license_arguments(g: argparse._ActionsContainer) -> None:

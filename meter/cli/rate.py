@@ -26,12 +26,11 @@ from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
-from meter.cli.common import add_max_event_bytes_argument, clock_from
+from meter.cli.common import add_max_event_bytes_argument, clock_from, month_arg
 from meter.domain import Event, Rater, Rejected, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
-from meter.domain.month import parse_month
 from meter.errors import InputError
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import (
@@ -93,14 +92,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
-
-
-def month_arg(value: str) -> str:
-    """A ``YYYY-MM`` flag value; anything else is a usage error (exit 2) naming it."""
-    try:
-        return parse_month(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @contextmanager
