@@ -141,7 +141,7 @@ async def start_http(
     view: UsageView | None = None,
 ) -> web.AppRunner | None:
     """Serve /metrics (and the status page when ``view`` is given) if enabled."""
-    instrument(worker, registry, recent_months(args.metrics_months))
+    instrument(worker, registry, recent_months(args.metrics_months, worker.now))
     if args.http_port < 0:
         return None
     app = build_app(registry, view, health=worker.health)

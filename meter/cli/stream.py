@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,7 @@ from meter.cli.common import (
     add_max_event_bytes_argument,
     add_stream_arguments,
     clock_from,
+    month_arg,
     provider_license,
     run_until_signalled,
     start_http,
@@ -24,13 +26,24 @@ from meter.cli.common import (
 )
 from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
+from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.observe.usage_view import UsageView
 from meter.report import FORMATS, UsageReport, render
-from meter.report.vspc import render_vspc
+from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
 from meter.stream.send import MODES, send_lines
-from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
+from meter.stream.usage import (
+    fold,
+    fold_license,
+    license_month_state,
+    license_rows,
+    read_corrections,
+    read_license,
+    read_license_corrections,
+    read_usage,
+    usage_rows,
+)
 from meter.stream.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -74,7 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Read the usage topic to its end, keep the highest revision per "
         "tenant-month and print the same report shape as `meter rate`.",
     )
-    r.add_argument("--month", help="only this month (YYYY-MM)")
+    r.add_argument("--month", type=month_arg, help="only this month (YYYY-MM)")
     r.add_argument("--tenant", help="only this tenant")
     r.add_argument(
         "--format",
@@ -89,6 +102,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="with --month of a closed month: list the corrections after its final report",
     )
     r.add_argument("--ratecard", metavar="FILE", help="rate card file, for vspc-csv [built-in]")
+    r.add_argument(
+        "--license-topic",
+        default="meter.license",
+        help="license view topic; its corrections are on its .corrections [%(default)s]",
+    )
+    r.add_argument(
+        "--license",
+        metavar="FILE",
+        help="the provider's license (JSON: licensed_points, expires): used points are shown "
+        "against it and the vendor's allowance [none declared]",
+    )
     add_kafka_arguments(r)
     r.set_defaults(func=report)
 
@@ -190,29 +214,36 @@ def bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes
 
 
 def report(args: argparse.Namespace) -> int:
-    """The month's report.
+    """The month's report, in both views.
 
-    Without ``--month``: what the events say now (usage records with every
-    correction folded in).  With ``--month M`` of a closed month: its final
-    report as submitted, and with ``--with-corrections`` the corrections after
-    it and the corrected totals.
+    **Tenant usage** (calendar month, ``meter.usage``) and **license usage** (vendor
+    rules, ``meter.license``).  Without ``--month``: what the events say now (every
+    correction folded in).  With ``--month M`` of a closed month: its final report as
+    submitted, and with ``--with-corrections`` the corrections after it and the
+    corrected totals.  Every license report says what it is: running, final or
+    final+corrections.
     """
     settings = settings_from_args(args)
     cards = load_ratecards(args.ratecard)
+    license_ = provider_license(args)
+    lic_topic = args.license_topic
 
-    async def read() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    async def read() -> tuple[dict[str, dict[str, Any]], ...]:
         # The readers check the SASL handshake first; this translates what escapes them.
         async with translate_auth_errors(settings, check_first=False):
             return (
                 await read_usage(settings, args.topic),
                 await read_corrections(settings, f"{args.topic}.corrections"),
+                await read_license(settings, lic_topic),
+                await read_license_corrections(settings, f"{lic_topic}.corrections"),
             )
 
-    records, corrections = asyncio.run(read())
+    records, corrections, lic_records, lic_corrections = asyncio.run(read())
     month, tenant = args.month, args.tenant
     finals = [r for r in records.values() if r.get("final") and r.get("month") == month]
     extra: dict[str, Any] = {}
-    if month is not None and finals:
+    as_closed = month is not None and bool(finals)
+    if as_closed:
         rows = usage_rows(records, month=month, tenant_id=tenant)
         extra = {"month": month, "final": True, "closed_at": finals[0].get("closed_at")}
         if args.with_corrections:
@@ -228,8 +259,70 @@ def report(args: argparse.Namespace) -> int:
         rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
         if month is not None:
             extra = {"month": month, "final": False}
+    # The license view: as closed for --month of a closed month (unless --with-corrections),
+    # else with every correction folded in.
+    lic_now = fold_license(lic_records, lic_corrections)
+    lic_shown = lic_records if as_closed and not args.with_corrections else lic_now
+    lic_rows = license_rows(lic_shown, month=month, tenant_id=tenant)
+    now = datetime.now(UTC)
+    months = [month] if month is not None else sorted({r.month for r in lic_rows})
+    infos = [
+        MonthInfo(
+            month=m,
+            status=license_month_state(lic_shown, m),
+            generated_at=now,
+            ratecards=_ratecards(records, m, tenant),
+            history_start=_history_start(lic_shown, m),
+            license=_license_status(lic_now, m, license_, now),
+        )
+        for m in months
+    ]
     if args.format == "vspc-csv":
-        sys.stdout.write(render_vspc(rows, cards))
+        sys.stdout.write(render_license_csv(lic_rows, infos, cards))
         return 0
-    sys.stdout.write(render(UsageReport(usage=rows, extra=extra), args.format))
+    report = UsageReport(usage=rows, extra=extra)
+    if args.format == "json":
+        report.extra.update(license_section(lic_rows, infos))
+    out = render(report, args.format)
+    if args.format == "table":
+        out = f"TENANT USAGE (calendar month)\n{out}\n{license_table(lic_rows, infos)}"
+    sys.stdout.write(out)
     return 0
+
+
+def _ratecards(
+    records: dict[str, dict[str, Any]], month: str, tenant: str | None
+) -> tuple[str, ...]:
+    cards: set[str] = set()
+    for r in records.values():
+        if r.get("month") == month and tenant in (None, r.get("tenant_id")):
+            cards.update(c for c in r.get("ratecards", []) if isinstance(c, str))
+    return tuple(sorted(cards))
+
+
+def _history_start(records: dict[str, dict[str, Any]], month: str) -> str | None:
+    starts = {
+        r.get("history_start")
+        for r in records.values()
+        if r.get("month") == month and isinstance(r.get("history_start"), str)
+    }
+    return min(starts) if starts else None  # type: ignore[type-var]
+
+
+def _license_status(
+    records: dict[str, dict[str, Any]],
+    month: str,
+    license_: ProviderLicense | None,
+    now: datetime,
+) -> LicenseStatus:
+    """The whole provider's used points of ``month`` against the license."""
+    rows = license_rows(records)
+    prev = previous_month(month)
+    return LicenseStatus(
+        month=month,
+        used_points=sum(r.points for r in rows if r.month == month),
+        new_points=sum(r.new_points for r in rows if r.month == month),
+        previous_new_points=sum(r.new_points for r in rows if r.month == prev),
+        license=license_,
+        today=now.date(),
+    )

@@ -12,7 +12,9 @@ from typing import Any
 import orjson
 
 from meter.domain import UsageRow
+from meter.domain.license import LicenseRow
 from meter.kafka import KafkaSettings, TopicError, iter_to_end
+from meter.stream.closing import license_order
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,23 @@ async def read_usage(settings: KafkaSettings, topic: str) -> dict[str, dict[str,
         return {}
 
 
+async def read_license(settings: KafkaSettings, topic: str) -> dict[str, dict[str, Any]]:
+    """Every tenant-month's newest license record on ``topic`` (none if it does not exist)."""
+    try:
+        return await read_keyed(settings, topic, keep_license)
+    except TopicError:
+        return {}
+
+
+async def read_license_corrections(
+    settings: KafkaSettings, topic: str
+) -> dict[str, dict[str, Any]]:
+    try:
+        return await read_keyed(settings, topic, keep_license_correction)
+    except TopicError:
+        return {}
+
+
 def keep_last(
     latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
@@ -167,6 +186,120 @@ def _well_formed(r: dict[str, Any]) -> bool:
             isinstance(u, dict)
             and isinstance(u.get("workloads"), int)
             and isinstance(u.get("points"), int)
+            for u in usage.values()
+        )
+    )
+
+
+# ---------------------------------------------------------------- the license view
+
+
+def keep_license(
+    latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per tenant-month, the newest license record (:func:`license_order`); ties: the later."""
+    held = latest.get(key)
+    if held is None or license_order(record) >= license_order(held):
+        latest[key] = record
+    return latest
+
+
+def keep_license_correction(
+    latest: dict[str, dict[str, Any]], key: str, record: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per workload, the latest state of its correction: workloads and all points only grow."""
+    held = latest.get(key)
+
+    def size(r: dict[str, Any]) -> tuple[int, int, int]:
+        points, new = int(r.get("points_added", 0)), int(r.get("new_points_added", 0))
+        return int(r.get("workloads_added", 0)), points + new, points
+
+    if held is None or size(record) >= size(held):
+        latest[key] = record
+    return latest
+
+
+_LICENSE_FIELDS = ("workloads", "new_workloads", "rental_workloads", "points", "new_points")
+_ADDED = {
+    "workloads": "workloads_added",
+    "new_workloads": "new_added",
+    "rental_workloads": "rental_added",
+    "points": "points_added",
+    "new_points": "new_points_added",
+}
+
+
+def fold_license(
+    records: dict[str, dict[str, Any]], corrections: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """License records with the corrections after their close added in (what the events
+    say now); a record that was corrected gets ``"corrected": true``."""
+    out: dict[str, dict[str, Any]] = {
+        k: {**r, "usage": {w: dict(u) for w, u in r.get("usage", {}).items()}}
+        for k, r in records.items()
+        if _license_well_formed(r)
+    }
+    for c in corrections.values():
+        if not (
+            isinstance(c.get("tenant_id"), str)
+            and isinstance(c.get("month"), str)
+            and isinstance(c.get("workload_type"), str)
+            and all(isinstance(c.get(a), int) for a in _ADDED.values())
+        ):
+            log.warning("license correction %r is not in the documented shape; skipped", c)
+            continue
+        key = f"{c['tenant_id']}/{c['month']}"
+        rec = out.setdefault(
+            key,
+            {"view": "license", "tenant_id": c["tenant_id"], "month": c["month"],
+             "status": "final", "usage": {}},
+        )  # fmt: skip
+        u = rec["usage"].setdefault(c["workload_type"], dict.fromkeys(_LICENSE_FIELDS, 0))
+        for name, added in _ADDED.items():
+            u[name] = u.get(name, 0) + int(c[added])
+        rec["corrected"] = True
+    return out
+
+
+def license_rows(
+    records: dict[str, dict[str, Any]], month: str | None = None, tenant_id: str | None = None
+) -> list[LicenseRow]:
+    """Report rows of the license view from (folded) license records."""
+    rows = []
+    for r in records.values():
+        if not _license_well_formed(r):
+            continue
+        if (month is not None and r["month"] != month) or (
+            tenant_id is not None and r["tenant_id"] != tenant_id
+        ):
+            continue
+        for wtype, u in r["usage"].items():
+            if u.get("workloads", 0) > 0:
+                rows.append(
+                    LicenseRow(r["month"], r["tenant_id"], wtype,
+                               *(int(u.get(f, 0)) for f in _LICENSE_FIELDS))
+                )  # fmt: skip
+    rows.sort(key=lambda r: (r.month, r.tenant_id, r.workload_type))
+    return rows
+
+
+def license_month_state(records: dict[str, dict[str, Any]], month: str) -> str:
+    """``running`` while any of the month's records is; else ``final``, or
+    ``final+corrections`` once corrections are folded in."""
+    mine = [r for r in records.values() if r.get("month") == month]
+    if not mine or any(r.get("status") != "final" for r in mine):
+        return "running"
+    return "final+corrections" if any(r.get("corrected") for r in mine) else "final"
+
+
+def _license_well_formed(r: dict[str, Any]) -> bool:
+    usage = r.get("usage")
+    return (
+        isinstance(r.get("month"), str)
+        and isinstance(r.get("tenant_id"), str)
+        and isinstance(usage, dict)
+        and all(
+            isinstance(u, dict) and all(isinstance(u.get(f, 0), int) for f in _LICENSE_FIELDS)
             for u in usage.values()
         )
     )

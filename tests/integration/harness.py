@@ -56,6 +56,7 @@ class Names:
     usage: str = ""
     rejected: str = ""
     reports: str = ""
+    license: str = ""
     group: str = ""
     extra: list[str] = field(default_factory=list)
 
@@ -64,6 +65,7 @@ class Names:
         self.usage = f"usage-{self.suffix}"
         self.rejected = f"rejected-{self.suffix}"
         self.reports = f"reports-{self.suffix}"
+        self.license = f"license-{self.suffix}"
         self.group = f"meter-{self.suffix}"
 
     def worker_args(self) -> list[str]:
@@ -72,6 +74,7 @@ class Names:
             "--usage-topic", self.usage,
             "--rejected-topic", self.rejected,
             "--reports-topic", self.reports,
+            "--license-topic", self.license,
             "--group", self.group,
             "--session-timeout-ms", "6000",
             "--http-port", "0",
