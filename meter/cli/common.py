@@ -21,9 +21,10 @@ from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.domain.license import ProviderLicense, load_license
 from meter.domain.month import parse_month
 from meter.errors import ConfigError
+from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
-from meter.observe.usage_view import UsageView
+from meter.observe.usage_view import LicenseView, UsageView
 from meter.stream.config import StreamConfig, Topics
 from meter.stream.worker import Worker
 
@@ -132,6 +133,24 @@ def add_http_arguments(
         metavar="N",
         help="export usage gauges for the current and N-1 previous UTC months [2]",
     )
+
+
+def status_views(
+    settings: KafkaSettings, config: StreamConfig, worker: Worker, stop: asyncio.Event
+) -> tuple[UsageView, asyncio.Task[Any]]:
+    """The status page's view of the usage topic, with the license view beside it (the
+    license gauge of a month: the whole provider's used points against ``--license``),
+    and the task that tails both until ``stop``."""
+    view = UsageView(settings, config.topics.usage)
+    lic = LicenseView(settings, config.topics.license, config.topics.license_corrections)
+    view.license_doc = lambda month: lic.status(
+        month, worker.provider_license, worker.now().astimezone(UTC).date()
+    )
+
+    async def tail() -> None:
+        await asyncio.gather(view.run(stop), lic.run(stop))
+
+    return view, asyncio.create_task(tail(), name="meter-status-views")
 
 
 async def start_http(

@@ -22,12 +22,12 @@ from meter.cli.common import (
     provider_license,
     run_until_signalled,
     start_http,
+    status_views,
     stream_config,
 )
 from meter.domain import Rater, UsageRow, load_ratecards
 from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args, start_client
 from meter.kafka.settings import ENV_BROKER
-from meter.observe.usage_view import UsageView
 from meter.report import UsageReport, render
 from meter.sim.fleet import generate
 from meter.stream.config import StreamConfig
@@ -102,8 +102,7 @@ async def meter_stack(
         now=clock_from(args.clock),
         provider_license=license_,
     )
-    view = UsageView(settings, config.topics.usage)
-    view_task = asyncio.create_task(view.run(stop), name="meter-usage-view")
+    view, view_task = status_views(settings, config, worker, stop)
     try:
         runner = await start_http(args, worker, CollectorRegistry(), view)
     except BaseException:  # e.g. a busy --http-port: leave no broker behind

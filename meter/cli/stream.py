@@ -22,6 +22,7 @@ from meter.cli.common import (
     provider_license,
     run_until_signalled,
     start_http,
+    status_views,
     stream_config,
 )
 from meter.cli.rate import open_input, rest_of_line
@@ -29,7 +30,6 @@ from meter.domain import load_ratecards
 from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
-from meter.observe.usage_view import UsageView
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
 from meter.stream.send import MODES, send_lines
@@ -136,8 +136,9 @@ def worker(args: argparse.Namespace) -> int:
             now=clock_from(args.clock),
             provider_license=license_,
         )
-        view = UsageView(settings, config.topics.usage) if args.status_page else None
-        view_task = None if view is None else asyncio.create_task(view.run(stop))
+        view, view_task = (
+            status_views(settings, config, w, stop) if args.status_page else (None, None)
+        )
         try:
             runner = await start_http(args, w, CollectorRegistry(), view)
             try:

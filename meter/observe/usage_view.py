@@ -15,20 +15,36 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
 from meter.kafka import KafkaSettings, close_consumer, describe_partitions
 from meter.report import UsageReport
-from meter.stream.usage import fold, keep_correction, keep_latest, usage_rows
+from meter.stream.usage import (
+    fold,
+    fold_license,
+    keep_correction,
+    keep_latest,
+    keep_license,
+    keep_license_correction,
+    license_month_state,
+    license_rows,
+    usage_rows,
+)
 
 log = logging.getLogger(__name__)
 
 
 class UsageView:
+    #: How records and corrections of one key are reduced (the usage topic's rules).
+    keep_record = staticmethod(keep_latest)
+    keep_fix = staticmethod(keep_correction)
+
     def __init__(self, settings: KafkaSettings, topic: str, corrections: str | None = None) -> None:
         self.settings = settings
         self.topic = topic
@@ -104,11 +120,39 @@ class UsageView:
             k = key.decode("utf-8", "replace")
             before = into.get(k)
             if into is self.records:
-                keep_latest(into, k, record)
+                self.keep_record(into, k, record)
             else:
-                keep_correction(into, k, record)
+                self.keep_fix(into, k, record)
             if into.get(k) is not before:
                 self.version += 1
+
+
+class LicenseView(UsageView):
+    """A live view of ``meter.license`` (the license view, vendor rules) and its
+    corrections: what the status page's license gauge shows against the license."""
+
+    keep_record = staticmethod(keep_license)
+    keep_fix = staticmethod(keep_license_correction)
+
+    def status(
+        self, month: str, license_: ProviderLicense | None, today: date
+    ) -> dict[str, Any] | None:
+        """``month``'s used points (the whole provider, corrections folded in) against the
+        license, as :meth:`LicenseStatus.as_dict`; ``None`` before anything was read."""
+        if not self.records and license_ is None:
+            return None
+        rows = license_rows(fold_license(self.records, self.corrections))
+        prev = previous_month(month)
+        doc = LicenseStatus(
+            month=month,
+            used_points=sum(r.points for r in rows if r.month == month),
+            new_points=sum(r.new_points for r in rows if r.month == month),
+            previous_new_points=sum(r.new_points for r in rows if r.month == prev),
+            license=license_,
+            today=today,
+        ).as_dict()
+        doc["status"] = license_month_state(fold_license(self.records, self.corrections), month)
+        return doc
 
 
 def month_document(

@@ -285,6 +285,13 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then publish, commit and leave the group."""
+        if self.config.history_start is None:
+            log.info(
+                "license view: no --history-start: each home partition takes the earliest "
+                "month in its own data as the first month of history (no new workloads in "
+                "it); set --history-start YYYY-MM to the month metering began, so every "
+                "partition agrees with meter rate"
+            )
         if not await self._connect(stop):
             return
         try:
