@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -26,13 +27,25 @@ from meter.cli.common import (
     stream_config,
 )
 from meter.domain import Rater, UsageRow, load_ratecards
+from meter.domain.license import LicenseRow
 from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args, start_client
 from meter.kafka.settings import ENV_BROKER
 from meter.report import UsageReport, render
+from meter.report.license import license_table, month_info
 from meter.sim.fleet import generate
 from meter.stream.config import StreamConfig
 from meter.stream.send import tenant_key
-from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
+from meter.stream.usage import (
+    fold,
+    fold_license,
+    license_month_state,
+    license_rows,
+    read_corrections,
+    read_license,
+    read_license_corrections,
+    read_usage,
+    usage_rows,
+)
 from meter.stream.worker import Worker, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -164,6 +177,13 @@ def demo(args: argparse.Namespace) -> int:
         for line in lines:
             rater.feed(line)
         expected = rater.ledger.usage()
+        # The license view's first month of history: the earliest month in the demo's data,
+        # on every partition (the same rule meter rate applies to the whole file).
+        args.history_start = args.history_start or min(
+            (tm.month for tm in rater.ledger.tenant_months()), default=None
+        )
+        license_view = rater.license_view(args.history_start)
+        expected_license = license_view.rows()
         async with meter_stack(args, stop, stats) as (settings, config, worker):
             say("waiting for the worker to join its consumer group ...")
             ready = asyncio.ensure_future(worker.ready.wait())
@@ -208,6 +228,31 @@ def demo(args: argparse.Namespace) -> int:
                 + " `meter rate` over the same events.",
                 flush=True,
             )
+            lic_rows, lic_records = await _license_rows_when(
+                settings, config, expected_license, stop
+            )
+            now = worker.now()
+            infos = [
+                month_info(
+                    license_view,
+                    m,
+                    license_month_state(lic_records, m),
+                    now,
+                    worker.provider_license,
+                )
+                for m in sorted({r.month for r in lic_rows})
+            ]
+            print()
+            sys.stdout.write(license_table(lic_rows, infos))
+            lic_same = lic_rows == expected_license
+            same = same and lic_same
+            print(
+                "\nThe license report read back from the license topic "
+                + ("equals" if lic_same else "DOES NOT equal")
+                + " `meter rate --format vspc-csv` over the same events (vendor rules: "
+                "31-day window, new workloads free in their first month).",
+                flush=True,
+            )
             if worker.http_url is not None and not args.exit and not stop.is_set():
                 # The point of the page is to be looked at: it stays until asked to stop.
                 say(
@@ -218,6 +263,30 @@ def demo(args: argparse.Namespace) -> int:
         return 0 if same else 1
 
     return run_until_signalled(main(), stop)
+
+
+async def _license_rows_when(
+    settings: KafkaSettings,
+    config: StreamConfig,
+    expected: list[LicenseRow],
+    stop: asyncio.Event,
+    wait_s: float = 60.0,
+) -> tuple[list[LicenseRow], dict[str, dict[str, Any]]]:
+    """The license view read back from its topic (rows and folded records), once it
+    equals ``expected`` (or the last read after ``wait_s`` seconds)."""
+    rows: list[LicenseRow] = []
+    records: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + wait_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        records = fold_license(
+            await read_license(settings, config.topics.license),
+            await read_license_corrections(settings, config.topics.license_corrections),
+        )
+        rows = license_rows(records)
+        if rows == expected:
+            break
+        await asyncio.sleep(0.5)
+    return rows, records
 
 
 class Progress:
