@@ -115,33 +115,45 @@ class Ledger:
     ``workloads + points``, which ties when only a card version or license changes.
     """
 
-    __slots__ = ("_months", "_rates", "height")
+    __slots__ = ("_months", "height", "rates")
 
     def __init__(self, height: Height = points_height) -> None:
         self.height = height
         self._months: dict[tuple[str, str], TenantMonth] = {}
         #: (tenant, month, type, workload) -> rate: one lookup answers "already counted
-        #: at this rate or higher?", which is what most events are.
-        self._rates: dict[tuple[str, str, str, str], Rate] = {}
+        #: at this rate or higher?", which is what most events are.  Read it; change it
+        #: only through :meth:`add` or :meth:`put`.
+        self.rates: dict[tuple[str, str, str, str], Rate] = {}
 
     def add(
         self, tenant_id: str, month: str, workload_type: str, workload_id: str, rate: Rate
     ) -> bool:
         """Join one ledger entry in; True when the state changed."""
         flat = (tenant_id, month, workload_type, workload_id)
-        old = self._rates.get(flat)
+        old = self.rates.get(flat)
         if old is not None and old >= rate:
             return False
-        self._rates[flat] = rate
+        self.rates[flat] = rate
         key = (tenant_id, month)
         tm = self._months.get(key)
         if tm is None:
             tm = self._months[key] = TenantMonth(tenant_id, month, self.height)
         return tm.add(workload_type, workload_id, rate)
 
+    def put(self, flat: tuple[str, str, str, str], rate: Rate) -> None:
+        """Join ``rate`` in at ``flat`` = (tenant, month, type, workload), which the caller
+        has just looked up in :attr:`rates` and found absent or lower (the hot path of
+        :class:`~meter.domain.license.LicenseLedger`)."""
+        self.rates[flat] = rate
+        tenant_id, month, workload_type, workload_id = flat
+        tm = self._months.get((tenant_id, month))
+        if tm is None:
+            tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
+        tm.add(workload_type, workload_id, rate)
+
     def rate(self, tenant_id: str, month: str, workload_type: str, workload_id: str) -> Rate | None:
         """The workload's rate in the tenant-month; ``None`` when it is not counted there."""
-        return self._rates.get((tenant_id, month, workload_type, workload_id))
+        return self.rates.get((tenant_id, month, workload_type, workload_id))
 
     def merge(self, other: Ledger) -> Ledger:
         """Join ``other`` into this ledger (in place) and return self.

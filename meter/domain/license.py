@@ -193,7 +193,17 @@ class LicenseLedger:
     and its report then gains new workloads, as the join says).
     """
 
-    __slots__ = ("_fixed_start", "_min_month", "calendar", "first", "height", "months", "tails")
+    __slots__ = (
+        "_fixed_start",
+        "_min_month",
+        "calendar",
+        "first",
+        "height",
+        "months",
+        "moved_first",
+        "moved_start",
+        "tails",
+    )
 
     def __init__(
         self,
@@ -205,6 +215,10 @@ class LicenseLedger:
         self.height: Height = height if height is not None else self.calendar.height
         self._fixed_start = history_start
         self._min_month: str | None = None
+        #: After :meth:`add`: the workload's first month it moved from, or None.
+        self.moved_first: str | None = None
+        #: After :meth:`add`: the history start it moved from (not fixed), or None.
+        self.moved_start: str | None = None
         #: (tenant, report month, type, workload) -> highest rate of its tail sessions
         self.tails: dict[Key, Rate] = {}
         #: (tenant, type, workload) -> month of its earliest counted session
@@ -227,13 +241,38 @@ class LicenseLedger:
     # ------------------------------------------------------------------ joins
 
     def add(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
-        """Join a calendar entry (into the calendar ledger too); True when it changed."""
+        """Join a calendar entry (into the calendar ledger too); True when it changed.
+
+        ``moved_first`` is then the workload's old first month when this entry moved it
+        earlier (its report there changed: the workload is no longer new in it), else None.
+        """
         cal = self.calendar
-        old = cal.rate(tenant, month, wtype, wid)
+        flat = (tenant, month, wtype, wid)
+        old = cal.rates.get(flat)
         if old is not None and old >= rate:
             return False
         wkey = (tenant, wtype, wid)
         first = self.first.get(wkey)
+        start = self._fixed_start or self._min_month
+        if (first is None or first <= month) and start is not None and month >= start:
+            # The common case: neither the first month nor the history start moves, so
+            # only this month's report changes, and only by this workload's line.
+            self.moved_first = self.moved_start = None
+            tail = self.tails.get(flat) if self.tails else None
+            new = (first is None or first == month) and month > start
+            if old is not None:
+                before: Contribution | None = (old if tail is None or old >= tail else tail, new)
+            elif tail is not None:
+                before = (tail, False)
+            else:
+                before = None
+            if first is None:
+                self.first[wkey] = month
+            cal.put(flat, rate)
+            self._shift(
+                tenant, month, wtype, before, (rate if tail is None or rate >= tail else tail, new)
+            )
+            return True
         # The months whose report this can change: this one, and the one it was new in.
         before = self._contribution(tenant, month, wtype, wid)
         was_first = (
@@ -241,6 +280,7 @@ class LicenseLedger:
             if first is not None and month < first
             else None
         )
+        self.moved_first = first if was_first is not None else None
         cal.add(tenant, month, wtype, wid, rate)
         self._joined(tenant, month, wtype, wid, before, was_first)
         return True
@@ -267,8 +307,10 @@ class LicenseLedger:
             self._shift(
                 tenant, old_first, wtype, old, self._contribution(tenant, old_first, wtype, wid)
             )
+        self.moved_start = None
         if moved is not None and self._fixed_start is None:
             # The history start moved earlier: its old month may now have new workloads.
+            self.moved_start = moved
             self._recount(moved)
 
     def add_tail(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
@@ -373,19 +415,30 @@ class LicenseLedger:
         if t is None:
             t = lm.totals[wtype] = [0, 0, 0, 0, 0]
         height = self.height
-        for sign, c in ((-1, before), (1, after)):
-            if c is None:
-                continue
-            rate, new = c
-            t[0] += sign
-            t[2] += sign * (rate[2] == "rental")
+        if before is not None:
+            rate, new = before
+            t[0] -= 1
+            if rate[2] == "rental":
+                t[2] -= 1
             if new:
-                t[1] += sign
-                t[4] += sign * rate[0]
+                t[1] -= 1
+                t[4] -= rate[0]
+                lm.revision -= height(rate)
             else:
-                t[3] += sign * rate[0]
-                lm.revision += sign
-            lm.revision += sign * height(rate)
+                t[3] -= rate[0]
+                lm.revision -= height(rate) + 1
+        if after is not None:
+            rate, new = after
+            t[0] += 1
+            if rate[2] == "rental":
+                t[2] += 1
+            if new:
+                t[1] += 1
+                t[4] += rate[0]
+                lm.revision += height(rate)
+            else:
+                t[3] += rate[0]
+                lm.revision += height(rate) + 1
 
     def _recount(self, month: str) -> None:
         """Rebuild ``month``'s totals from its workloads (after the history start moved)."""

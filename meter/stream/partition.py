@@ -239,14 +239,13 @@ class HomePartition:
         if tail is not None and lic.add_tail(tenant, tail, wtype, wid, rate):
             self._tail_batch.append((tenant, tail, wtype, wid, rate))
             self._touch_license(tenant, tail, wtype, wid)
-        first = lic.first.get((tenant, wtype, wid))
-        start = lic.history_start
         if not lic.add(tenant, month, wtype, wid, rate):
             return False
         self._touch_license(tenant, month, wtype, wid)
-        if first is not None and month < first:
-            self._touch_license(tenant, first, wtype, wid)  # it is no longer new there
-        if start is not None and lic.history_start != start:
+        if lic.moved_first is not None:
+            self._touch_license(tenant, lic.moved_first, wtype, wid)  # no longer new there
+        start = lic.moved_start
+        if start is not None:
             for t, w, i, _ in list(lic.workloads(start)):  # the history start moved earlier
                 self._touch_license(t, start, w, i)
         self._batch.append(entry)
