@@ -550,13 +550,16 @@ async def quix_bench(
 
 def quix_importable(python: str) -> str | None:
     """None when ``python`` imports quixstreams and meter, else why not."""
-    probe = subprocess.run(
-        [python, "-c", "import quixstreams, meter.domain; print(quixstreams.__version__)"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import quixstreams, meter.domain; print(quixstreams.__version__)"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        return str(exc)
     if probe.returncode == 0:
         return None
     return (probe.stderr.strip().splitlines() or ["?"])[-1]
@@ -729,6 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     cmd = "python -m bench.bench_frameworks " + " ".join(argv)
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally blocks that stop the children
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         res = asyncio.run(run(args, cmd.strip()))
     finally:
