@@ -1,23 +1,39 @@
 """Benchmark the streaming worker against the embedded (memory-only) broker.
 
-    python -m bench.bench_stream [--events 200000]
+    python -m bench.bench_stream                                  # today's profile
+    python -m bench.bench_stream --profile today --profile provider-1m   # make bench-stream
+    python -m bench.bench_stream --profile provider-3m --baseline /tmp/prev  # vs another build
 
-1. starts the embedded Tansu broker (memory only: nothing survives the run);
-2. loads N generated events into ``meter.jobs``, keyed by tenant_id, with
-   ``create_batch``/``send_batch`` per partition (murmur2, as a keyed producer);
-3. computes the expected usage with the core (``Rater`` -> ``ledger.usage()``);
-4. measures the I/O ceiling: a plain aiokafka consumer reading the topic and
-   ``orjson.loads``-ing every value;
-5. starts one ``meter worker`` child and times the replay until ``meter.usage``
-   equals the expected totals *and* the group's committed offsets reach the end
-   of every ``meter.jobs`` partition (usage alone can be final long before the
-   last event is read: most events repeat a workload already counted);
-6. optionally (``--faust``) times a bare faust-streaming agent on the same topic;
-7. measures end-to-end latency with a fresh worker at a paced 2,000 events/s
-   where every event adds a new workload (so every event changes a total).
+Profiles (each generated deterministically, cached in ``bench/out``):
 
-Prints a summary block and writes it to ``bench/out/stream.json``.  Every child
-process is stopped at the end (SIGTERM, then SIGKILL), also on errors.
+- ``today``: ``--events`` (200,000) events of 200 tenants x 50 workloads (10,000
+  distinct workloads, 93% of events repeat one already counted), as the shipped
+  benchmarks always had;
+- ``provider-1m`` / ``provider-3m``: a provider's month, 1 M / 3 M distinct workloads
+  over 5,000 tenants (Pareto-sized: a few with tens of thousands of workloads, most with
+  tens), each workload backed up on ~3 days of the month (geometric), events in time
+  order, 2% redeliveries, 5% failed sessions, a few time zones; ~3 M / ~9 M events.
+
+Per profile:
+
+1. loads the events into its own jobs topic on the embedded Tansu broker (memory only:
+   nothing survives the run), keyed by tenant_id (murmur2, as a keyed producer);
+2. computes the expected usage with the core (``Rater`` -> ``ledger.usage()``);
+3. measures the I/O ceiling: a plain aiokafka consumer reading the topic and
+   ``orjson.loads``-ing every value (best of two);
+4. starts one ``meter worker`` child and times the replay until its usage topic equals
+   the expected totals *and* the group's committed offsets reach the end of every jobs
+   partition; CPU µs per event, and RSS once the worker is idle;
+5. stops it (SIGTERM) and starts it again: restart to ready (ledger recovered from the
+   changelog) and RSS once idle, against the live one's;
+6. with ``--baseline DIR``, steps 4-5 again for the build checked out in DIR (run with
+   ``PYTHONPATH=DIR`` from ``DIR``) on a second copy of the same events, in the same run.
+
+Then optionally (``--faust``) a bare faust-streaming agent on today's topic, and
+end-to-end latency with a fresh worker at a paced 2,000 events/s where every event adds
+a new workload.  Prints a table and writes it to ``bench/out/stream.json``.  Every child
+process is stopped at the end (SIGTERM, then SIGKILL), also on errors.  Run wall-clock
+benchmarks one at a time on a shared machine (``flock /tmp/bench.lock ...``).
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import importlib.util
 import json
 import os
@@ -39,8 +56,9 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -79,6 +97,206 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# --------------------------------------------------------------------------- profiles
+
+#: Workload types and their weights (as :mod:`meter.sim.fleet`).
+TYPES = [
+    ("vm", 50),
+    ("replica", 10),
+    ("workstation", 15),
+    ("server", 15),
+    ("cloud_vm", 4),
+    ("cloud_database", 2),
+    ("cloud_file_share", 2),
+    ("cloud_vpc", 2),
+]
+LICENSES = ("rental", "subscription", "perpetual")
+ZONES = ("Z", "Z", "Z", "Z", "Z", "Z", "Z", "+02:00", "-05:00", "+05:30")
+_M64 = (1 << 64) - 1
+_EVENT = (
+    '{"specversion":"1.0","id":"p%d-%d","source":"vbr://%s/vbr-%02d",'
+    '"type":"meter.job.workload","time":"%s-%02dT%02d:%02d:%02d%s","data":{"tenant_id":"%s",'
+    '"workload_id":"%s","workload_type":"%s","license":"%s","result":"%s","operation":"%s",'
+    '"job_id":"job-%d"}}'
+)
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit integers (so ids never collide)."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def workload_id(n: int, seed: int) -> str:
+    """A GUID-shaped workload id (as Veeam's), unique per ``n``, fixed by ``seed``."""
+    h = f"{_mix(n ^ (seed << 40)):016x}{_mix(n + seed):016x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def provider_events(
+    workloads: int,
+    tenants: int = 5_000,
+    sessions: float = 3.0,
+    seed: int = 1,
+    month: str = "2026-11",
+    dup_share: float = 0.02,
+) -> Iterator[bytes]:
+    """A provider's month of job events, deterministic by ``seed``.
+
+    ``tenants`` Pareto-sized tenants share ``workloads`` distinct workloads; each workload
+    has sessions on ``sessions`` days of the month on average (at least one; geometric),
+    at a random time of day, in time order (day by day).  5% of sessions fail and 10%
+    warn; 1% carry another license than their tenant's; ``dup_share`` of events are
+    delivered twice in a row.  About ``workloads * sessions`` events of ~350 bytes.
+    """
+    rnd = random.Random(seed)
+    weights = [rnd.paretovariate(1.2) for _ in range(tenants)]
+    total = sum(weights)
+    sizes = [max(1, int(w / total * workloads)) for w in weights]
+    k = 0
+    while sum(sizes) != workloads:  # spread the rounding
+        j = k % tenants
+        if sum(sizes) < workloads:
+            sizes[j] += 1
+        elif sizes[j] > 1:
+            sizes[j] -= 1
+        k += 1
+    tenant_of = array("I")
+    for t, size in enumerate(sizes):
+        tenant_of.extend([t] * size)
+    licenses = [rnd.choice(LICENSES) for _ in range(tenants)]
+    names = [f"tenant-{t:05d}" for t in range(tenants)]
+    types = [t for t, w in TYPES for _ in range(w)]
+    days = 30
+    per_day = [array("I") for _ in range(days)]
+    more = 1 - 1 / sessions
+    rand, pick = rnd.random, rnd.randrange
+    for n in range(workloads):
+        k = 1
+        while k < days and rand() < more:
+            k += 1
+        for d in rnd.sample(range(days), k) if k > 1 else (pick(days),):
+            per_day[d].append(n)
+    last: bytes | None = None
+    seq = 0
+    for d, todo in enumerate(per_day, 1):
+        rnd.shuffle(todo)
+        for n in todo:
+            if last is not None and rand() < dup_share:
+                yield last  # redelivered
+            t = tenant_of[n]
+            wtype = types[_mix(n + seed) % len(types)]
+            lic = licenses[t] if rand() >= 0.01 else LICENSES[pick(3)]
+            r = rand()
+            seq += 1
+            last = (
+                _EVENT
+                % (
+                    seed,
+                    seq,
+                    names[t],
+                    n % 7,
+                    month,
+                    d,
+                    pick(24),
+                    pick(60),
+                    pick(60),
+                    ZONES[pick(10)],
+                    names[t],
+                    workload_id(n, seed),
+                    wtype,
+                    lic,
+                    "failed" if r < 0.05 else ("warning" if r < 0.15 else "success"),
+                    "replication" if wtype == "replica" else "backup",
+                    pick(500) + 1,
+                )
+            ).encode()
+            yield last
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: Distinct workloads in the month (the events' shape, before rejections).
+    workloads: int
+    what: str
+    make: Callable[[], Iterable[bytes]]
+    file: str
+
+
+def profiles(events: int) -> dict[str, Profile]:
+    return {
+        "today": Profile(
+            "today",
+            10_000,
+            f"{events:,} events, 200 tenants x 50 workloads",
+            lambda: generate(events),
+            f"events-{events}.jsonl",  # the file bench_rate writes too
+        ),
+        "provider-1m": Profile(
+            "provider-1m",
+            1_000_000,
+            "1 M workloads, 5,000 tenants, ~3 sessions each",
+            lambda: provider_events(1_000_000),
+            "provider-1m.jsonl",
+        ),
+        "provider-3m": Profile(
+            "provider-3m",
+            3_000_000,
+            "3 M workloads, 5,000 tenants, ~3 sessions each",
+            lambda: provider_events(3_000_000),
+            "provider-3m.jsonl",
+        ),
+    }
+
+
+def events_file(profile: Profile) -> Path:
+    """The profile's events as JSON lines, generated once and kept in ``bench/out``."""
+    path = OUT / profile.file
+    if not path.exists():
+        say(f"generating the {profile.name} profile into {path}")
+        t0 = time.perf_counter()
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            chunk: list[bytes] = []
+            for raw in profile.make():
+                chunk.append(raw)
+                if len(chunk) >= 100_000:
+                    f.write(b"\n".join(chunk) + b"\n")
+                    chunk = []
+            if chunk:
+                f.write(b"\n".join(chunk) + b"\n")
+        tmp.rename(path)
+        say(f"generated in {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def read_lines(path: Path, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
+    """The file's lines, read in chunks (a provider profile does not fit in memory twice)."""
+    rest = b""
+    with path.open("rb") as f:
+        while block := f.read(chunk_bytes):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+    if rest:
+        yield rest
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, KiB."""
+    rss = hwm = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return rss, hwm
+
+
 # --------------------------------------------------------------------------- child processes
 
 
@@ -97,7 +315,14 @@ def _die_with_parent() -> Callable[[], None] | None:
 class Child:
     """A child process whose stderr is copied to a log file and watched for markers."""
 
-    def __init__(self, name: str, cmd: Sequence[str], log_path: Path, markers: Sequence[str]):
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log_path: Path,
+        markers: Sequence[str],
+        build: str | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self.marks: dict[str, float] = {}
@@ -111,6 +336,8 @@ class Child:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent(),  # noqa: PLW1509 - one prctl call
             start_new_session=True,
+            cwd=build,
+            env=None if build is None else {**os.environ, "PYTHONPATH": build},
         )
         self.lines: list[str] = []
         self._log: IO[bytes] = log_path.open("wb")
@@ -184,9 +411,20 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_worker(bootstrap: str, name: str, log_path: Path, extra: Sequence[str] = ()) -> Child:
+def start_worker(
+    bootstrap: str,
+    name: str,
+    log_path: Path,
+    extra: Sequence[str] = (),
+    build: str | None = None,
+    cprofile: Path | None = None,
+) -> Child:
+    """A ``meter worker`` child; ``build``: a checkout to run instead (PYTHONPATH, cwd);
+    ``cprofile``: write cProfile's stats of the whole run there."""
+    profile = ["-m", "cProfile", "-o", str(cprofile)] if cprofile else []
     cmd = [
         sys.executable,
+        *profile,
         "-m",
         "meter",
         "worker",
@@ -196,7 +434,7 @@ def start_worker(bootstrap: str, name: str, log_path: Path, extra: Sequence[str]
         str(SESSION_TIMEOUT_MS),
         *extra,
     ]
-    return Child(name, cmd, log_path, ["worker started", "took home partitions"])
+    return Child(name, cmd, log_path, ["worker started", "took home partitions"], build=build)
 
 
 # --------------------------------------------------------------------------- loading
@@ -204,12 +442,15 @@ def start_worker(bootstrap: str, name: str, log_path: Path, extra: Sequence[str]
 
 @dataclass
 class Loaded:
+    events: int
     seconds: float
     ends: dict[int, int]  # partition -> offset after its last record
 
 
-async def load_events(settings: KafkaSettings, topic: str, lines: list[bytes]) -> Loaded:
-    """Produce ``lines`` keyed by tenant_id, one record batch per partition at a time."""
+async def load_events(settings: KafkaSettings, topic: str, path: Path) -> Loaded:
+    """Produce the file's lines keyed by tenant_id, a record batch per partition at a time.
+
+    Streams the file: one open batch per partition, at most a few dozen in flight."""
     producer = AIOKafkaProducer(
         **settings.client_kwargs(),
         acks="all",
@@ -220,39 +461,71 @@ async def load_events(settings: KafkaSettings, topic: str, lines: list[bytes]) -
     try:
         parts = sorted(await producer.partitions_for(topic))
         pick = DefaultPartitioner()
-        by_part: dict[int, list[tuple[bytes | None, bytes]]] = defaultdict(list)
-        for raw in lines:
-            key = tenant_key(raw)
-            by_part[pick(key, parts, parts)].append((key, raw))
-        t0 = time.perf_counter()
-        # Build each partition's batches, then send them round-robin: aiokafka keeps
-        # one pending batch per partition, so interleaving keeps every partition busy.
-        queues: dict[int, list[Any]] = {}
-        for p, msgs in by_part.items():
-            batches = []
-            batch = producer.create_batch()
-            for key, raw in msgs:
-                if batch.append(key=key, value=raw, timestamp=None) is None:
-                    batches.append(batch)
-                    batch = producer.create_batch()
-                    if batch.append(key=key, value=raw, timestamp=None) is None:
-                        raise RuntimeError(f"a {len(raw)}-byte message does not fit a batch")
-            batches.append(batch)
-            queues[p] = batches
+        keys: dict[bytes, bytes | None] = {}  # tenant key of a line's tenant, shared
+        where: dict[bytes | None, int] = {}
+        open_batches: dict[int, Any] = {}
+        counts: dict[int, int] = dict.fromkeys(parts, 0)
         sent: list[tuple[int, int, asyncio.Future[Any]]] = []
-        while any(queues.values()):
-            for p, batches in queues.items():
-                if batches:
-                    b = batches.pop(0)
-                    count = b.record_count()
-                    sent.append((p, count, await producer.send_batch(b, topic, partition=p)))
-        metas = await asyncio.gather(*(f for _, _, f in sent))
+        metas: list[tuple[int, int, Any]] = []
+        events = 0
+        t0 = time.perf_counter()
+
+        async def ship(p: int) -> None:
+            b = open_batches.pop(p)
+            sent.append((p, b.record_count(), await producer.send_batch(b, topic, partition=p)))
+            if len(sent) >= 32:
+                done = await asyncio.gather(*(f for _, _, f in sent))
+                metas.extend((p, n, m) for (p, n, _), m in zip(sent, done, strict=True))
+                sent.clear()
+
+        for raw in read_lines(path):
+            if not raw:
+                continue
+            events += 1
+            key = tenant_key(raw)
+            if key is not None:
+                key = keys.setdefault(key, key)
+            p = where.get(key)
+            if p is None:
+                p = where[key] = pick(key, parts, parts)
+            batch = open_batches.get(p)
+            if batch is None:
+                batch = open_batches[p] = producer.create_batch()
+            if batch.append(key=key, value=raw, timestamp=None) is None:
+                await ship(p)
+                batch = open_batches[p] = producer.create_batch()
+                if batch.append(key=key, value=raw, timestamp=None) is None:
+                    raise RuntimeError(f"a {len(raw)}-byte message does not fit a batch")
+            counts[p] += 1
+        for p in list(open_batches):
+            await ship(p)
+        done = await asyncio.gather(*(f for _, _, f in sent))
+        metas.extend((p, n, m) for (p, n, _), m in zip(sent, done, strict=True))
         ends: dict[int, int] = dict.fromkeys(parts, 0)
-        for (p, count, _), meta in zip(sent, metas, strict=True):
+        for p, count, meta in metas:
             ends[p] = max(ends[p], meta.offset + count)
-        return Loaded(time.perf_counter() - t0, ends)
+        if ends != counts:
+            raise RuntimeError(f"end offsets {ends} are not the counts loaded {counts}")
+        return Loaded(events, time.perf_counter() - t0, ends)
     finally:
         await producer.stop()
+
+
+def expected_usage(path: Path) -> tuple[list[UsageRow], dict[str, int], float, int]:
+    """The core's usage of the file (rows, tally, seconds, distinct workloads counted)."""
+    t0 = time.perf_counter()
+    rater = Rater(load_ratecards())
+    feed = rater.feed
+    for raw in read_lines(path):
+        if raw:
+            feed(raw)
+    seconds = time.perf_counter() - t0
+    rows = rater.ledger.usage()
+    distinct = len(rater.ledger)
+    tally = rater.tally.as_dict()
+    del rater, feed
+    gc.collect()
+    return rows, tally, seconds, distinct
 
 
 # --------------------------------------------------------------------------- ceiling
@@ -372,23 +645,80 @@ class Replay:
     broker_cpu_s: float
     bench_cpu_s: float
     summary_line: str = ""
+    #: KiB once the worker is idle after the replay: (VmRSS, VmHWM)
+    rss_live: tuple[int, int] = (0, 0)
+    #: after a restart (the ledger recovered from the changelog), once idle
+    rss_restarted: tuple[int, int] = (0, 0)
+    restart_to_ready_s: float = 0.0
+    recovery_line: str = ""
 
     @property
     def done(self) -> float:
         return max(self.usage_final, self.committed)
 
 
+async def settle(child: Child, quiet_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until ``child`` uses (almost) no CPU for ``quiet_s``."""
+    deadline = time.monotonic() + limit_s
+    last = child.cpu_seconds()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet_s)
+        now = child.cpu_seconds()
+        if now - last < 0.05 * quiet_s:
+            return
+        last = now
+
+
+def bench_topics(prefix: str) -> Topics:
+    jobs, usage, lic = f"{prefix}.jobs", f"{prefix}.usage", f"{prefix}.license"
+    return Topics(
+        jobs=jobs,
+        usage=usage,
+        rejected=f"{prefix}.rejected",
+        by_tenant=f"{jobs}.by-tenant",
+        changelog=f"{jobs}.ledger.changelog",
+        reports=f"{prefix}.reports",
+        corrections=f"{usage}.corrections",
+        license=lic,
+        license_corrections=f"{lic}.corrections",
+    )
+
+
+def worker_args(t: Topics, group: str) -> list[str]:
+    return [
+        "--jobs-topic", t.jobs,
+        "--usage-topic", t.usage,
+        "--rejected-topic", t.rejected,
+        "--reports-topic", t.reports,
+        "--license-topic", t.license,
+        "--group", group,
+        "--http-port", "-1",
+    ]  # fmt: skip
+
+
 async def replay(
     settings: KafkaSettings,
     broker_pid: int | None,
+    t: Topics,
+    group: str,
     expected: list[UsageRow],
     ends: dict[int, int],
     partitions: int,
     limit_s: float,
     py_spy: str | None,
+    build: str | None,
+    tag: str,
+    cprofile: bool = False,
 ) -> Replay:
-    t = StreamConfig().topics
-    worker = start_worker(settings.bootstrap, "worker", OUT / "stream-worker.log")
+    args = worker_args(t, group)
+    worker = start_worker(
+        settings.bootstrap,
+        f"worker ({tag})",
+        OUT / f"stream-worker-{tag}.log",
+        args,
+        build,
+        OUT / f"stream-worker-{tag}.prof" if cprofile else None,
+    )
     spy: subprocess.Popen[bytes] | None = None
     try:
         if py_spy:
@@ -404,7 +734,7 @@ async def replay(
                     "--format",
                     "raw",
                     "-o",
-                    str(OUT / "stream-worker.pyspy.txt"),
+                    str(OUT / f"stream-worker-{tag}.pyspy.txt"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -425,9 +755,7 @@ async def replay(
         # on a small machine.  Usage can only be final later than that, or within
         # the watcher's catch-up read (a few records), so this errs on the slow side.
         watcher: asyncio.Future[None] | None = None
-        committed = asyncio.ensure_future(
-            wait_committed(settings, StreamConfig().group_id, t.jobs, ends, limit_s)
-        )
+        committed = asyncio.ensure_future(wait_committed(settings, group, t.jobs, ends, limit_s))
         try:
             started = await worker.wait_mark("worker started", 60)
             home = await worker.wait_mark("took home partitions", 60)
@@ -451,6 +779,8 @@ async def replay(
         worker_cpu = worker.cpu_seconds() - cpu0[0]
         broker_cpu = (_cpu_seconds(broker_pid) if broker_pid else float("nan")) - cpu0[1]
         bench_cpu = time.process_time() - cpu0[2]
+        await settle(worker)
+        rss_live = rss_kib(worker.proc.pid)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -461,7 +791,7 @@ async def replay(
                 spy.wait()
         worker.stop()
     summary = next((ln for ln in worker.lines if "worker stopped:" in ln), "")
-    return Replay(
+    result = Replay(
         spawned=worker.started,
         started=started,
         home=home,
@@ -472,7 +802,22 @@ async def replay(
         broker_cpu_s=broker_cpu,
         bench_cpu_s=bench_cpu,
         summary_line=summary.split("worker stopped: ", 1)[-1],
+        rss_live=rss_live,
     )
+    say(f"restarting the worker ({tag}): its ledger comes back from the changelog")
+    again = start_worker(
+        settings.bootstrap, f"worker ({tag}, restarted)", OUT / f"stream-worker-{tag}-2.log",
+        args, build,
+    )  # fmt: skip
+    try:
+        ready = await again.wait_mark("took home partitions", max(120.0, limit_s))
+        result.restart_to_ready_s = ready - again.started
+        await settle(again)
+        result.rss_restarted = rss_kib(again.proc.pid)
+    finally:
+        again.stop()
+    result.recovery_line = next((ln for ln in again.lines if "took home partitions" in ln), "")
+    return result
 
 
 # --------------------------------------------------------------------------- latency
@@ -694,99 +1039,77 @@ async def faust_bench(bootstrap: str, topic: str, n: int, limit_s: float) -> dic
 # --------------------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    OUT.mkdir(exist_ok=True)
-    config = StreamConfig()
-    t = config.topics
-    with EmbeddedBroker(0) as broker:
-        say(
-            f"embedded broker (Tansu) on {broker.bootstrap}, pid {broker.pid}: MEMORY ONLY, "
-            "every topic is gone when this benchmark ends"
-        )
-        settings = KafkaSettings(bootstrap=broker.bootstrap, client_id="meter-bench")
-        parts = await ensure_topics(settings, config.topic_specs())
-        n_parts = parts[t.jobs]
-
-        cached = OUT / f"events-{args.events}.jsonl"  # the file bench_rate writes too
-        if cached.exists():
-            say(f"reading {args.events:,} generated events from {cached}")
-            lines = cached.read_bytes().splitlines()
-        else:
-            say(f"generating {args.events:,} events")
-            lines = list(generate(args.events))
-            cached.write_bytes(b"".join(raw + b"\n" for raw in lines))
-        size = sum(map(len, lines)) / len(lines)
-
-        t0 = time.perf_counter()
-        rater = Rater(load_ratecards())
-        for raw in lines:
-            rater.feed(raw)
-        core_s = time.perf_counter() - t0
-        expected = rater.ledger.usage()
-        tally = rater.tally
-        say(
-            f"expected usage from the core: {len(expected)} rows, {tally.counted:,} counted "
-            f"({len(lines) / core_s:,.0f} events/s in-process)"
-        )
-
-        loaded = await load_events(settings, t.jobs, lines)
-        say(
-            f"loaded {len(lines):,} events into {t.jobs} ({n_parts} partitions) in "
-            f"{loaded.seconds:.2f}s: {len(lines) / loaded.seconds:,.0f} msgs/s (send_batch)"
-        )
-        if sum(loaded.ends.values()) != len(lines):
-            raise RuntimeError(f"end offsets {loaded.ends} do not add up to {len(lines)}")
-
-        ceilings = [await io_ceiling(settings, t.jobs, loaded.ends) for _ in range(2)]
-        ceiling = len(lines) / min(ceilings)
-        say(f"I/O ceiling (plain consumer + orjson.loads): {ceiling:,.0f} events/s")
-
-        timeout = max(120.0, args.events / 2_000)
-        say("starting one worker and replaying the topic")
-        r = await replay(settings, broker.pid, expected, loaded.ends, n_parts, timeout, args.py_spy)
-        check = usage_rows(await read_usage(settings, t.usage))
-        if check != expected:
-            raise RuntimeError("meter.usage read with read_usage differs from the core's totals")
-        worker_rate = len(lines) / (r.done - r.home)
-        worker_total = len(lines) / (r.done - r.spawned)
-        say(f"worker: {r.summary_line}")
-
-        faust: dict[str, Any] | None = None
-        if args.faust:
-            say("bare faust-streaming agent over the same topic")
-            faust = await faust_bench(broker.bootstrap, t.jobs, len(lines), args.faust_timeout)
-
-        lat = None
-        if args.latency_seconds > 0:
-            say(
-                f"latency: fresh worker, {args.latency_rate:,.0f} events/s for "
-                f"{args.latency_seconds:.0f}s, every event a new workload"
-            )
-            lat = await latency(settings, args.latency_rate, args.latency_seconds, 200, n_parts)
-
-    cmd = "python -m bench.bench_stream" + (
-        f" --events {args.events}" if args.events != 200_000 else ""
+async def run_profile(
+    settings: KafkaSettings,
+    broker_pid: int | None,
+    profile: Profile,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    path = events_file(profile)
+    say(f"[{profile.name}] expected usage from the core (meter rate's Rater) over {path}")
+    expected, tally, core_s, distinct = expected_usage(path)
+    say(
+        f"[{profile.name}] {len(expected)} usage rows, {distinct:,} distinct workloads, "
+        f"{tally['counted']:,} counted"
     )
-    return {
-        "command": cmd,
-        "broker": "embedded Tansu, memory-only storage",
-        "cpus": os.cpu_count(),
-        "events": len(lines),
-        "bytes_per_event": round(size),
-        "partitions": n_parts,
-        "expected": {
-            "usage_rows": len(expected),
-            **tally.as_dict(),
-        },
-        "core_events_per_s": round(len(lines) / core_s),
-        "load_msgs_per_s": round(len(lines) / loaded.seconds),
-        "ceiling_events_per_s": round(ceiling),
-        "ceiling_runs_s": [round(x, 3) for x in ceilings],
-        "worker": {
-            "events_per_s": round(worker_rate),
-            "events_per_s_incl_start": round(worker_total),
-            "ratio_to_ceiling": round(worker_rate / ceiling, 3),
-            "spawn_to_started_s": round(r.started - r.spawned, 3),
+    builds: list[tuple[str, str | None]] = [("now", None)]
+    if args.baseline:
+        builds.insert(0, ("base", args.baseline))  # the previous build first, then this one
+    out: dict[str, Any] = {
+        "profile": profile.name,
+        "what": profile.what,
+        "distinct_workloads": distinct,
+        "expected": {"usage_rows": len(expected), **tally},
+        "core_events_per_s": None,
+        "builds": {},
+    }
+    loads: dict[str, Loaded] = {}
+    for tag, _ in builds:
+        t = bench_topics(f"bench.{profile.name}.{tag}")
+        parts = await ensure_topics(settings, StreamConfig(topics=t).topic_specs())
+        loaded = loads[tag] = await load_events(settings, t.jobs, path)
+        say(
+            f"[{profile.name}] loaded {loaded.events:,} events into {t.jobs} ({parts[t.jobs]} "
+            f"partitions) in {loaded.seconds:.1f}s: {loaded.events / loaded.seconds:,.0f} msgs/s"
+        )
+    n_events = loads["now"].events
+    out["events"] = n_events
+    out["bytes_per_event"] = round(path.stat().st_size / n_events) - 1
+    out["core_events_per_s"] = round(n_events / core_s)
+    out["load_msgs_per_s"] = round(n_events / loads["now"].seconds)
+    jobs_now = bench_topics(f"bench.{profile.name}.now").jobs
+    ceilings = [await io_ceiling(settings, jobs_now, loads["now"].ends) for _ in range(2)]
+    ceiling = n_events / min(ceilings)
+    out["ceiling_events_per_s"] = round(ceiling)
+    out["ceiling_runs_s"] = [round(x, 3) for x in ceilings]
+    say(f"[{profile.name}] raw consumer (aiokafka + orjson.loads): {ceiling:,.0f} events/s")
+    timeout = max(120.0, n_events / 2_000)
+    for tag, build in builds:
+        t = bench_topics(f"bench.{profile.name}.{tag}")
+        say(f"[{profile.name}] one worker ({build or 'this build'}) replays {t.jobs}")
+        r = await replay(
+            settings,
+            broker_pid,
+            t,
+            f"bench.{profile.name}.{tag}",
+            expected,
+            loads[tag].ends,
+            len(loads[tag].ends),
+            timeout,
+            args.py_spy,
+            build,
+            f"{profile.name}-{tag}",
+            args.cprofile,
+        )
+        if usage_rows(await read_usage(settings, t.usage)) != expected:
+            raise RuntimeError(f"{t.usage} read with read_usage differs from the core's totals")
+        rate = n_events / (r.done - r.home)
+        out["builds"][tag] = {
+            "build": build or "this build",
+            "events_per_s": round(rate),
+            "events_per_s_incl_start": round(n_events / (r.done - r.spawned)),
+            "ratio_to_ceiling": round(rate / ceiling, 3),
+            "cpu_us_per_event": round(r.worker_cpu_s / n_events * 1e6, 2),
             "spawn_to_partitions_s": round(r.home - r.spawned, 3),
             "partitions_to_done_s": round(r.done - r.home, 3),
             "partitions_to_usage_final_s": round(r.usage_final - r.home, 3),
@@ -798,70 +1121,141 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bench_observers": round(r.bench_cpu_s, 2),
             },
             "worker_cpu_utilisation": round(r.worker_cpu_s / (r.done - r.home), 2),
+            "rss_live_mib": round(r.rss_live[0] / 1024),
+            "peak_rss_live_mib": round(r.rss_live[1] / 1024),
+            "rss_restarted_mib": round(r.rss_restarted[0] / 1024),
+            "peak_rss_restarted_mib": round(r.rss_restarted[1] / 1024),
+            "restart_to_ready_s": round(r.restart_to_ready_s, 2),
+            "recovery_s": _recovery_seconds(r.recovery_line),
+            "recovery": r.recovery_line.split("took home partitions ", 1)[-1],
             "worker_summary": r.summary_line,
-        },
+        }
+        say(f"[{profile.name}] worker ({tag}): {json.dumps(out['builds'][tag])}")
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    OUT.mkdir(exist_ok=True)
+    known = profiles(args.events)
+    chosen = [known[name] for name in args.profile or ["today"]]
+    with EmbeddedBroker(0) as broker:
+        say(
+            f"embedded broker (Tansu) on {broker.bootstrap}, pid {broker.pid}: MEMORY ONLY, "
+            "every topic is gone when this benchmark ends"
+        )
+        settings = KafkaSettings(bootstrap=broker.bootstrap, client_id="meter-bench")
+        results = [await run_profile(settings, broker.pid, p, args) for p in chosen]
+
+        faust: dict[str, Any] | None = None
+        if args.faust:
+            topic = bench_topics(f"bench.{chosen[0].name}.now").jobs
+            say(f"bare faust-streaming agent over {topic}")
+            faust = await faust_bench(
+                broker.bootstrap, topic, results[0]["events"], args.faust_timeout
+            )
+
+        lat = None
+        if args.latency_seconds > 0:
+            say(
+                f"latency: fresh worker, {args.latency_rate:,.0f} events/s for "
+                f"{args.latency_seconds:.0f}s, every event a new workload"
+            )
+            lat = await latency(settings, args.latency_rate, args.latency_seconds, 200, 4)
+
+    return {
+        "command": "python -m bench.bench_stream " + " ".join(args.argv),
+        "broker": "embedded Tansu, memory-only storage",
+        "cpus": os.cpu_count(),
+        "profiles": results,
         "faust_agent": faust,
         "latency": lat.summary() if lat else None,
-        "targets": {"worker_events_per_s": 30_000, "p99_ms": 1000},
+        "targets": {"worker_events_per_s": 30_000, "p99_ms": 1000, "ratio_to_ceiling": 0.8},
     }
 
 
+def _recovery_seconds(line: str) -> float | None:
+    """The seconds in the worker's "took home partitions ...: recovered N ledger entries
+    in X.XXs" line: reading the changelog (the rest of a restart is the group join)."""
+    _, found, rest = line.partition(" ledger entries in ")
+    if not found:
+        return None
+    with contextlib.suppress(ValueError):
+        return float(rest.split("s", 1)[0])
+    return None
+
+
+def _mib(b: dict[str, Any], key: str) -> str:
+    live = b["rss_live_mib"]
+    if key == "rss_live_mib":
+        return f"{live:,} MiB"
+    return f"{b[key]:,} MiB ({b[key] / live:.2f}x live)" if live else f"{b[key]:,} MiB"
+
+
 def render(res: dict[str, Any]) -> str:
-    w = res["worker"]
-    lat = res["latency"]
-    f = res["faust_agent"]
-    rows = [
-        ("command", res["command"]),
-        ("broker", f"{res['broker']}; {res['partitions']} partitions; {res['cpus']} CPUs"),
-        (
-            "events",
-            f"{res['events']:,} ({res['bytes_per_event']} bytes/event; "
-            f"{res['expected']['counted']:,} counted, {res['expected']['rejected']:,} rejected)",
-        ),
-        ("load (send_batch)", f"{res['load_msgs_per_s']:,} msgs/s"),
-        ("core, in-process", f"{res['core_events_per_s']:,} events/s"),
-        (
-            "worker replay",
-            f"{w['events_per_s']:,} events/s from partitions taken "
-            f"({w['partitions_to_done_s']}s; target >= 30,000)",
-        ),
-        (
-            "worker incl. start",
-            f"{w['events_per_s_incl_start']:,} events/s "
-            f"(spawn->partitions {w['spawn_to_partitions_s']}s)",
-        ),
-        ("I/O ceiling", f"{res['ceiling_events_per_s']:,} events/s (aiokafka + orjson.loads)"),
-        ("ratio worker/ceiling", f"{w['ratio_to_ceiling']:.2f}"),
-        (
-            "CPU during replay",
-            f"worker {w['replay_cpu_s']['worker']}s ({w['worker_cpu_utilisation']:.0%} of "
-            f"the replay's wall time), broker {w['replay_cpu_s']['broker']}s, "
-            f"bench observers {w['replay_cpu_s']['bench_observers']}s",
-        ),
+    bar = "-" * 78
+    out = [
+        bar,
+        f"command  {res['command']}",
+        f"broker   {res['broker']}; {res['cpus']} CPUs",
     ]
-    if f is not None:
-        if "error" in f:
-            rows.append(("faust agent", f"failed: {f['error']}"))
-        else:
-            rows.append(
-                (
-                    "faust agent",
-                    f"{f['events_per_s']:,} events/s "
-                    f"({f['events_per_s_incl_start']:,} incl. start)",
-                )
-            )
-    if lat is not None:
-        rows.append(
+    for p in res["profiles"]:
+        builds = p["builds"]
+        tags = [t for t in ("base", "now") if t in builds]
+        names = {"base": "previous build", "now": "this build"}
+        head = [("", [names[t] for t in tags])]
+        rows: list[tuple[str, list[str]]] = [
+            ("worker replay", [f"{builds[t]['events_per_s']:,} events/s" for t in tags]),
+            ("worker / raw consumer", [f"{builds[t]['ratio_to_ceiling']:.2f}" for t in tags]),
+            ("worker CPU per event", [f"{builds[t]['cpu_us_per_event']:.1f} µs" for t in tags]),
+            ("worker RSS live", [_mib(builds[t], "rss_live_mib") for t in tags]),
+            ("RSS after a restart", [_mib(builds[t], "rss_restarted_mib") for t in tags]),
             (
-                "latency",
-                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
-                f"({lat['measured']:,}/{lat['sent']:,} events at "
-                f"{lat['rate_achieved_per_s']:,.0f}/s; target p99 < 1000 ms)",
+                "restart: recovery / ready",
+                [
+                    f"{builds[t]['recovery_s']} s / {builds[t]['restart_to_ready_s']:.1f} s"
+                    for t in tags
+                ],
+            ),
+            (
+                "incl. start, group join",
+                [f"{builds[t]['events_per_s_incl_start']:,} events/s" for t in tags],
+            ),
+        ]
+        e = p["expected"]
+        out += [
+            bar,
+            f"profile {p['profile']}: {p['what']}",
+            f"  {p['events']:,} events ({p['bytes_per_event']} bytes/event), "
+            f"{p['distinct_workloads']:,} distinct workloads, {e['counted']:,} counted, "
+            f"{e['rejected']:,} rejected; {e['usage_rows']:,} usage rows",
+            f"  raw consumer (aiokafka + orjson.loads): {p['ceiling_events_per_s']:,} events/s; "
+            f"core in-process {p['core_events_per_s']:,} events/s",
+        ]
+        width = max(len(k) for k, _ in rows)
+        cols = [max(len(v[i]) for _, v in head + rows) for i in range(len(tags))]
+        for k, vals in head + rows:
+            cells = "  ".join(f"{v:>{c}}" for v, c in zip(vals, cols, strict=True))
+            out.append(f"  {k:<{width}}  {cells}")
+    f = res["faust_agent"]
+    if f is not None:
+        out.append(bar)
+        if "error" in f:
+            out.append(f"faust agent  failed: {f['error']}")
+        else:
+            out.append(
+                f"faust agent  {f['events_per_s']:,} events/s "
+                f"({f['events_per_s_incl_start']:,} incl. start)"
             )
+    lat = res["latency"]
+    if lat is not None:
+        out.append(bar)
+        out.append(
+            f"latency  p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "
+            f"({lat['measured']:,}/{lat['sent']:,} events at "
+            f"{lat['rate_achieved_per_s']:,.0f}/s; target p99 < 1000 ms)"
         )
-    width = max(len(k) for k, _ in rows)
-    bar = "-" * 72
-    return "\n".join([bar, *(f"{k:<{width}}  {v}" for k, v in rows), bar])
+    out.append(bar)
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -870,7 +1264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         faust_child(int(argv[1]), argv[2], argv[3], argv[4])
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument(
+        "--profile",
+        action="append",
+        choices=sorted(profiles(0)),
+        help="what to replay; repeat for several, side by side [today]",
+    )
+    p.add_argument("--events", type=int, default=200_000, help="events of the today profile")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also replay with the build checked out in DIR (a git worktree), same data, same run",
+    )
     p.add_argument("--latency-rate", type=float, default=2_000.0)
     p.add_argument(
         "--latency-seconds", type=float, default=20.0, help="0 skips the latency run [20]"
@@ -878,18 +1283,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--faust",
         action="store_true",
-        help="also time a bare faust-streaming agent over the same topic",
+        help="also time a bare faust-streaming agent over the first profile's topic",
     )
     p.add_argument("--faust-timeout", type=float, default=180.0)
     p.add_argument(
         "--py-spy",
         metavar="EXE",
         help="record the replay worker with this py-spy binary "
-        "(raw stacks to bench/out/stream-worker.pyspy.txt; slows it down)",
+        "(raw stacks to bench/out/stream-worker-*.pyspy.txt; slows it down)",
+    )
+    p.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="run the replay worker under cProfile (stats to bench/out/stream-worker-*.prof; "
+        "slows it down)",
     )
     args = p.parse_args(argv)
+    args.argv = argv
     if args.faust and importlib.util.find_spec("faust") is None:
         p.error("--faust needs faust-streaming: pip install -e '.[faust]'")
+    if args.baseline and not Path(args.baseline, "meter", "__init__.py").exists():
+        p.error(f"--baseline {args.baseline}: no meter package there")
     try:
         res = asyncio.run(run(args))
     finally:
