@@ -152,17 +152,44 @@ class ChangelogRecord:
 
 _MONTH: Final = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
 #: Months already seen to be well-formed (few; bounded anyway).
-_GOOD_MONTHS: set[str] = set()
+_GOOD_MONTHS: dict[str, str] = {}
+#: One copy of each tenant id, workload type, card version and license read from the
+#: changelog, and of each rate: a recovered ledger holds them once, as the live one does,
+#: not once per entry (bounded: cleared when it outgrows any real fleet).
+_SHARED: dict[str, str] = {}
+_RATES: dict[Rate, Rate] = {}
+_SHARED_MAX: Final = 1_000_000
 
 
 def _month(value: object) -> str:
-    if value not in _GOOD_MONTHS:
+    good = _GOOD_MONTHS.get(value) if value.__class__ is str else None
+    if good is None:
         if not isinstance(value, str) or _MONTH.fullmatch(value) is None or value < "0001":
             raise ChangelogError(f"not a month (YYYY-MM, 0001-01 to 9999-12): {value!r:.40}")
         if len(_GOOD_MONTHS) > 100_000:
             _GOOD_MONTHS.clear()
-        _GOOD_MONTHS.add(value)
-    return value
+        good = _GOOD_MONTHS[value] = value
+    return good
+
+
+def shared(value: str) -> str:
+    """The one copy of a tenant id, workload type, card version or license."""
+    held = _SHARED.get(value)
+    if held is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        held = _SHARED[value] = value
+    return held
+
+
+def _rate(points: object, card: object, lic: object) -> Rate:
+    rate = (int(points), str(card), str(lic))  # type: ignore[call-overload]
+    held = _RATES.get(rate)
+    if held is None:
+        if len(_RATES) >= _SHARED_MAX:
+            _RATES.clear()
+        held = _RATES[rate] = (rate[0], shared(rate[1]), shared(rate[2]))
+    return held
 
 
 def _ids(t: object, w: object, i: object) -> None:
@@ -171,7 +198,10 @@ def _ids(t: object, w: object, i: object) -> None:
 
 
 def read_changelog(raw: bytes) -> ChangelogRecord:
-    """Decode one changelog record; anything malformed is a :class:`ChangelogError`."""
+    """Decode one changelog record; anything malformed is a :class:`ChangelogError`.
+
+    Tenant ids, months, workload types and rates come out shared (:func:`shared`), so
+    a ledger rebuilt from the changelog is as small as the one built from events."""
     try:
         doc = orjson.loads(raw)
         if doc.get("v") != CHANGELOG_VERSION:
@@ -181,25 +211,27 @@ def read_changelog(raw: bytes) -> ChangelogRecord:
             rec.closed = _month(doc["closed"])
         elif "final" in doc:
             rec.final = _month(doc["final"])
+            append = rec.final_entries.append
             for t, w, i, p, c, lic in doc["entries"]:
                 _ids(t, w, i)
-                rec.final_entries.append((t, w, i, (int(p), str(c), str(lic))))
+                append((shared(t), shared(w), i, _rate(p, c, lic)))
         elif "license_final" in doc:
             rec.license_final = _month(doc["license_final"])
             hs = doc.get("history_start")
             rec.history_start = None if hs is None else _month(hs)
             for t, w, i, p, c, lic, new in doc["entries"]:
                 _ids(t, w, i)
-                rec.license_entries.append((t, w, i, (int(p), str(c), str(lic)), bool(new)))
+                rec.license_entries.append((shared(t), shared(w), i, _rate(p, c, lic), bool(new)))
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)
-                rec.tails.append((t, _month(m), w, i, (int(p), str(c), str(lic))))
+                rec.tails.append((shared(t), _month(m), shared(w), i, _rate(p, c, lic)))
         else:
+            entries = rec.entries
             for n, row in enumerate(doc["entries"]):
                 t, m, w, i, p, c, lic = row[:7]
                 _ids(t, w, i)
-                rec.entries.append((t, _month(m), w, i, (int(p), str(c), str(lic))))
+                entries.append((shared(t), _month(m), shared(w), i, _rate(p, c, lic)))
                 if len(row) > 7:
                     rec.event_ids[n] = str(row[7])
         return rec
@@ -219,22 +251,30 @@ def usage_key(tenant_id: str, month: str) -> bytes:
 
 
 def usage_record(tm: TenantMonth, updated_at: str, **extra: Any) -> dict[str, Any]:
+    """A tenant-month's usage record: O(workload types and card versions), never
+    O(workloads) (the ledger keeps the totals as it changes)."""
+    totals = tm.totals
+    usage: dict[str, dict[str, int]] = {}
+    workloads = points = 0
+    for wtype in sorted(totals):
+        n, p, rental = totals[wtype]
+        usage[wtype] = {"workloads": n, "points": p, "rental_workloads": rental}
+        workloads += n
+        points += p
     cards = tm.ratecards
     doc: dict[str, Any] = {
         "tenant_id": tm.tenant_id,
         "month": tm.month,
         "revision": tm.revision,
-        "usage": {
-            wtype: {"workloads": t[0], "points": t[1], "rental_workloads": t[2]}
-            for wtype, t in sorted(tm.totals.items())
-        },
-        "workloads": tm.workload_count,
-        "points": tm.points,
+        "usage": usage,
+        "workloads": workloads,
+        "points": points,
         "ratecard": ",".join(cards),
         "ratecards": cards,
         "updated_at": updated_at,
     }
-    doc.update(extra)
+    if extra:
+        doc.update(extra)
     return doc
 
 
