@@ -223,26 +223,70 @@ def _day(d: date | None) -> str | None:
     return None if d is None else f"{d.year:04d}-{d.month:02d}-{d.day:02d}T00:00:00Z"
 
 
+#: month -> its 31-day window as the record's period_start and period_end (few months)
+_PERIODS: dict[str, tuple[str | None, str | None]] = {}
+
+
 def license_totals(lms: Iterable[LicenseMonth]) -> dict[str, Any]:
-    """Per workload type and in all: workloads, new, rental, points (billable), new points."""
+    """Per workload type and in all: workloads, new, rental, points (billable), new points.
+
+    From the tenant-months' per-type totals (a flush calls this for every changed
+    tenant-month: it costs O(types), never O(workloads))."""
+    totals: dict[str, list[int]] = {}
+    copied = False  # one tenant-month (a running record) is read as it is, not copied
+    for k, lm in enumerate(lms):
+        if k == 0:
+            totals = lm.totals
+            continue
+        if not copied:
+            totals = {w: list(t) for w, t in totals.items()}
+            copied = True
+        for wtype, t in lm.totals.items():
+            held = totals.get(wtype)
+            if held is None:
+                totals[wtype] = list(t)
+            else:
+                held[0] += t[0]
+                held[1] += t[1]
+                held[2] += t[2]
+                held[3] += t[3]
+                held[4] += t[4]
     usage: dict[str, dict[str, int]] = {}
-    for lm in lms:
-        for wtype, (n, new, rental, points, new_points) in lm.totals.items():
-            u = usage.setdefault(
-                wtype,
-                {"workloads": 0, "new_workloads": 0, "rental_workloads": 0, "points": 0,
-                 "new_points": 0},
-            )  # fmt: skip
-            u["workloads"] += n
-            u["new_workloads"] += new
-            u["rental_workloads"] += rental
-            u["points"] += points
-            u["new_points"] += new_points
-    usage = {w: u for w, u in sorted(usage.items()) if u["workloads"]}
-    out: dict[str, Any] = {"usage": usage}
-    for name in ("workloads", "new_workloads", "rental_workloads", "points", "new_points"):
-        out[name] = sum(u[name] for u in usage.values())
-    return out
+    workloads = new = rental = points = new_points = 0
+    for wtype in sorted(totals):
+        n, nw, r, p, np_ = totals[wtype]
+        if not n:
+            continue
+        usage[wtype] = {
+            "workloads": n,
+            "new_workloads": nw,
+            "rental_workloads": r,
+            "points": p,
+            "new_points": np_,
+        }
+        workloads += n
+        new += nw
+        rental += r
+        points += p
+        new_points += np_
+    return {
+        "usage": usage,
+        "workloads": workloads,
+        "new_workloads": new,
+        "rental_workloads": rental,
+        "points": points,
+        "new_points": new_points,
+    }
+
+
+def _period(month: str) -> tuple[str | None, str | None]:
+    held = _PERIODS.get(month)
+    if held is None:
+        start, end = window(month)
+        if len(_PERIODS) > 10_000:
+            _PERIODS.clear()
+        held = _PERIODS[month] = (_day(start), _day(end))
+    return held
 
 
 def license_record(
@@ -258,14 +302,14 @@ def license_record(
     ``points`` are what the vendor bills (new workloads excluded); the window is
     ``[period_start, period_end)``.  Readers keep, per key, the record with the earliest
     ``history_start`` and then the highest ``revision`` (:func:`license_order`)."""
-    start, end = window(lm.month)
+    start, end = _period(lm.month)
     doc: dict[str, Any] = {
         "view": "license",
         "tenant_id": lm.tenant_id,
         "month": lm.month,
         "status": status,
-        "period_start": _day(start),
-        "period_end": _day(end),
+        "period_start": start,
+        "period_end": end,
         "history_start": history_start,
         "revision": lm.revision,
         **license_totals([lm]),
