@@ -26,6 +26,11 @@ The rules:
   (:class:`DataLostError`), and nothing is trusted any more.
 - A write that failed or was abandoned leaves changes in the ledger that the
   changelog does not hold: the ledger is rebuilt from offset 0 before use.
+- The worker may have a batch's changelog write in flight while it applies the next
+  batch: each batch's changes travel in their own :class:`ChangeBatch`, and only its
+  acknowledgement makes *its* tenant-months publishable.  A batch acknowledged after
+  the partition was fenced (``epoch`` moved on) promotes nothing: catching up from the
+  changelog republishes everything anyway.
 
 Catching up is always safe because the changelog is a join: replaying any records
 again, ours included, changes nothing.
@@ -36,6 +41,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Final
 
 from meter.domain import Height, Ledger, Rate, points_height
@@ -67,6 +73,29 @@ _MOVES: Final = {
 }
 
 
+@dataclass(slots=True)
+class ChangeBatch:
+    """What one input batch changed in a home partition: the changelog entries that carry
+    it, and what becomes publishable once they are acknowledged."""
+
+    #: The partition's epoch when the batch was taken (see :attr:`HomePartition.epoch`).
+    epoch: int = -1
+    entries: list[Entry] = field(default_factory=list)
+    #: Late events' ids by index into ``entries``.
+    event_ids: dict[int, str] = field(default_factory=dict)
+    #: Tail entries (license view).
+    tails: list[Entry] = field(default_factory=list)
+    #: Tenant-month -> earliest arrival (ms) of a change to it.
+    pending: dict[TM, int] = field(default_factory=dict)
+    corr: set[WorkloadKey] = field(default_factory=set)
+    lic: set[TM] = field(default_factory=set)
+    lcorr: set[WorkloadKey] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        """True when there is anything to write to the changelog."""
+        return bool(self.entries or self.tails)
+
+
 class LifecycleError(BrokerError):
     """A move the partition lifecycle does not allow (a bug, never bad input)."""
 
@@ -80,19 +109,15 @@ class HomePartition:
 
     __slots__ = (
         "_batch",
-        "_batch_ids",
         "_finals_pending",
         "_lfinals_pending",
         "_lstarts_pending",
-        "_pending",
-        "_pending_corr",
-        "_pending_lcorr",
-        "_pending_lic",
-        "_tail_batch",
+        "_rates",
         "changelog_end",
         "close",
         "corr_dirty",
         "dirty",
+        "epoch",
         "height",
         "history_start",
         "lcorr_dirty",
@@ -115,6 +140,8 @@ class HomePartition:
         #: Why the partition was last fenced (for logs and /healthz).
         self.reason = ""
         self.ledger = Ledger(height)
+        #: The ledger's rates, for the duplicate check (most events) without a call.
+        self._rates = self.ledger.rates
         #: The license view (vendor rules) beside the calendar ledger; shares it.
         self.license = LicenseLedger(self.ledger, history_start, height)
         self.close = HomeClose(height=height)
@@ -122,23 +149,19 @@ class HomePartition:
         self.changelog_end = 0
         #: The ledger holds changes the changelog does not: rebuild from offset 0.
         self.needs_rebuild = False
+        #: Moves on every fence: a batch taken before it promotes nothing when acknowledged.
+        self.epoch = 0
         #: Acknowledged, not yet published: tenant-month -> earliest arrival (ms, -1 unknown).
         self.dirty: dict[TM, int] = {}
         #: Acknowledged changes to closed months, not yet published as corrections.
         self.corr_dirty: set[WorkloadKey] = set()
-        self._pending: dict[TM, int] = {}
-        self._pending_corr: set[WorkloadKey] = set()
         #: License view: acknowledged changes of open months' reports, not yet published.
         self.lic_dirty: set[TM] = set()
         #: License view: acknowledged changes to closed months' reports (corrections).
         self.lcorr_dirty: set[WorkloadKey] = set()
-        self._pending_lic: set[TM] = set()
-        self._pending_lcorr: set[WorkloadKey] = set()
-        #: This batch's changes, in order, for the changelog; and late events' ids by index.
-        self._batch: list[Entry] = []
-        self._batch_ids: dict[int, str] = {}
-        #: This batch's tail entries (license view) for the changelog.
-        self._tail_batch: list[Entry] = []
+        #: This batch's changes, pending until the changelog write that carries them is
+        #: acknowledged (:meth:`take_batch`, :meth:`written`).
+        self._batch = ChangeBatch()
         #: Final-snapshot chunks read while replaying, waiting for their close marker.
         self._finals_pending: dict[str, dict[str, dict[tuple[str, str], Rate]]] = {}
         self._lfinals_pending: dict[str, LicenseSnapshot] = {}
@@ -157,6 +180,7 @@ class HomePartition:
         self.phase = to
         if to is Phase.FENCED:
             self.reason = reason
+            self.epoch += 1
             # Nothing unverified is published: after catching up, everything is again.
             self.dirty.clear()
             self.corr_dirty.clear()
@@ -186,6 +210,7 @@ class HomePartition:
 
     def _reset(self) -> None:
         self.ledger = Ledger(self.height)
+        self._rates = self.ledger.rates
         self.license = LicenseLedger(self.ledger, self.history_start, self.height)
         self.close = HomeClose(height=self.height)
         self.changelog_end = 0
@@ -228,16 +253,31 @@ class HomePartition:
 
     # ------------------------------------------------------------------ one batch
 
-    def apply(self, entry: Entry, ts: int, event_id: str, tail: str | None = None) -> bool:
+    def apply(
+        self,
+        tenant: str,
+        month: str,
+        wtype: str,
+        wid: str,
+        rate: Rate,
+        ts: int,
+        event_id: str,
+        tail: str | None = None,
+    ) -> bool:
         """Join one rated event in; True when its calendar month's state changed.
 
         ``tail``: the next month, when the event's day is in that month's 31-day window
         (:func:`~meter.domain.license.tail_month`).  Every change is pending until acked.
         """
-        tenant, month, wtype, wid, rate = entry
+        if tail is None:
+            # Most events repeat a workload already counted at this rate or higher.
+            old = self._rates.get((tenant, month, wtype, wid))
+            if old is not None and old >= rate:
+                return False
         lic = self.license
+        batch = self._batch
         if tail is not None and lic.add_tail(tenant, tail, wtype, wid, rate):
-            self._tail_batch.append((tenant, tail, wtype, wid, rate))
+            batch.tails.append((tenant, tail, wtype, wid, rate))
             self._touch_license(tenant, tail, wtype, wid)
         if not lic.add(tenant, month, wtype, wid, rate):
             return False
@@ -248,49 +288,58 @@ class HomePartition:
         if start is not None:
             for t, w, i, _ in list(lic.workloads(start)):  # the history start moved earlier
                 self._touch_license(t, start, w, i)
-        self._batch.append(entry)
+        batch.entries.append((tenant, month, wtype, wid, rate))
         if month in self.close.closed:
             # Late: the final record stays; the difference becomes a correction.
             wkey = (tenant, month, wtype, wid)
             self.close.late_ids[wkey] = event_id
-            self._pending_corr.add(wkey)
-            self._batch_ids[len(self._batch) - 1] = event_id
+            batch.corr.add(wkey)
+            batch.event_ids[len(batch.entries) - 1] = event_id
         else:
-            held = self._pending.get((tenant, month))
+            pending = batch.pending
+            held = pending.get((tenant, month))
             if held is None or ts < held:
-                self._pending[(tenant, month)] = ts
+                pending[(tenant, month)] = ts
         return True
 
     def _touch_license(self, tenant: str, month: str, wtype: str, wid: str) -> None:
         if month in self.close.closed:
-            self._pending_lcorr.add((tenant, month, wtype, wid))
+            self._batch.lcorr.add((tenant, month, wtype, wid))
         else:
-            self._pending_lic.add((tenant, month))
+            self._batch.lic.add((tenant, month))
 
-    def take_batch(self) -> tuple[list[Entry], dict[int, str], list[Entry]]:
-        """This batch's changes for the changelog: ledger entries, late events' ids, tail
-        entries (the partition keeps them pending)."""
-        batch, ids, tails = self._batch, self._batch_ids, self._tail_batch
-        self._batch, self._batch_ids, self._tail_batch = [], {}, []
-        return batch, ids, tails
+    def take_batch(self) -> ChangeBatch:
+        """This batch's changes for the changelog (they stay pending in the batch until
+        :meth:`written` is called with it)."""
+        batch, self._batch = self._batch, ChangeBatch()
+        batch.epoch = self.epoch
+        return batch
 
-    def written(self, offsets: list[int]) -> None:
-        """Our changelog records were acknowledged at ``offsets``: promote pending changes.
+    def written(self, batch: ChangeBatch, offsets: list[int]) -> None:
+        """``batch``'s changelog records were acknowledged at ``offsets``: its changes
+        become publishable.
 
         Raises :class:`DataLostError` when they landed below ``changelog_end``; fences
-        the partition when someone else's records lie between.
+        the partition when someone else's records lie between.  A batch taken before the
+        partition was last fenced changes nothing (catching up reads it again).
         """
-        for tm, ts in self._pending.items():
-            held = self.dirty.get(tm)
+        if batch.epoch != self.epoch or self.phase is not Phase.ACTIVE:
+            return
+        dirty = self.dirty
+        for tm, ts in batch.pending.items():
+            held = dirty.get(tm)
             if held is None or 0 <= ts < held:
-                self.dirty[tm] = ts
-        self.corr_dirty |= self._pending_corr
-        self.lic_dirty |= self._pending_lic
-        self.lcorr_dirty |= self._pending_lcorr
-        self._pending = {}
-        self._pending_corr = set()
-        self._pending_lic = set()
-        self._pending_lcorr = set()
+                dirty[tm] = ts
+        self.corr_dirty |= batch.corr
+        self.lic_dirty |= batch.lic
+        self.lcorr_dirty |= batch.lcorr
+        self.acknowledged(offsets)
+
+    def acknowledged(self, offsets: list[int]) -> None:
+        """Our changelog records were acknowledged at ``offsets``: move ``changelog_end``.
+
+        Raises :class:`DataLostError` when they landed below it; fences the partition
+        when someone else's records lie between."""
         if not offsets:
             return
         offsets = sorted(offsets)
@@ -309,18 +358,14 @@ class HomePartition:
             self.changelog_end = offset + 1
 
     def write_failed(self, why: str) -> None:
-        """The batch's changelog write failed or was abandoned: rebuild before use."""
+        """A batch's changelog write failed or was abandoned: rebuild before use."""
         self._drop_batch()
         self.needs_rebuild = True
         if not self.fence(f"a changelog write did not complete ({why})"):
             self.reason = f"a changelog write did not complete ({why})"
 
     def _drop_batch(self) -> None:
-        self._batch, self._batch_ids, self._tail_batch = [], {}, []
-        self._pending = {}
-        self._pending_corr = set()
-        self._pending_lic = set()
-        self._pending_lcorr = set()
+        self._batch = ChangeBatch()
 
     def take_dirty(self) -> dict[TM, int]:
         dirty, self.dirty = self.dirty, {}

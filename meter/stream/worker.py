@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -88,7 +89,7 @@ from meter.stream.closing import (
 )
 from meter.stream.config import StreamConfig
 from meter.stream.lease import Lease, watch_heartbeats
-from meter.stream.partition import DataLostError, HomePartition, Phase, WorkloadKey
+from meter.stream.partition import ChangeBatch, DataLostError, HomePartition, Phase, WorkloadKey
 from meter.stream.records import (
     H_EXCEPTION,
     changelog_chunks,
@@ -128,6 +129,9 @@ PERMANENT_WRITE_ERRORS: Final = (
     UnsupportedForMessageFormatError,
 )
 
+#: How often the objects frozen after each batch are collected once (see _Collector).
+FULL_COLLECT_S = 900.0
+
 #: One write of a batch: what it is, for an error message that names its source.
 Write = tuple[str, "asyncio.Future[Any]"]
 
@@ -148,6 +152,106 @@ async def _acked(futures: list[asyncio.Future[Any]], what: str) -> bool:
 
 class WriteBlockedError(BrokerError):
     """A write the broker will never accept (too large, invalid, not authorized)."""
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One input batch on its way: what it changed per home partition, the forwards and
+    dead letters it caused, the writes carrying them, and the input offsets that may be
+    committed once every one of those writes is acknowledged."""
+
+    changes: dict[int, ChangeBatch]
+    forwards: list[tuple[int, bytes, bytes, Any]]
+    dead: list[tuple[Any, bytes, list[tuple[str, bytes]], Any]]
+    offsets: dict[TopicPartition, int]
+    writes: list[Write] = field(default_factory=list)
+    changelog: dict[int, list[asyncio.Future[Any]]] = field(default_factory=dict)
+    #: Handing a write to the producer failed (it is all sent again when settling).
+    send_error: BaseException | None = None
+    #: The write being handed to the producer when ``send_error`` was raised.
+    sending: str = ""
+
+    def has_writes(self) -> bool:
+        return bool(self.forwards or self.dead or any(self.changes.values()))
+
+
+class _Outbox:
+    """Keyed records for an output topic, gathered into one record batch per partition:
+    one acknowledgement per batch, not per record.  Each key goes to the partition
+    Kafka's default partitioner gives it (murmur2), so a compacted topic keeps one
+    record per key, as with ``producer.send(topic, value, key=key)``."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partitions = partitions
+        self.records = 0
+        self._open: dict[int, Any] = {}
+        self._sent: list[asyncio.Future[Any]] = []
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        h = _KEY_HASH.get(key)
+        if h is None:
+            if len(_KEY_HASH) >= 1_000_000:
+                _KEY_HASH.clear()
+            h = _KEY_HASH[key] = murmur2(key) & 0x7FFFFFFF
+        p = h % self.partitions
+        batch = self._open.get(p)
+        if batch is None:
+            batch = self._open[p] = self.producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            await self._ship(p)
+            batch = self._open[p] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise MessageSizeTooLargeError(
+                    f"a {len(value)}-byte record for {self.topic} does not fit a record batch"
+                )
+        self.records += 1
+
+    async def _ship(self, p: int) -> None:
+        batch = self._open.pop(p)
+        self._sent.append(await self.producer.send_batch(batch, self.topic, partition=p))
+
+    async def close(self) -> list[asyncio.Future[Any]]:
+        """Send what is gathered; the futures of every batch sent."""
+        for p in sorted(self._open):
+            await self._ship(p)
+        return self._sent
+
+
+class _Collector:
+    """Keeps the ledgers out of the cyclic garbage collector's way.
+
+    A full collection walks every container alive, so with millions of ledger entries
+    each one costs a fraction of a second, and they come every few hundred thousand
+    allocations: the cost per event grew with the state (measured in-process at 1 M
+    workloads: half the CPU of a replay).  After each batch everything alive is frozen
+    (``gc.freeze``: collections never walk it again), so a collection costs what the
+    last batch allocated.  The ledgers hold no reference cycles; a cycle that was alive
+    at a freeze and died later is freed by one full collection every
+    :data:`FULL_COLLECT_S`."""
+
+    def __init__(self, every_s: float = FULL_COLLECT_S) -> None:
+        self.every_s = every_s
+        self._last_full = time.monotonic()
+
+    def after_batch(self) -> None:
+        gc.freeze()
+        if time.monotonic() - self._last_full >= self.every_s:
+            started = time.monotonic()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()
+            self._last_full = time.monotonic()
+            log.debug(
+                "full garbage collection: %d unreachable objects in %.2fs",
+                found,
+                self._last_full - started,
+            )
+
+
+#: murmur2 of the keys of published records (tenant-months: bounded by the fleet).
+_KEY_HASH: dict[bytes, int] = {}
 
 
 @dataclass
@@ -207,7 +311,14 @@ class Worker:
         self._committed: dict[tuple[str, int], int] = {}
         #: Called with each published record's event-to-total latency (seconds).
         self.on_latency: Callable[[float], None] | None = None
-        self._homes: dict[str, int] = {}
+        #: tenant id -> (its one shared copy, its home partition)
+        self._homes: dict[str, tuple[str, int]] = {}
+        #: The batch whose writes are on their way (see :meth:`_process`).
+        self._inflight: _InFlight | None = None
+        #: The commit of the last settled batch's offsets, overlapping the next batch.
+        self._committing: asyncio.Future[None] | None = None
+        #: Partition counts of the output topics (records are batched per partition).
+        self._out_partitions: dict[str, int] = {}
         self._n_home = config.partitions
         self._co_partitioned = True
         self._lock = asyncio.Lock()
@@ -354,6 +465,7 @@ class Worker:
                 self._n_home,
             )
         self._producer = await self._start_producer()
+        self._out_partitions.clear()
         kw = self.settings.client_kwargs()
         self._restore = AIOKafkaConsumer(
             **kw,
@@ -441,9 +553,11 @@ class Worker:
         if not self.halted:
             try:
                 async with self._lock:
+                    await asyncio.wait_for(self._drain(), STOP_GRACE_S)
                     await asyncio.wait_for(self._flush(), 5.0)
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except (TimeoutError, KafkaError, OSError, BrokerError) as exc:
                 log.warning("could not publish the last usage records on shutdown: %s", exc)
+        self._abandon()
         await self._close_clients()
         log.info("worker stopped: %s", self._summary())
 
@@ -453,6 +567,7 @@ class Worker:
         consumer = self._consumer
         assert consumer is not None
         stopper = asyncio.ensure_future(stop.wait())
+        collector = _Collector()
         try:
             while not stop.is_set():
                 if self.halted:
@@ -476,6 +591,7 @@ class Worker:
                     await asyncio.sleep(0.5)
                     continue
                 await self._step(self._cycle(batch, stop), stopper)
+                collector.after_batch()
                 self._progress()
         finally:
             stopper.cancel()
@@ -487,6 +603,8 @@ class Worker:
             await self._check_ownership()
             if batch:
                 await self._process(batch, stop)
+            else:
+                await self._drain(stop)
             if time.monotonic() - self._last_flush >= self.config.flush_interval_s:
                 await self._flush()
             if time.monotonic() - self._last_close_check >= 1.0:
@@ -508,6 +626,7 @@ class Worker:
         if not self.halted:
             self.halted = reason
             log.error("%s", reason)
+            self._abandon()
             for home in self.homes.values():
                 home.fence("the worker halted")
 
@@ -552,6 +671,7 @@ class Worker:
         if fenced:
             # The lease holds again in the same generation: no rebalance happened, so
             # nobody else was given these partitions; the changelog says what changed.
+            await self._drain()  # nothing of ours in flight while the changelog is read
             await self._recover(fenced)
 
     def _fence_all(self, reason: str) -> None:
@@ -595,28 +715,42 @@ class Worker:
     # ------------------------------------------------------------------ one batch
 
     async def _process(self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event) -> None:
+        """Apply one batch and send what it caused; then settle the batch before it.
+
+        The batch's writes are sent but not waited for: their acknowledgement, and the
+        commit of the batch's input offsets after it, overlap the next batch's work
+        (:meth:`_settle`).  A partition's changes become publishable only with the
+        acknowledgement of the write that carries them (:class:`ChangeBatch`)."""
         t = self.config.topics
         cards = self.cards
         homes = self.homes
         tally = self.stats.tally
         max_bytes = self.config.max_event_bytes
+        known = self._homes
+        n_home = self._n_home
         forwards: list[tuple[int, bytes, bytes, Any]] = []
         rejects: list[tuple[Any, bytes, Rejected, str]] = []
         offsets: dict[TopicPartition, int] = {}
-        touched: set[int] = set()
+        touched: list[int] = []
         now = self.clock()
         last_time = ""
+        counted = duplicate = not_counted = 0
         self._rejected_logged = 0
         consumer = self._consumer
         assert consumer is not None
         for tp, records in batch.items():
             from_jobs = tp.topic == t.jobs
-            here = homes.get(tp.partition)
+            partition = tp.partition
+            here = homes.get(partition)
             if (not from_jobs or self._co_partitioned) and (here is None or not here.active):
                 # Not ours to apply now (revoked, fenced or recovering): read it again later.
                 if tp in consumer.assignment():
                     consumer.seek(tp, records[0].offset)
                 continue
+            # Events homed here are applied; any other is forwarded (also everything
+            # read from jobs when jobs and by-tenant are not co-partitioned).
+            mine = partition if not from_jobs or self._co_partitioned else -1
+            apply = here.apply if here is not None and mine >= 0 else None
             for rec in records:
                 try:
                     value: bytes | None = rec.value
@@ -640,32 +774,45 @@ class Worker:
                         continue
                     last_time = result.time
                     if result.result == "failed":
-                        tally.not_counted += 1
+                        not_counted += 1
                         continue
-                    tenant = result.tenant_id
-                    home = self._homes.get(tenant)
-                    if home is None:
-                        home = self._homes[tenant] = (murmur2(tenant.encode()) & 0x7FFFFFFF) % (
-                            self._n_home
-                        )
-                    if home != tp.partition or (from_jobs and not self._co_partitioned):
+                    hit = known.get(result.tenant_id)
+                    if hit is None:
+                        # One copy of each tenant id, shared by every key that holds it.
+                        tenant = result.tenant_id
+                        home = (murmur2(tenant.encode()) & 0x7FFFFFFF) % n_home
+                        hit = known[tenant] = (tenant, home)
+                    tenant, home = hit
+                    if home != mine:
                         # Not on its home partition (or misrouted on by-tenant): send it home.
                         forwards.append((home, tenant.encode(), value, rec))
                         self.stats.forwarded += 1
                         continue
-                    entry = (tenant, result.month, result.workload_type, result.workload_id, rate)
+                    date = result.date
                     # A month's last days also count in the next month's window (license view).
-                    tail = tail_month(result.date) if result.date % 100 >= 29 else None
-                    if here.apply(entry, rec.timestamp, result.id, tail):  # type: ignore[union-attr]
-                        tally.counted += 1
+                    if apply(  # type: ignore[misc]
+                        tenant,
+                        result.month,
+                        result.workload_type,
+                        result.workload_id,
+                        rate,
+                        rec.timestamp,
+                        result.id,
+                        tail_month(date) if date % 100 >= 29 else None,
+                    ):
+                        counted += 1
                     else:
-                        tally.duplicate += 1
-                    touched.add(home)
+                        duplicate += 1
                 except Exception as exc:  # noqa: BLE001 - one message never stops a partition
                     rejects.append(
                         (rec, rec.value or b"", self._internal(rec, exc), type(exc).__name__)
                     )
+            if apply is not None:
+                touched.append(partition)
             offsets[tp] = records[-1].offset + 1
+        tally.counted += counted
+        tally.duplicate += duplicate
+        tally.not_counted += not_counted
         self.stats.batches += 1
         self._last_batch = time.monotonic()
         if self._rejected_logged > REJECTIONS_LOGGED_PER_BATCH:
@@ -677,10 +824,29 @@ class Worker:
         if last_time:
             self._note_event_time(last_time)
         dead = [self._dead_letter(rec, raw, why, exc, now) for rec, raw, why, exc in rejects]
-        await self._write(touched, forwards, dead, stop, offsets)
-        await self._commit(offsets)
+        changes = {}
+        for n in sorted(set(touched)):
+            change = self.homes[n].take_batch()
+            if change:
+                changes[n] = change
         for tp, offset in offsets.items():
             self._positions[(tp.topic, tp.partition)] = offset
+        flight = _InFlight(changes, forwards, dead, offsets)
+        previous, self._inflight = self._inflight, flight
+        try:
+            if flight.has_writes():
+                try:
+                    await self._send(flight)
+                except (KafkaError, OSError) as exc:
+                    flight.send_error = exc  # sent again when it is settled
+            if previous is not None:
+                await self._settle(previous, stop)
+        except BaseException:
+            self._abandon(previous)  # and this batch: neither is committed
+            raise
+        if not self._behind():
+            # Caught up: nothing to overlap with, settle now (no added latency).
+            await self._drain(stop)
 
     def _internal(self, rec: Any, exc: Exception) -> Rejected:
         """A message whose handling raised: logged (traceback once per kind), dead-lettered."""
@@ -755,64 +921,78 @@ class Worker:
                 out[(tp.topic, tp.partition)] = max(0, hw - pos)
         return out
 
-    async def _write(
-        self,
-        touched: set[int],
-        forwards: list[tuple[int, bytes, bytes, Any]],
-        dead: list[tuple[Any, bytes, list[tuple[str, bytes]], Any]],
-        stop: asyncio.Event,
-        offsets: dict[TopicPartition, int],
-    ) -> None:
-        """Write everything a batch caused and wait for acks=all, retrying on failure.
+    def _behind(self) -> bool:
+        """True when some assigned input partition has records this worker has not read."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            pos = self._positions.get((tp.topic, tp.partition))
+            if hw is not None and pos is not None and hw > pos:
+                return True
+        return False
 
-        Retrying re-sends the lot; every write is a fact (a ledger entry, a
-        forwarded event, a rejection), so a second copy changes no total.  A write
-        that can never succeed halts the worker (:class:`WriteBlockedError`); a
-        write that did not complete leaves the partitions it touched to be rebuilt.
-        """
-        batches = {}
-        for n in sorted(touched):
-            batch = self.homes[n].take_batch()
-            if batch[0] or batch[2]:
-                batches[n] = batch
-        if not (batches or forwards or dead):
-            return
+    async def _send(self, flight: _InFlight) -> None:
+        """Hand everything a batch caused to the producer (acknowledgements come later)."""
         t = self.config.topics
+        producer = self._producer
+        assert producer is not None
+        writes: list[Write] = []
+        changelog: dict[int, list[asyncio.Future[Any]]] = {}
+        flight.writes, flight.changelog = writes, changelog
+        flight.send_error = None
+        flight.sending = ""
+        for home, change in flight.changes.items():
+            if not change:
+                continue
+            for value in (
+                *changelog_chunks(change.entries, change.event_ids),
+                *tail_chunks(change.tails),
+            ):
+                what = f"changelog {t.changelog}[{home}] ({_sources(flight.offsets)})"
+                flight.sending = what
+                fut = await producer.send(t.changelog, value, partition=home)
+                changelog.setdefault(home, []).append(fut)
+                writes.append((what, fut))
+                self.stats.changelog_records += 1
+        for home, key, raw, rec in flight.forwards:
+            flight.sending = f"forward of {_source(rec)}"
+            # With its headers: a binary-mode event is half in them.
+            fut = await producer.send(
+                t.by_tenant,
+                raw,
+                key=key,
+                partition=home,
+                headers=list(rec.headers) if rec.headers else None,
+            )
+            writes.append((flight.sending, fut))
+        for rkey, raw, headers, rec in flight.dead:
+            flight.sending = f"dead letter of {_source(rec)}"
+            fut = await producer.send(t.rejected, raw, key=rkey, headers=headers)
+            writes.append((flight.sending, fut))
+        flight.sending = ""
+
+    async def _settle(self, flight: _InFlight, stop: asyncio.Event | None) -> None:
+        """Wait until everything ``flight`` wrote is acknowledged (acks=all), retrying on
+        failure; then its changes become publishable and its input offsets are committed.
+
+        Retrying re-sends the lot; every write is a fact (a ledger entry, a forwarded
+        event, a rejection), so a second copy changes no total.  A write that can never
+        succeed halts the worker (:class:`WriteBlockedError`); a write that did not
+        complete leaves the partitions it touched to be rebuilt, and so does every batch
+        sent after it (nothing of theirs is committed either).
+        """
         delay = 0.5
         completed = False
         try:
-            while True:
-                producer = self._producer
-                assert producer is not None
-                writes: list[Write] = []
-                changelog: dict[int, list[asyncio.Future[Any]]] = {}
-                what = ""
+            while flight.has_writes():
                 try:
-                    for home, (entries, ids, tails) in batches.items():
-                        for value in (*changelog_chunks(entries, ids), *tail_chunks(tails)):
-                            what = f"changelog {t.changelog}[{home}] ({_sources(offsets)})"
-                            fut = await producer.send(t.changelog, value, partition=home)
-                            changelog.setdefault(home, []).append(fut)
-                            writes.append((what, fut))
-                            self.stats.changelog_records += 1
-                    for home, key, raw, rec in forwards:
-                        what = f"forward of {_source(rec)}"
-                        # With its headers: a binary-mode event is half in them.
-                        fut = await producer.send(
-                            t.by_tenant,
-                            raw,
-                            key=key,
-                            partition=home,
-                            headers=list(rec.headers) if rec.headers else None,
-                        )
-                        writes.append((what, fut))
-                    for rkey, raw, headers, rec in dead:
-                        what = f"dead letter of {_source(rec)}"
-                        fut = await producer.send(t.rejected, raw, key=rkey, headers=headers)
-                        writes.append((what, fut))
-                    await asyncio.gather(*(f for _, f in writes))
+                    if flight.send_error is not None:
+                        raise flight.send_error
+                    await asyncio.gather(*(f for _, f in flight.writes))
                 except (KafkaError, OSError) as exc:
-                    blocked = _blocked(writes, exc, what)
+                    blocked = _blocked(flight.writes, exc, flight.sending)
                     if blocked is not None:
                         raise WriteBlockedError(
                             f"{_BLOCKED}: {blocked}; meter stopped processing and "
@@ -826,29 +1006,65 @@ class Worker:
                     log.warning(
                         "writing %d changelog entries, %d forwards and %d rejections failed "
                         "(%s: %s); retrying in %.1fs — offsets stay uncommitted until it succeeds",
-                        sum(len(e) + len(tl) for e, _, tl in batches.values()),
-                        len(forwards),
-                        len(dead),
+                        sum(len(c.entries) + len(c.tails) for c in flight.changes.values()),
+                        len(flight.forwards),
+                        len(flight.dead),
                         type(exc).__name__,
                         exc,
                         delay,
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
-                    if stop.is_set() and delay >= 10.0:
+                    if stop is not None and stop.is_set() and delay >= 10.0:
                         raise
+                    try:
+                        await self._send(flight)
+                    except (KafkaError, OSError) as again:
+                        flight.send_error = again
                 else:
-                    completed = True
-                    self._writes_failing_since = None
-                    for home, futures in changelog.items():
-                        self.homes[home].written([f.result().offset for f in futures])
-                    return
+                    break
+            completed = True
+            self._writes_failing_since = None
+            for home, change in flight.changes.items():
+                hp = self.homes.get(home)
+                if hp is not None:
+                    hp.written(change, [f.result().offset for f in flight.changelog.get(home, ())])
         finally:
             if not completed:
-                for home in batches:
-                    hp = self.homes.get(home)
-                    if hp is not None:
-                        hp.write_failed("the batch was abandoned or could not be written")
+                self._abandon(flight)
+        await self._commit_after(flight.offsets)
+
+    def _abandon(self, flight: _InFlight | None = None) -> None:
+        """``flight`` (and every batch sent after it) will not be acknowledged: the
+        partitions they changed are rebuilt from the changelog before use."""
+        flights = [flight] if flight is not None else []
+        if self._inflight is not None and self._inflight is not flight:
+            flights.append(self._inflight)
+        self._inflight = None
+        for f in flights:
+            for home in f.changes:
+                hp = self.homes.get(home)
+                if hp is not None:
+                    hp.write_failed("the batch was abandoned or could not be written")
+
+    async def _drain(self, stop: asyncio.Event | None = None) -> None:
+        """Settle the batch in flight, if any, and wait for its commit."""
+        flight, self._inflight = self._inflight, None
+        if flight is not None:
+            await self._settle(flight, stop)
+        await self._committed_all()
+
+    async def _commit_after(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit ``offsets`` (all acknowledged) once the commit before it is done; the
+        commit itself overlaps the next batch."""
+        await self._committed_all()
+        if offsets:
+            self._committing = asyncio.ensure_future(self._commit(offsets))
+
+    async def _committed_all(self) -> None:
+        task, self._committing = self._committing, None
+        if task is not None and not task.cancelled():
+            await task
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
@@ -888,6 +1104,14 @@ class Worker:
         )
         return False
 
+    async def _outbox(self, topic: str) -> _Outbox:
+        producer = self._producer
+        assert producer is not None
+        n = self._out_partitions.get(topic)
+        if n is None:
+            n = self._out_partitions[topic] = len(await producer.partitions_for(topic))
+        return _Outbox(producer, topic, n)
+
     async def _flush(self) -> None:
         """Publish the usage record of every tenant-month whose acknowledged state changed."""
         self._last_flush = time.monotonic()
@@ -895,32 +1119,28 @@ class Worker:
         await self._publish_license()
         if not any(h.dirty for h in self.homes.values()):
             return
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             return
-        t = self.config.topics
         now = self.clock()
-        futures = []
         published: list[int] = []
         taken: list[tuple[HomePartition, dict[tuple[str, str], int]]] = []
+        records = 0
         try:
+            out = await self._outbox(self.config.topics.usage)
             for hp in self._publishable():
                 keys = hp.take_dirty()
                 if not keys:
                     continue
                 taken.append((hp, keys))
-                ledger = hp.ledger
+                tenant_month = hp.ledger.tenant_month
                 for (tenant, month), ts in keys.items():
-                    tm = ledger.tenant_month(tenant, month)
+                    tm = tenant_month(tenant, month)
                     if tm is None:
                         continue
-                    futures.append(
-                        await producer.send(
-                            t.usage, encode_usage(tm, now), key=usage_key(tenant, month)
-                        )
-                    )
+                    await out.put(usage_key(tenant, month), encode_usage(tm, now))
                     published.append(ts)
-            acked = await _acked(futures, "usage records")
+            records = out.records
+            acked = await _acked(await out.close(), "usage records")
         except (KafkaError, OSError) as exc:
             log.warning("publishing usage records failed (%s); will retry", exc)
             acked = False
@@ -930,7 +1150,7 @@ class Worker:
                     for key, ts in keys.items():
                         hp.dirty.setdefault(key, ts)
             return
-        self.stats.published += len(futures)
+        self.stats.published += records
         if self.on_latency is not None:
             acked_ms = time.time() * 1000
             for ts in published:
@@ -948,23 +1168,22 @@ class Worker:
         t = self.config.topics
         now = self.clock()
         futures = []
+        records = 0
         taken: list[tuple[HomePartition, set[tuple[str, str]], set[WorkloadKey]]] = []
         try:
+            out = await self._outbox(t.license)
             for hp in homes:
                 keys, hp.lic_dirty = hp.lic_dirty, set()
                 corr, hp.lcorr_dirty = hp.lcorr_dirty, set()
                 taken.append((hp, keys, corr))
                 lic = hp.license
+                start = lic.history_start
                 for tenant, month in keys:
                     lm = lic.tenant_month(tenant, month)
                     if lm is None:
                         continue
-                    doc = license_record(lm, lic.history_start, now, status="running")
-                    futures.append(
-                        await producer.send(
-                            t.license, orjson.dumps(doc), key=license_key(tenant, month)
-                        )
-                    )
+                    doc = license_record(lm, start, now, status="running")
+                    await out.put(license_key(tenant, month), orjson.dumps(doc))
                 finals = hp.close.license_finals
                 for key in corr:
                     tenant, month, wtype, wid = key
@@ -984,6 +1203,8 @@ class Worker:
                                 key="/".join(key).encode(),
                             )
                         )
+            records = out.records + len(futures)
+            futures += await out.close()
             acked = await _acked(futures, "license records")
         except (KafkaError, OSError) as exc:
             log.warning("publishing license records failed (%s); will retry", exc)
@@ -994,7 +1215,7 @@ class Worker:
                     hp.lic_dirty |= keys
                     hp.lcorr_dirty |= corr
             return
-        self.stats.published += len(futures)
+        self.stats.published += records
 
     def license_totals(self, months: set[str]) -> dict[str, dict[str, int]]:
         """The license view of ``months`` on this worker's active home partitions, summed:
@@ -1089,6 +1310,9 @@ class Worker:
                     )
 
     async def _close(self, hp: HomePartition, month: str) -> None:
+        await self._drain()  # a close covers acknowledged state only
+        if not hp.active:
+            return
         t = self.config.topics
         grace = self.config.close_grace
         assert grace is not None
@@ -1125,7 +1349,7 @@ class Worker:
         marker = encode_closed_marker(month, closes_at(month, grace))
         futures.append(await producer.send(t.changelog, marker, partition=hp.number))
         metas = await asyncio.gather(*futures)
-        hp.written([m.offset for m in metas])
+        hp.acknowledged([m.offset for m in metas])
         hp.closed(month, snap, lsnap, hp.license.history_start)
         self._known_months.add(month)
         log.info(
@@ -1288,14 +1512,21 @@ class Worker:
         """
         async with self._lock:
             self.stats.rebalances += 1
-            if not self.halted and any(tp.topic == self.config.topics.by_tenant for tp in revoked):
+            if not self.halted:
                 try:
-                    self._check_input_log()
-                    await asyncio.wait_for(self._flush(), 10.0)
+                    # What is in flight is settled and committed while the partitions
+                    # are still ours; what cannot be is rebuilt before use.
+                    await asyncio.wait_for(self._drain(), 10.0)
+                    if any(tp.topic == self.config.topics.by_tenant for tp in revoked):
+                        self._check_input_log()
+                        await asyncio.wait_for(self._flush(), 10.0)
                 except DataLostError as exc:
                     self._data_lost(exc)
+                except WriteBlockedError as exc:
+                    self._halt(str(exc))
                 except (TimeoutError, KafkaError, OSError) as exc:
                     log.warning("could not publish usage before a rebalance: %s", exc)
+            self._abandon()
             for hp in self.homes.values():
                 hp.fence("a rebalance is in progress")
 
