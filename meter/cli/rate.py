@@ -17,17 +17,17 @@ the streaming meter closes it) and ``final`` after.  ``now`` is the system clock
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
-from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
 from meter.cli.common import add_max_event_bytes_argument, clock_from, month_arg
-from meter.domain import Event, Rater, Rejected, load_ratecards
+from meter.domain import Rater, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
@@ -109,61 +109,123 @@ def open_input(name: str) -> Iterator[BinaryIO]:
         f.close()
 
 
+#: Bytes read at a time: many events, each block rated in one call (:meth:`Rater.feed_block`).
+CHUNK = 128 << 10
+#: Files smaller than this are rated in one process whatever ``--jobs`` says.
+MIN_BYTES_PER_JOB = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LongLine:
+    """A line longer than the read limit, read to its end without being held."""
+
+    size: int  # without its terminator
+    blank: bool
+
+
+def read_blocks(
+    stream: BinaryIO, limit: int, size: int | None = None, *, bom: bool = True
+) -> Iterator[bytes | LongLine]:
+    """The input as blocks of whole lines (each ends in a newline, but the input's last line
+    may not) of about :data:`CHUNK` bytes, and every line longer than ``limit`` as a
+    :class:`LongLine` in its place.  Reads at most ``size`` bytes (``None``: to the end);
+    ``bom``: a UTF-8 byte order mark at the start is dropped (RFC 8259 lets a parser ignore
+    it).  Holds at most about ``CHUNK + limit`` bytes, whatever the input."""
+    left = size
+
+    def read() -> bytes:
+        nonlocal left
+        if left is None:
+            return stream.read(CHUNK)
+        piece = stream.read(min(CHUNK, left))
+        left -= len(piece)
+        return piece
+
+    carry = read()
+    if bom and carry.startswith(BOM):
+        carry = carry[len(BOM) :]
+    while True:
+        chunk = read()
+        data = carry + chunk if chunk else carry
+        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+        if cut:
+            yield data[:cut] if cut < len(data) else data
+        carry = data[cut:]
+        if len(carry) > limit:
+            # A line longer than the limit: read on to its end in pieces, holding none.
+            length, blank, end = len(carry), carry.isspace(), carry[-2:]
+            carry = b""
+            while piece := read():
+                nl = piece.find(b"\n") + 1
+                head = piece[:nl] if nl else piece
+                length += len(head)
+                blank = blank and head.isspace()
+                end = (end + head[-2:])[-2:]
+                if nl:
+                    carry = piece[nl:]
+                    break
+            if end.endswith(b"\n"):
+                length -= 2 if end == b"\r\n" else 1
+            yield LongLine(length, blank)
+        if not chunk and not carry:
+            return
+
+
+@dataclass
+class Rejections:
+    """The rejected lines to list (line number, reason), at most ``limit``; the rest counted."""
+
+    limit: int
+    listed: list[tuple[int, str]] = field(default_factory=list)
+    not_listed: int = 0
+
+    def add(self, number: int, reason: str) -> None:
+        if len(self.listed) < self.limit:
+            self.listed.append((number, reason))
+        else:
+            self.not_listed += 1
+
+    def extend(self, other: Rejections, offset: int) -> None:
+        """``other``'s rejections after this one's, its lines numbered from ``offset + 1``."""
+        for number, reason in other.listed:
+            self.add(number + offset, reason)
+        self.not_listed += other.not_listed
+
+    def as_report(self) -> tuple[list[dict[str, object]], int]:
+        return [{"line": n, "reason": r} for n, r in self.listed], self.not_listed
+
+
 def rate_stream(
-    stream: BinaryIO, rater: Rater, max_rejected: int
-) -> tuple[list[dict[str, object]], int]:
-    """Feed every non-blank line; return (listed rejections, rejections not listed).
+    stream: BinaryIO,
+    rater: Rater,
+    max_rejected: int,
+    size: int | None = None,
+    *,
+    bom: bool = True,
+) -> tuple[Rejections, int]:
+    """Rate every non-blank line (at most ``size`` bytes); return the rejections and the
+    number of lines read.
 
-    A line is read at most ``rater.max_bytes`` (plus its terminator) at a time, so
-    any input runs in bounded memory.  Lines are fed as read; one that is
-    rejected gets a second look (:func:`_second_look`), which skips a blank line
-    and judges a longer one whole, without ever holding it.
+    A line is never held longer than ``rater.max_bytes`` (plus its terminator): a longer
+    one is read to its end in pieces and rejected as ``too_large`` with its full size
+    (skipped if blank), so any input runs in bounded memory.
     """
-    rejected: list[dict[str, object]] = []
-    not_listed = 0
-    feed = rater.feed
-    limit = rater.max_bytes + 2  # the longest event and its "\r\n"
-    first = stream.readline(limit + len(BOM))
-    if first.startswith(BOM):
-        first = first[len(BOM) :]  # RFC 8259 lets a parser ignore a BOM
-    lines = iter(partial(stream.readline, limit), b"")
-    for number, line in enumerate(chain((first,), lines) if first else lines, 1):
-        result = feed(line)
-        if result.__class__ is Rejected:
-            second = _second_look(line, result, stream, limit, rater)
-            if second is None:
-                continue
-            result = second
-            if result.__class__ is Rejected:
-                assert isinstance(result, Rejected)
-                if len(rejected) < max_rejected:
-                    rejected.append({"line": number, "reason": result.reason})
-                else:
-                    not_listed += 1
-    return rejected, not_listed
-
-
-def _second_look(
-    line: bytes, result: Event | Rejected, stream: BinaryIO, limit: int, rater: Rater
-) -> Event | Rejected | None:
-    """A line the rater just rejected, judged again as a whole line.
-
-    A blank line is no input (``None``).  A line longer than the limit was judged
-    by its first piece, terminator included: it is read to its end in pieces that
-    are dropped, then fed without its terminator if the event fits, else rejected
-    as ``too_large`` with its full size.  In both cases the first verdict is
-    taken back from the tally.  Any other rejection stands.
-    """
+    rejections = Rejections(max_rejected)
+    number = 1
     max_bytes = rater.max_bytes
-    if len(line) <= max_bytes and line and not line.isspace():
-        return result
-    rater.tally.add("rejected", -1)  # the verdict on the first piece is taken back
-    size, blank = rest_of_line(line, stream, limit)
-    if blank:
-        return None
-    if size > max_bytes:
-        return rater.reject(too_large(size, max_bytes))
-    return rater.feed(line[:size])
+    for item in read_blocks(stream, max_bytes + 2, size, bom=bom):
+        if item.__class__ is bytes:
+            assert isinstance(item, bytes)
+            rejected, lines = rater.feed_block(item, number)
+            for n, rejection in rejected:
+                rejections.add(n, rejection.reason)
+            number += lines
+        else:
+            assert isinstance(item, LongLine)
+            if not item.blank:
+                rejections.add(number, rater.reject(too_large(item.size, max_bytes)).reason)
+            number += 1
+    return rejections, number - 1
 
 
 def rest_of_line(first: bytes, stream: BinaryIO, limit: int) -> tuple[int, bool]:
@@ -189,13 +251,19 @@ def run(args: argparse.Namespace) -> int:
     cards = load_ratecards(args.ratecard)
     license = load_license(args.license) if args.license else None
     rater = Rater(cards, max_bytes=args.max_event_bytes)
+    # The ledger holds millions of tuples and makes no cycles: a collector pass over it
+    # every few thousand allocations would cost more than the rating.
+    gc.disable()
     try:
         with open_input(args.file) as stream:
-            rejected, not_listed = rate_stream(stream, rater, max(args.max_rejected, 0))
+            rejections, _ = rate_stream(stream, rater, max(args.max_rejected, 0))
     except OSError as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    finally:
+        gc.enable()
+    rejected, not_listed = rejections.as_report()
     report = UsageReport(
         usage=rater.ledger.usage(month=args.month, tenant_id=args.tenant),
         tally=rater.tally,

@@ -17,7 +17,7 @@ import ast
 import re
 from collections.abc import Iterable
 from itertools import accumulate
-from typing import Final, Literal, get_args
+from typing import Annotated, Final, Literal, get_args
 
 import msgspec
 
@@ -148,6 +148,125 @@ REJECTION_CODES: Final = (
     "too_large",
     "internal_error",
 )
+
+
+# The batch contract: the same shape, stricter.  Many lines are decoded in one call
+# (:func:`decode_lines`); a line the batch refuses is judged again on its own by
+# :func:`parse`, so only what the batch accepts must agree with it exactly.
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _BatchData(msgspec.Struct, gc=False):
+    tenant_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    workload_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    workload_type: WorkloadType
+    result: Result
+    license: License | msgspec.UnsetType = msgspec.UNSET
+
+
+class BatchEvent(msgspec.Struct, gc=False):
+    """An event as :func:`decode_lines` gives it: the contract's shape and types, ids and
+    sources not empty, tenant and workload ids within their lengths.  The rest of the
+    contract (the tenant id's characters, control characters in the workload id, the
+    license a type needs, the time) is for the caller to check."""
+
+    specversion: Literal["1.0"]
+    id: _NonEmpty
+    source: _NonEmpty
+    type: Literal["meter.job.workload"]
+    time: str
+    data: _BatchData
+
+
+_batch_decoder: Final = msgspec.json.Decoder(BatchEvent)
+#: Each line wrapped as a one-element array: ``[[line],[line],...]``.
+_wrapped_decoder: Final = msgspec.json.Decoder(list[tuple[BatchEvent]])
+_LINE: Final = re.compile(r"at `\$\[(?P<index>[0-9]+)\]")
+_BYTE: Final = re.compile(r"\(byte (?P<at>[0-9]+)\)$")
+_NOT_ASCII: Final = re.compile(rb"[\x80-\xff]")
+#: Without ``[``, JSON nests deeper than :data:`MAX_DEPTH` only in at least ``{"":`` repeated
+#: MAX_DEPTH times around ``{}``, and as many ``}``: 5 * MAX_DEPTH + 2 bytes.
+_FLAT_LINE: Final = 5 * MAX_DEPTH
+
+
+class BatchRefused(Exception):
+    """:func:`decode_lines` cannot vouch for every line of a batch; ``line`` is the first
+    one it suspects (0-based), or ``None`` when it cannot tell."""
+
+    def __init__(self, line: int | None) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+def decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
+    """Decode the JSON lines of ``block`` (each but maybe the last ends in ``\\n``; none is
+    longer than the caller's ``max_bytes``) in one call: one event per line (each in a
+    1-tuple), each exactly what :func:`parse` decodes from that line alone; or raise
+    :class:`BatchRefused`.
+
+    Each line is wrapped as a one-element array, ``[[line],[line],...]``, and decoded as
+    ``list[tuple[BatchEvent]]``: the ``],[`` put in place of each newline is valid only
+    between whole values when the lines hold no ``[`` (inside an object a ``]`` closes
+    nothing), and a one-tuple takes exactly one value, so a line that holds two values,
+    none or part of one is refused.  Every byte must be ASCII (then UTF-8 and byte order
+    marks need no look) and every line short enough that it cannot nest deeper than
+    :data:`MAX_DEPTH`.  A block with ``[`` is checked another way (:func:`_decode_lines`).
+    """
+    if not block.isascii():
+        where = _NOT_ASCII.search(block)
+        raise BatchRefused(None if where is None else block.count(b"\n", 0, where.start()))
+    if block.find(b"[") != -1:
+        return _decode_lines(block)
+    # No line longer than _FLAT_LINE: the last newline of every such stretch starts a line.
+    pos, end = 0, len(block)
+    while end - pos > _FLAT_LINE:
+        nl = block.rfind(b"\n", pos, pos + _FLAT_LINE)
+        if nl == -1:
+            return _decode_lines(block)
+        pos = nl + 1
+    body = block[:-1] if block.endswith(b"\n") else block
+    wrapped = b"[[" + body.replace(b"\n", b"],[") + b"]]"
+    try:
+        return _wrapped_decoder.decode(wrapped)
+    except msgspec.ValidationError as exc:
+        m = _LINE.search(str(exc))
+        raise BatchRefused(None if m is None else int(m["index"])) from None
+    except msgspec.DecodeError as exc:
+        m = _BYTE.search(str(exc))
+        raise BatchRefused(None if m is None else wrapped.count(b"],[", 0, int(m["at"]))) from None
+    except (RecursionError, MemoryError):
+        raise BatchRefused(None) from None
+
+
+def _decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
+    """:func:`decode_lines` of a block with ``[`` or long lines.
+
+    msgspec reads newline-delimited JSON as whitespace-separated values, so a value may
+    span lines or share one.  Here every line boundary must be ``}`` (maybe ``\\r``),
+    newline, ``{``: a ``}`` followed by ``{`` never occurs inside a JSON value (and no
+    string holds a raw newline), so each boundary is one between values, each line holds
+    at least one, and as many values as lines means exactly one each.  The block must
+    have so few brackets that no line can nest deeper than :data:`MAX_DEPTH` (each event
+    has at least two ``{``).
+    """
+    lines = block.count(b"\n") + (not block.endswith(b"\n"))
+    if block.count(b"}\n{") + block.count(b"}\r\n{") != lines - 1:
+        raise BatchRefused(None)
+    if block.count(b"{") + block.count(b"[") > 2 * lines + MAX_DEPTH - 2:
+        raise BatchRefused(None)
+    try:
+        events = _batch_decoder.decode_lines(block)
+    except msgspec.ValidationError as exc:
+        m = _LINE.search(str(exc))
+        raise BatchRefused(None if m is None else int(m["index"])) from None
+    except msgspec.DecodeError as exc:
+        m = _BYTE.search(str(exc))
+        raise BatchRefused(None if m is None else block.count(b"\n", 0, int(m["at"]))) from None
+    except (RecursionError, MemoryError):
+        raise BatchRefused(None) from None
+    if len(events) != lines:
+        raise BatchRefused(None)
+    return [(e,) for e in events]
 
 
 def _utf8_json(buf: bytes, where: str) -> bytes | Rejected:
