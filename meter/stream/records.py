@@ -82,6 +82,17 @@ def changelog_slices(
 
 def changelog_chunks(entries: Sequence[Entry], event_ids: Mapping[int, str]) -> Iterator[bytes]:
     """``entries`` as changelog records that each fit (:func:`changelog_slices`)."""
+    if not event_ids and len(entries) <= CHANGELOG_RECORD_ENTRIES:
+        # The common case: one record, encoded at once and measured, not estimated.
+        raw = orjson.dumps(
+            {
+                "v": CHANGELOG_VERSION,
+                "entries": [[t, m, w, i, r[0], r[1], r[2]] for t, m, w, i, r in entries],
+            }
+        )
+        if len(raw) <= CHANGELOG_RECORD_BYTES:
+            yield raw
+            return
     for part in changelog_slices(entries, event_ids):
         ids = [event_ids.get(k) for k in range(part.start, part.stop)]
         yield encode_changelog(entries[part], ids)
