@@ -1289,21 +1289,27 @@ class Worker:
             return
         now = self.now()
         if time.monotonic() - self._known_refreshed >= 30.0:
-            self._known_refreshed = time.monotonic()
+            self._known_refreshed = time.monotonic()  # also when it fails: not every second
             await self._refresh_known_months()
         # A month closes on every home partition once any of ours has usage in it or any
         # partition anywhere closed it, so that every partition publishes its summary.
         months = set(self._known_months)
         for hp in active:
             months.update(hp.months())
+        reports: dict[str, dict[str, Any]] | None = None
+        read = False
         for hp in sorted(active, key=lambda h: h.number):
             for month in months_to_close(months, hp.close.closed, now, grace):
                 if not self._publishable() or not hp.active:
                     return
                 if (hp.number, month) in self._cannot_close:
                     continue
+                if not read:
+                    # meter.reports read once for every close of this round (and kept up
+                    # to date with what they publish), not once per partition and month.
+                    reports, read = await self._refresh_known_months(), True
                 try:
-                    await self._close(hp, month)
+                    await self._close(hp, month, reports)
                 except (KafkaError, OSError, TimeoutError, DataLostError):
                     raise
                 except Exception:  # a bug must not stop the partition: this month waits
@@ -1316,7 +1322,11 @@ class Worker:
                         hp.number,
                     )
 
-    async def _close(self, hp: HomePartition, month: str) -> None:
+    async def _close(
+        self, hp: HomePartition, month: str, reports: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Write ``month``'s final snapshot and close marker for ``hp``, then publish the
+        close (``reports``: ``meter.reports`` as read for this close, else read here)."""
         await self._drain()  # a close covers acknowledged state only
         if not hp.active:
             return
@@ -1366,7 +1376,7 @@ class Worker:
             len(snap),
         )
         if hp.active:
-            await self._publish_close(hp, month)
+            await self._publish_close(hp, month, reports)
 
     async def _publish_close(
         self, hp: HomePartition, month: str, reports: dict[str, dict[str, Any]] | None = None
@@ -1444,6 +1454,7 @@ class Worker:
         except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
             log.warning("could not read %s: %s", self.config.topics.reports, exc)
             return None
+        self._known_refreshed = time.monotonic()
         self._known_months |= {
             str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
         }
