@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
+import multiprocessing
+import os
+import stat
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +36,8 @@ from meter.domain import Rater, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
+from meter.domain.ratecard import RateCards
+from meter.domain.rating import Rated
 from meter.errors import InputError
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import (
@@ -90,8 +97,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="for drills and tests: read the current time (RFC 3339) from FILE instead of "
         "the system clock; it decides which months are final",
     )
+    p.add_argument(
+        "--jobs",
+        type=jobs_arg,
+        default=None,
+        metavar="N",
+        help="rate a file in N processes, one part of it each, and join them (the output is "
+        "the same for any N; standard input and files under 8 MiB take one) [all cores]",
+    )
     add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
+
+
+def jobs_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid number of jobs {text!r:.40}: expected 1 or more")
+    return value
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager
@@ -228,6 +260,79 @@ def rate_stream(
     return rejections, number - 1
 
 
+def rate_input(name: str, rater: Rater, max_rejected: int, jobs: int) -> Rejections:
+    """Rate the file ``name`` (``-``: standard input) into ``rater``: in ``jobs`` processes
+    when it is a regular file of at least :data:`MIN_BYTES_PER_JOB` bytes a process."""
+    with open_input(name) as stream:
+        if name != "-" and jobs > 1:
+            info = os.fstat(stream.fileno())
+            jobs = min(jobs, info.st_size // MIN_BYTES_PER_JOB)
+            if stat.S_ISREG(info.st_mode) and jobs > 1:
+                return rate_parts(stream, name, rater, max_rejected, jobs, info.st_size)
+        return rate_stream(stream, rater, max_rejected)[0]
+
+
+def split_points(stream: BinaryIO, size: int, parts: int) -> list[int]:
+    """Offsets that cut a file of ``size`` bytes into at most ``parts`` ranges of whole
+    lines, about equal: 0, each line start nearest after ``size * i / parts``, ``size``."""
+    points = [0]
+    for i in range(1, parts):
+        target = size * i // parts
+        if target <= points[-1]:
+            continue
+        stream.seek(target - 1)
+        at = target - 1
+        while piece := stream.read(CHUNK):
+            nl = piece.find(b"\n")
+            if nl != -1:
+                at += nl + 1
+                break
+            at += len(piece)
+        if points[-1] < at < size:
+            points.append(at)
+    stream.seek(0)
+    return [*points, size]
+
+
+def rate_parts(
+    stream: BinaryIO, name: str, rater: Rater, max_rejected: int, jobs: int, size: int
+) -> Rejections:
+    """Rate a regular file in parts of whole lines, each in its own process (this one takes
+    the first), and join the results in the file's order: the ledger is a join, so the
+    state is the one rating it whole gives; the tallies, the rejected lines' numbers and
+    the listing of the first ``max_rejected`` are too (:meth:`Rater.join_after`)."""
+    points = split_points(stream, size, jobs)
+    ranges = list(itertools.pairwise(points))
+    context = multiprocessing.get_context("fork" if "fork" in _METHODS else None)
+    with ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
+        later: list[Future[tuple[Rated, Rejections, int]]] = [
+            pool.submit(_rate_range, name, start, stop, rater.cards, rater.max_bytes, max_rejected)
+            for start, stop in ranges[1:]
+        ]
+        rejections, lines = rate_stream(stream, rater, max_rejected, ranges[0][1])
+        for future in later:
+            rated, theirs, count = future.result()
+            rater.join_after(rated)
+            rejections.extend(theirs, lines)
+            lines += count
+    return rejections
+
+
+_METHODS = multiprocessing.get_all_start_methods()
+
+
+def _rate_range(
+    name: str, start: int, stop: int, cards: RateCards, max_bytes: int, max_rejected: int
+) -> tuple[Rated, Rejections, int]:
+    """In a worker process: rate bytes ``start`` to ``stop`` of the file ``name``."""
+    gc.disable()
+    rater = Rater(cards, max_bytes=max_bytes, raised={})
+    with Path(name).open("rb") as stream:
+        stream.seek(start)
+        rejections, lines = rate_stream(stream, rater, max_rejected, stop - start, bom=False)
+    return rater.rated(), rejections, lines
+
+
 def rest_of_line(first: bytes, stream: BinaryIO, limit: int) -> tuple[int, bool]:
     """Read the rest of the line that began with ``first`` in pieces of at most ``limit``
     bytes, holding none of them; return its size without the terminator, and whether it
@@ -255,8 +360,7 @@ def run(args: argparse.Namespace) -> int:
     # every few thousand allocations would cost more than the rating.
     gc.disable()
     try:
-        with open_input(args.file) as stream:
-            rejections, _ = rate_stream(stream, rater, max(args.max_rejected, 0))
+        rejections = rate_input(args.file, rater, max(args.max_rejected, 0), args.jobs or cores())
     except OSError as exc:
         if isinstance(exc, InputError):
             raise

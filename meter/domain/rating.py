@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Final
 
 import msgspec
@@ -87,6 +88,17 @@ class Tally:
 
 
 @dataclass
+class Rated:
+    """What a :class:`Rater` rated, as plain data: its ledger's entries, its tail entries,
+    the lower rates its entries were counted at before (:attr:`Rater.raised`), its tally."""
+
+    rates: dict[Key, Rate]
+    tails: dict[Key, Rate]
+    raised: dict[Key, list[Rate]]
+    tally: Tally
+
+
+@dataclass
 class Rater:
     """Feeds raw events into a ledger and keeps the tally.
 
@@ -102,6 +114,11 @@ class Rater:
     #: Sessions in a month's last days, for the next month's 31-day window (license view):
     #: (tenant, next month, type, workload) -> highest rate.
     tails: dict[Key, Rate] = field(default_factory=dict)
+    #: For a part of an input rated apart from the parts before it (``meter rate --jobs``):
+    #: an entry's lower rates it was counted at, in turn, before its rate now; ``None``: not
+    #: kept.  :meth:`join_after` needs them to tell which of the part's counted events the
+    #: parts before it had already counted.
+    raised: dict[Key, list[Rate]] | None = None
     _fast_table: tuple[object, dict[tuple[str, object], Rate]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -133,6 +150,11 @@ class Rater:
         if event.result == "failed":
             tally.not_counted += 1
             return event
+        if self.raised is not None:
+            flat = (event.tenant_id, event.month, event.workload_type, event.workload_id)
+            old = self.ledger.rates.get(flat)
+            if old is not None and rate > old:
+                self.raised.setdefault(flat, []).append(old)
         if self.ledger.add(
             event.tenant_id, event.month, event.workload_type, event.workload_id, rate
         ):
@@ -263,6 +285,7 @@ class Rater:
         tails_get = _TAILS.get
         when_get = _WHEN.get
         good = _GOOD_TENANTS
+        raised = self.raised
         counted = duplicate = not_counted = 0
         rate: Rate | None
         for (event,) in events:
@@ -301,9 +324,12 @@ class Rater:
                         if tenant not in good or not wid.isprintable():
                             self._alone(event, events, batch, number, rejected)
                             continue
-                        put(flat, rate)
+                        # One string per tenant in the ledger, not one per workload.
+                        put((intern(tenant), month, wtype, wid), rate)
                         counted += 1
                     elif rate > old:
+                        if raised is not None:
+                            raised.setdefault(flat, []).append(old)
                         put(flat, rate)
                         counted += 1
                     else:
@@ -358,6 +384,42 @@ class Rater:
         if card is None:
             return None
         return card._lookup.get((wtype, None if lic is msgspec.UNSET else lic))  # type: ignore[arg-type]
+
+    def rated(self) -> Rated:
+        """What was rated, as plain data (for another process to :meth:`join_after`)."""
+        return Rated(self.ledger.rates, self.tails, self.raised or {}, self.tally)
+
+    def join_after(self, later: Rated) -> None:
+        """Join what another rater rated from the part of the input right after this one's,
+        as if this rater had gone on to rate it: the ledger and tails joined, the tallies
+        added, and each event ``later`` counted at a rate this rater had already counted
+        (at that rate or higher) taken as the duplicate it is."""
+        rates_get = self.ledger.rates.get
+        put = self.ledger.put
+        raised = later.raised
+        again = 0
+        for flat, rate in later.rates.items():
+            old = rates_get(flat)
+            if old is None:
+                put(flat, rate)
+                continue
+            if rate > old:
+                put(flat, rate)
+            else:
+                again += 1
+            lower = raised.get(flat)
+            if lower:
+                again += sum(1 for r in lower if r <= old)
+        tails = self.tails
+        for key, rate in later.tails.items():
+            prev = tails.get(key)
+            if prev is None or rate > prev:
+                tails[key] = rate
+        t, u = self.tally, later.tally
+        t.counted += u.counted - again
+        t.duplicate += u.duplicate + again
+        t.not_counted += u.not_counted
+        t.rejected += u.rejected
 
     def license_view(self, history_start: str | None = None) -> LicenseLedger:
         """The license view (vendor rules) of what was fed; it shares this rater's ledger."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +128,46 @@ def test_many_batches_and_one_bad_line_among_them(items: list[bytes]) -> None:
         got = whole.feed_block(data)
         assert got == one_by_one(alone, data)
         assert state(whole) == state(alone)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(valid_events(), valid_events(), bad_events, st.sampled_from(TRICKS)),
+        max_size=60,
+    ),
+    st.lists(st.integers(0, 60), max_size=4),
+    st.sampled_from([CARDS, TWO_CARDS]),
+)
+def test_parts_rated_apart_and_joined_in_order_are_the_whole(
+    items: list[bytes], cuts: list[int], cards: object
+) -> None:
+    """``meter rate --jobs``: the state, the tally (counted or duplicate depends on what came
+    before) and the tails of parts rated apart and joined in order are the whole's."""
+    assert not isinstance(cards, str)
+    whole = Rater(cards)  # type: ignore[arg-type]
+    one_by_one(whole, b"".join(raw + b"\n" for raw in items))
+    bounds = [0, *sorted(min(c, len(items)) for c in cuts), len(items)]
+    first = Rater(cards)  # type: ignore[arg-type]
+    first.feed_block(b"".join(raw + b"\n" for raw in items[: bounds[1]]))
+    for a, b in itertools.pairwise(bounds[1:]):
+        part = Rater(cards, raised={})  # type: ignore[arg-type]
+        part.feed_block(b"".join(raw + b"\n" for raw in items[a:b]))
+        first.join_after(part.rated())
+    assert state(first) == state(whole)
+
+
+def test_a_part_that_raised_a_rate_the_part_before_had_counted() -> None:
+    low = line(license="rental")  # 0 points
+    high = line(license="subscription", id="e-2")  # 5 points
+    whole = Rater(CARDS)
+    for raw in (high, low, high, low, high):
+        whole.feed_line(raw)
+    first, part = Rater(CARDS), Rater(CARDS, raised={})
+    first.feed_line(high)
+    for raw in (low, high, low, high):
+        part.feed_line(raw)
+    assert part.tally.counted == 2  # low, then high raised it
+    first.join_after(part.rated())
+    assert state(first) == state(whole)
+    assert first.tally.counted == 1
