@@ -70,11 +70,11 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from meter.broker import EmbeddedBroker
 from meter.domain import Rater, UsageRow, load_ratecards
-from meter.kafka import KafkaSettings, close_consumer, ensure_topics
+from meter.kafka import KafkaSettings, close_consumer, ensure_topics, iter_to_end
 from meter.sim.fleet import generate
 from meter.stream.config import StreamConfig, Topics
 from meter.stream.send import tenant_key
-from meter.stream.usage import keep_latest, read_usage, usage_rows
+from meter.stream.usage import keep_latest, usage_rows
 
 OUT = Path(__file__).parent / "out"
 SESSION_TIMEOUT_MS = 6000
@@ -633,6 +633,32 @@ async def wait_committed(
         await admin.close()
 
 
+async def usage_final_at(
+    settings: KafkaSettings, topic: str, expected: list[UsageRow]
+) -> tuple[float, int]:
+    """When ``topic`` first held the ``expected`` totals (wall-clock seconds, from the
+    records' timestamps), and how many records it holds.  Per tenant-month the revision
+    grows with every change, so the first record with the final revision is the moment
+    that tenant-month became final; the topic's totals were final at the latest of them."""
+    latest: dict[str, dict[str, Any]] = {}
+    first: dict[str, tuple[int, int]] = {}  # key -> (highest revision, first timestamp ms)
+    n = 0
+    async for rec in iter_to_end(settings, topic, max_seconds=600):
+        if rec.key is None or not rec.value:
+            continue
+        doc = orjson.loads(rec.value)
+        key = rec.key.decode()
+        keep_latest(latest, key, doc)
+        n += 1
+        rev = doc.get("revision", -1)
+        held = first.get(key)
+        if held is None or rev > held[0]:
+            first[key] = (rev, rec.timestamp)
+    if usage_rows(latest) != expected:
+        raise RuntimeError(f"{topic} does not hold the core's totals")
+    return max(ts for _, ts in first.values()) / 1000, n
+
+
 @dataclass
 class Replay:
     spawned: float
@@ -740,21 +766,10 @@ async def replay(
                 stderr=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
-        stop = asyncio.Event()
-        final: list[float] = []
-        watch = UsageWatch(settings, t.usage, partitions)
-
-        def on_batch(now: float, _docs: list[dict[str, Any]]) -> bool:
-            if usage_rows(watch.latest) == expected:
-                final.append(now)
-                return True
-            return False
-
-        # The usage watcher starts once every offset is committed: following the
-        # topic during the replay costs CPU that the worker and broker compete for
-        # on a small machine.  Usage can only be final later than that, or within
-        # the watcher's catch-up read (a few records), so this errs on the slow side.
-        watcher: asyncio.Future[None] | None = None
+        # Nothing follows the usage topic during the replay (a reader costs CPU that the
+        # worker and broker compete for on a small machine): once every offset is
+        # committed, the topic is read to its end, untimed, and the moment the totals
+        # became final is taken from the records' own timestamps.
         committed = asyncio.ensure_future(wait_committed(settings, group, t.jobs, ends, limit_s))
         try:
             started = await worker.wait_mark("worker started", 60)
@@ -766,21 +781,17 @@ async def replay(
             )
             say(f"worker took its partitions {home - worker.started:.2f}s after it was spawned")
             done_committed = await committed
-            watcher = asyncio.ensure_future(watch.run(on_batch, stop))
-            await asyncio.wait_for(watcher, max(1.0, limit_s - (time.monotonic() - home)))
         finally:
-            stop.set()
-            for task in (watcher, committed):
-                if task is None:
-                    continue
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            committed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await committed
+        await settle(worker)  # its last usage records go out, then it idles
         worker_cpu = worker.cpu_seconds() - cpu0[0]
         broker_cpu = (_cpu_seconds(broker_pid) if broker_pid else float("nan")) - cpu0[1]
         bench_cpu = time.process_time() - cpu0[2]
-        await settle(worker)
         rss_live = rss_kib(worker.proc.pid)
+        final_wall, records = await usage_final_at(settings, t.usage, expected)
+        final = final_wall - (time.time() - time.monotonic())
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -795,9 +806,9 @@ async def replay(
         spawned=worker.started,
         started=started,
         home=home,
-        usage_final=final[0],
+        usage_final=final,
         committed=done_committed,
-        usage_records=watch.records,
+        usage_records=records,
         worker_cpu_s=worker_cpu,
         broker_cpu_s=broker_cpu,
         bench_cpu_s=bench_cpu,
@@ -1101,8 +1112,6 @@ async def run_profile(
             f"{profile.name}-{tag}",
             args.cprofile,
         )
-        if usage_rows(await read_usage(settings, t.usage)) != expected:
-            raise RuntimeError(f"{t.usage} read with read_usage differs from the core's totals")
         rate = n_events / (r.done - r.home)
         out["builds"][tag] = {
             "build": build or "this build",
