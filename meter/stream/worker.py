@@ -1472,7 +1472,16 @@ class Worker:
                 return
         parts = [reports.get(f"partition/{month}/{p}") for p in range(self._n_home)]
         if any(p is None for p in parts):
-            return
+            # ``reports`` may be the round's copy, read before another worker published its
+            # summaries (workers close the same month at the same moment): read it again,
+            # after our own summaries are acknowledged, so the last to close always sees all.
+            fresh = await self._refresh_known_months()
+            if fresh is None:
+                return
+            reports.update(fresh)
+            parts = [reports.get(f"partition/{month}/{p}") for p in range(self._n_home)]
+            if any(p is None for p in parts):
+                return
         grace = self.config.close_grace or timedelta(0)
         doc = provider_summary(month, parts, grace)  # type: ignore[arg-type]
         key = f"provider/{month}"
