@@ -151,6 +151,32 @@ class Ledger:
             tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
         tm.add(workload_type, workload_id, rate)
 
+    def index_new(self, entries: list[tuple[tuple[str, str, str, str], Rate]]) -> None:
+        """Bring the tenant-months up to date with ``entries``: (tenant, month, type, workload)
+        and rate, each just put into :attr:`rates` where it was absent (``meter rate``'s hot
+        path puts them there itself, so the events after it find them, and calls this once a
+        batch).  Between the two, the ledger is not to be read by anything else."""
+        months = self._months
+        height = self.height
+        tm: TenantMonth | None = None
+        for (tenant_id, month, workload_type, workload_id), rate in entries:
+            if tm is None or tm.tenant_id is not tenant_id or tm.month != month:
+                tm = months.get((tenant_id, month))
+                if tm is None:
+                    tm = months[(tenant_id, month)] = TenantMonth(tenant_id, month, height)
+            tm.workloads[(workload_type, workload_id)] = rate
+            t = tm.totals.get(workload_type)
+            rental = 1 if rate[2] == "rental" else 0
+            if t is None:
+                tm.totals[workload_type] = [1, rate[0], rental]
+            else:
+                t[0] += 1
+                t[1] += rate[0]
+                t[2] += rental
+            tm.revision += height(rate)
+            cards = tm.card_counts
+            cards[rate[1]] = cards.get(rate[1], 0) + 1
+
     def rate(self, tenant_id: str, month: str, workload_type: str, workload_id: str) -> Rate | None:
         """The workload's rate in the tenant-month; ``None`` when it is not counted there."""
         return self.rates.get((tenant_id, month, workload_type, workload_id))

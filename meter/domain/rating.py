@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from sys import intern
 from typing import Final
 
 import msgspec
@@ -44,6 +43,20 @@ _NO_DATE: Final = 10**9
 #: by the same key (date, hour, zone).
 _WHEN: dict[str, tuple[str, int, str | None]] = {}
 _WHEN_MAX: Final = 200_000
+
+
+#: Tenant ids found valid, each the one string the ledger keeps for it (bounded).
+_NAMES: dict[str, str] = {}
+
+
+def _name(tenant: str, good: set[str]) -> str | None:
+    """``tenant`` if parse has found it valid (now kept in :data:`_NAMES`), else ``None``."""
+    if tenant not in good:
+        return None
+    if len(_NAMES) >= 100_000:
+        _NAMES.clear()
+    _NAMES[tenant] = tenant
+    return tenant
 
 
 def _when(time: str) -> tuple[str, int, str | None] | None:
@@ -280,12 +293,22 @@ class Rater:
         table_get = table.get
         ledger = self.ledger
         rates_get = ledger.rates.get
+        rates = ledger.rates
         put = ledger.put
         tails = self.tails
         tails_get = _TAILS.get
         when_get = _WHEN.get
         good = _GOOD_TENANTS
+        names = _NAMES
+        names_get = names.get
+        # A control character reaches a decoded string only escaped (the batch is ASCII, and
+        # JSON allows none raw): without a backslash, no workload id holds one.
+        plain = batch.find(b"\\") == -1
         raised = self.raised
+        # New entries are put into the ledger's rates at once (later events look them up)
+        # and into their tenant-months once a batch (Ledger.index_new), or before any line
+        # is fed alone.
+        new: list[tuple[Key, Rate]] = []
         counted = duplicate = not_counted = 0
         rate: Rate | None
         for (event,) in events:
@@ -296,7 +319,7 @@ class Rater:
             if tail is None or (hit := when_get(t[:13] + tail)) is None:
                 hit = _when(t)
                 if hit is None:
-                    self._alone(event, events, batch, number, rejected)
+                    self._alone(event, events, batch, number, rejected, new)
                     continue
             month, date, nxt = hit
             data = event.data
@@ -318,18 +341,26 @@ class Rater:
                     else:
                         rate = self._rate_at(date, wtype, lic)
                     if rate is None:  # no rate card, or a license missing
-                        self._alone(event, events, batch, number, rejected)
+                        self._alone(event, events, batch, number, rejected, new)
                         continue
                     if old is None:
-                        if tenant not in good or not wid.isprintable():
-                            self._alone(event, events, batch, number, rejected)
+                        # A tenant id checked once is kept, one string for all its entries.
+                        name = names_get(tenant)
+                        if name is None:
+                            name = _name(tenant, good)
+                        if name is None or not (plain or wid.isprintable()):
+                            self._alone(event, events, batch, number, rejected, new)
                             continue
-                        # One string per tenant in the ledger, not one per workload.
-                        put((intern(tenant), month, wtype, wid), rate)
+                        flat = (name, month, wtype, wid)
+                        rates[flat] = rate
+                        new.append((flat, rate))
                         counted += 1
                     elif rate > old:
                         if raised is not None:
                             raised.setdefault(flat, []).append(old)
+                        if new:
+                            ledger.index_new(new)
+                            new.clear()
                         put(flat, rate)
                         counted += 1
                     else:
@@ -341,10 +372,16 @@ class Rater:
                         tails[key] = rate
             else:
                 rate = table_get((wtype, lic)) if date >= first else self._rate_at(date, wtype, lic)
-                if rate is not None and tenant in good and wid.isprintable():
+                if (
+                    rate is not None
+                    and (tenant in names or tenant in good)
+                    and (plain or wid.isprintable())
+                ):
                     not_counted += 1
                 else:
-                    self._alone(event, events, batch, number, rejected)
+                    self._alone(event, events, batch, number, rejected, new)
+        if new:
+            ledger.index_new(new)
         tally = self.tally
         tally.counted += counted
         tally.duplicate += duplicate
@@ -357,8 +394,13 @@ class Rater:
         batch: bytes,
         number: int,
         rejected: list[tuple[int, Rejected]],
+        new: list[tuple[Key, Rate]],
     ) -> None:
-        """Feed the line ``event`` came from on its own (it is rare: found by identity)."""
+        """Feed the line ``event`` came from on its own (it is rare: found by identity),
+        once the ledger holds the ``new`` entries whole."""
+        if new:
+            self.ledger.index_new(new)
+            new.clear()
         k = next(i for i, (e,) in enumerate(events) if e is event)
         start = 0
         for _ in range(k):
