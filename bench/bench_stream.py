@@ -46,6 +46,7 @@ import ctypes.util
 import gc
 import importlib.util
 import json
+import logging
 import os
 import random
 import shutil
@@ -66,7 +67,9 @@ from typing import IO, Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from meter.broker import EmbeddedBroker
 from meter.domain import Rater, UsageRow, load_ratecards
@@ -1047,6 +1050,161 @@ async def faust_bench(bootstrap: str, topic: str, n: int, limit_s: float) -> dic
         shutil.rmtree(datadir, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- hot path
+
+
+class _AckedProducer:
+    """A producer whose every write is acknowledged at once (offsets counted per partition)."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.ends: dict[tuple[str, int], int] = defaultdict(int)
+        self.records = 0
+
+    def _done(self, topic: str, partition: int, n: int) -> asyncio.Future[Any]:
+        offset = self.ends[(topic, partition)]
+        self.ends[(topic, partition)] = offset + n
+        self.records += n
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(RecordMetadata(topic, partition, TopicPartition(topic, partition),
+                                      offset, -1, 0, 0))  # fmt: skip
+        return fut
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   partition: int | None = None, **_: Any) -> asyncio.Future[Any]:  # fmt: skip
+        if partition is None:
+            partition = (murmur2(key) & 0x7FFFFFFF) % self.partitions if key else 0
+        return self._done(topic, partition, 1)
+
+    async def send_and_wait(self, *args: Any, **kw: Any) -> Any:
+        return await (await self.send(*args, **kw))
+
+    def create_batch(self) -> Any:
+        return BatchBuilder(1 << 20, 0)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        batch.close()
+        return self._done(topic, partition, batch.record_count())
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.partitions))
+
+
+class _Fetched:
+    """A consumer that has read everything already and is always behind (a replay)."""
+
+    def __init__(self, topics: Topics, partitions: int) -> None:
+        self.tps = {TopicPartition(t, n) for t in (topics.jobs, topics.by_tenant)
+                    for n in range(partitions)}  # fmt: skip
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.tps
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 1 << 40
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        pass
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        pass
+
+    def paused(self) -> set[TopicPartition]:
+        return set()
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
+
+
+def _fetches(path: Path, limit: int, topic: str, partitions: int, size: int = 10_000) -> Iterator[
+    dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+]:  # fmt: skip
+    """The file's first ``limit`` events as getmany gives them: keyed by tenant, by partition."""
+    offsets = [0] * partitions
+    homes: dict[bytes | None, int] = {}
+    batch: dict[int, list[ConsumerRecord[bytes, bytes]]] = defaultdict(list)
+    count = 0
+    for n, raw in enumerate(read_lines(path)):
+        if n >= limit:
+            break
+        if not raw:
+            continue
+        key = tenant_key(raw)
+        p = homes.get(key)
+        if p is None:
+            p = homes[key] = (murmur2(key) & 0x7FFFFFFF) % partitions if key else 0
+        batch[p].append(ConsumerRecord(topic, p, offsets[p], 1_700_000_000_000 + n, 0, key,
+                                       raw, None, 0, len(raw), ()))  # fmt: skip
+        offsets[p] += 1
+        count += 1
+        if count >= size:
+            yield {TopicPartition(topic, q): recs for q, recs in sorted(batch.items())}
+            batch, count = defaultdict(list), 0
+    if batch:
+        yield {TopicPartition(topic, q): recs for q, recs in sorted(batch.items())}
+
+
+def hot_path(profile: Profile, limit: int, state: int, flush_every: int, work: bool) -> None:
+    """The worker's own code over one profile's events, without Kafka: fetched records
+    in, writes acknowledged at once; ``state`` workloads already in the ledgers.  For
+    instruction counts, run it under callgrind twice, with and without ``--no-work``
+    (which does everything but the processing), and divide the difference by the events.
+    """
+    from meter.stream.partition import HomePartition  # noqa: PLC0415
+    from meter.stream.worker import Worker  # noqa: PLC0415
+
+    logging.getLogger("meter").setLevel(logging.ERROR)  # rejections are expected here
+    path = events_file(profile)
+    config = StreamConfig(close_grace=None)
+    partitions = config.partitions
+    w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), config, load_ratecards())
+    w.connecting = ""
+    w.lease.granted(1)
+    w.lease.ttl = float("inf")
+    for n in range(partitions):
+        hp = w.homes[n] = HomePartition(n, w.cards.height)
+        hp.begin_recovery()
+        hp.recovered(0)
+    rate = (5, "vcsp-2026", "subscription")
+    # Straight into the ledgers (the license view joins the calendar), in a month before
+    # the profile's, so that they only make the ledgers bigger.
+    for i in range(state):
+        w.homes[i % partitions].license.add(
+            f"state-{i % 5000:05d}", "2026-08", "vm", f"state-{i:09d}", rate
+        )
+    w._consumer = _Fetched(config.topics, partitions)
+    producer = _AckedProducer(partitions)
+    w._producer = producer
+    fetches = list(_fetches(path, limit, config.topics.jobs, partitions))
+    events = sum(len(r) for f in fetches for r in f.values())
+    gc.collect()
+    gc.freeze()
+
+    async def replay() -> None:
+        stop = asyncio.Event()
+        for n, fetched in enumerate(fetches, 1):
+            await w._process(fetched, stop)
+            gc.freeze()  # as the worker's loop does after each batch
+            if n % flush_every == 0:
+                await w._flush()
+        drain = getattr(w, "_drain", None)  # builds before the pipeline settle in _process
+        if drain is not None:
+            await drain()
+        await w._flush()
+
+    cpu = time.process_time()
+    if work:
+        asyncio.run(replay())
+    cpu = time.process_time() - cpu
+    print(
+        f"hot path, {profile.name}: {events:,} events on {state:,} workloads already held, "
+        f"a flush every {flush_every} batches of 10,000: {cpu:.2f}s CPU "
+        f"({cpu / events * 1e6:.2f} µs/event); {producer.records:,} records written; "
+        f"{sum(len(h.ledger) for h in w.homes.values()):,} ledger entries"
+        + ("" if work else " (--no-work: loading only)")
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1307,8 +1465,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run the replay worker under cProfile (stats to bench/out/stream-worker-*.prof; "
         "slows it down)",
     )
+    g = p.add_argument_group(
+        "hot path (no broker)",
+        "the worker's own code over a profile's events with fake Kafka clients; for "
+        "instruction counts under callgrind: run with and without --no-work",
+    )
+    g.add_argument("--hot-path", action="store_true", help="run the hot path, not the replay")
+    g.add_argument("--limit", type=int, default=200_000, help="events of the profile [200000]")
+    g.add_argument("--state", type=int, default=0, help="workloads already in the ledgers [0]")
+    g.add_argument("--flush-every", type=int, default=4, help="batches between flushes [4]")
+    g.add_argument("--no-work", action="store_true", help="load everything, process nothing")
     args = p.parse_args(argv)
     args.argv = argv
+    if args.hot_path:
+        for name in args.profile or ["today"]:
+            hot_path(profiles(args.events)[name], args.limit, args.state, args.flush_every,
+                     not args.no_work)  # fmt: skip
+        return 0
     if args.faust and importlib.util.find_spec("faust") is None:
         p.error("--faust needs faust-streaming: pip install -e '.[faust]'")
     if args.baseline and not Path(args.baseline, "meter", "__init__.py").exists():
