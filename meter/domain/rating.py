@@ -436,22 +436,29 @@ class Rater:
         as if this rater had gone on to rate it: the ledger and tails joined, the tallies
         added, and each event ``later`` counted at a rate this rater had already counted
         (at that rate or higher) taken as the duplicate it is."""
-        rates_get = self.ledger.rates.get
-        put = self.ledger.put
+        ledger = self.ledger
+        rates = ledger.rates
+        rates_get = rates.get
         raised = later.raised
         again = 0
+        new: list[tuple[Key, Rate]] = []
+        higher: list[tuple[Key, Rate]] = []
         for flat, rate in later.rates.items():
             old = rates_get(flat)
             if old is None:
-                put(flat, rate)
+                rates[flat] = rate
+                new.append((flat, rate))
                 continue
             if rate > old:
-                put(flat, rate)
+                higher.append((flat, rate))
             else:
                 again += 1
             lower = raised.get(flat)
             if lower:
                 again += sum(1 for r in lower if r <= old)
+        ledger.index_new(new)
+        for flat, rate in higher:
+            ledger.put(flat, rate)
         tails = self.tails
         for key, rate in later.tails.items():
             prev = tails.get(key)
