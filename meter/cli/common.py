@@ -100,6 +100,28 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "the system clock",
     )
     g.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep each home partition's state in DIR (SQLite, one file per partition): a "
+        "restart reads it plus only the changelog written since, and closed months leave "
+        "memory (--prune-after) [none: state in memory only, rebuilt from the changelog]",
+    )
+    g.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --state-dir: save changed state at most this often (and at shutdown) [60]",
+    )
+    g.add_argument(
+        "--prune-after",
+        type=parse_grace,
+        default=timedelta(days=7),
+        metavar="DURATION",
+        help="with --state-dir: a month leaves memory this long after it closed; a late "
+        "event for it reads it back [7d; off: never]",
+    )
+    g.add_argument(
         "--idempotence",
         choices=("auto", "on", "off"),
         default="auto",
@@ -207,6 +229,8 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         close_grace=args.close_grace,
         max_event_bytes=args.max_event_bytes,
         history_start=args.history_start,
+        checkpoint_interval_s=args.checkpoint_interval,
+        prune_after=args.prune_after,
     )
 
 

@@ -33,6 +33,7 @@ from meter.kafka.settings import ENV_BROKER
 from meter.report import UsageReport, render
 from meter.report.license import license_table, month_info
 from meter.sim.fleet import generate
+from meter.store.sqlite import SqliteStore
 from meter.stream.config import StreamConfig
 from meter.stream.send import tenant_key
 from meter.stream.usage import (
@@ -107,6 +108,11 @@ async def meter_stack(
         )
     else:
         say(f"Kafka broker: {settings}")
+    state = None
+    if args.state_dir and embedded is not None:
+        say("--state-dir ignored: the embedded broker keeps nothing, so neither does meter")
+    elif args.state_dir:
+        state = SqliteStore(args.state_dir)
     worker = Worker(
         settings,
         config,
@@ -114,6 +120,7 @@ async def meter_stack(
         stats=stats,
         now=clock_from(args.clock),
         provider_license=license_,
+        state=state,
     )
     view, view_task = status_views(settings, config, worker, stop)
     try:

@@ -32,6 +32,7 @@ from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
+from meter.store.sqlite import SqliteStore
 from meter.stream.send import MODES, send_lines
 from meter.stream.usage import (
     fold,
@@ -135,6 +136,7 @@ def worker(args: argparse.Namespace) -> int:
             cards,
             now=clock_from(args.clock),
             provider_license=license_,
+            state=SqliteStore(args.state_dir) if args.state_dir else None,
         )
         view, view_task = (
             status_views(settings, config, w, stop) if args.status_page else (None, None)

@@ -177,6 +177,22 @@ class Ledger:
             cards = tm.card_counts
             cards[rate[1]] = cards.get(rate[1], 0) + 1
 
+    def drop_month(self, month: str) -> int:
+        """Forget every tenant-month of ``month`` (its state is kept elsewhere: pruning a
+        closed month from memory); returns the entries dropped.  :attr:`rates` is a new
+        dict afterwards (a dict never shrinks in place): re-read it."""
+        gone = [key for key in self._months if key[1] == month]
+        dropped = 0
+        rates = self.rates
+        for key in gone:
+            tm = self._months.pop(key)
+            for wtype, wid in tm.workloads:
+                del rates[(tm.tenant_id, month, wtype, wid)]
+            dropped += len(tm.workloads)
+        if dropped:
+            self.rates = dict(rates)
+        return dropped
+
     def rate(self, tenant_id: str, month: str, workload_type: str, workload_id: str) -> Rate | None:
         """The workload's rate in the tenant-month; ``None`` when it is not counted there."""
         return self.rates.get((tenant_id, month, workload_type, workload_id))

@@ -325,6 +325,35 @@ class LicenseLedger:
         self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
         return True
 
+    def note_first(self, tenant: str, wtype: str, wid: str, month: str) -> None:
+        """Join a workload's first month in (a minimum) without its entries: a month kept
+        on disk, not in memory, still decides which later months a workload is new in.
+        Load these before the entries of later months."""
+        wkey = (tenant, wtype, wid)
+        first = self.first.get(wkey)
+        if first is None or month < first:
+            self.first[wkey] = month
+        if self._min_month is None or month < self._min_month:
+            self._min_month = month
+
+    def firsts(self) -> Iterator[tuple[str, str, str, str]]:
+        """``(tenant, type, workload, first month)`` of every workload ever counted."""
+        for (t, w, i), m in self.first.items():
+            yield t, w, i, m
+
+    def drop_month(self, month: str) -> int:
+        """Forget ``month``'s calendar entries, tail entries and report totals (pruning a
+        closed month from memory); the first-month map stays.  Returns entries dropped."""
+        dropped = self.calendar.drop_month(month)
+        for key in [k for k in self.months if k[1] == month]:
+            del self.months[key]
+        gone = [k for k in self.tails if k[1] == month]
+        for k in gone:
+            del self.tails[k]
+        if gone:
+            self.tails = dict(self.tails)
+        return dropped + len(gone)
+
     def merge(self, other: LicenseLedger) -> LicenseLedger:
         """Join ``other``'s calendar and tail entries in (in place); returns self."""
         for entry in other.calendar.entries():

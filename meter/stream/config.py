@@ -65,6 +65,10 @@ class StreamConfig:
     #: License view: the first month of meter's history (it has no new workloads);
     #: None: each home partition's earliest month.
     history_start: str | None = None
+    #: With local state (``--state-dir``): save changed state at most this often.
+    checkpoint_interval_s: float = 60.0
+    #: With local state: a closed month leaves memory this long after it closed (None: never).
+    prune_after: timedelta | None = timedelta(days=7)
 
     def topic_specs(self) -> list[TopicSpec]:
         t = self.topics

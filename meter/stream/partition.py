@@ -42,13 +42,27 @@ import enum
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Final
 
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
-from meter.stream.closing import HomeClose, LicenseSnapshot
-from meter.stream.records import Entry, read_changelog
+from meter.store import Checkpoint, PartitionStore
+from meter.stream.closing import (
+    HomeClose,
+    LicenseSnapshot,
+    encode_closed_marker,
+    encode_final_chunk,
+)
+from meter.stream.records import (
+    Entry,
+    encode_changelog,
+    encode_firsts,
+    encode_license_final_chunk,
+    encode_tails,
+    read_changelog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +127,7 @@ class HomePartition:
         "_lfinals_pending",
         "_lstarts_pending",
         "_rates",
+        "changed",
         "changelog_end",
         "close",
         "corr_dirty",
@@ -127,7 +142,10 @@ class HomePartition:
         "needs_rebuild",
         "number",
         "phase",
+        "pruned",
         "reason",
+        "saved_end",
+        "store",
     )
 
     def __init__(
@@ -166,6 +184,16 @@ class HomePartition:
         self._finals_pending: dict[str, dict[str, dict[tuple[str, str], Rate]]] = {}
         self._lfinals_pending: dict[str, LicenseSnapshot] = {}
         self._lstarts_pending: dict[str, str | None] = {}
+        #: Local state (``--state-dir``): the checkpoint is read at start, written by
+        #: :meth:`save`; closed months may then be pruned from memory.
+        self.store: PartitionStore | None = None
+        #: Closed months not in memory: their state is in :attr:`store`, read back when
+        #: something needs it (a late event, a close to publish again).
+        self.pruned: set[str] = set()
+        #: Months whose state changed since the last :meth:`save`.
+        self.changed: set[str] = set()
+        #: ``changelog_end`` at the last :meth:`save` (-1: never saved).
+        self.saved_end = -1
 
     def __repr__(self) -> str:
         return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
@@ -218,6 +246,9 @@ class HomePartition:
         self._finals_pending.clear()
         self._lfinals_pending.clear()
         self._lstarts_pending.clear()
+        self.pruned.clear()
+        self.changed.clear()
+        self.saved_end = -1
         self._drop_batch()
 
     def recovered(self, end: int) -> None:
@@ -274,6 +305,8 @@ class HomePartition:
             old = self._rates.get((tenant, month, wtype, wid))
             if old is not None and old >= rate:
                 return False
+        if self.pruned:
+            self._unprune_for(tenant, month, wtype, wid, tail)
         lic = self.license
         batch = self._batch
         if tail is not None and lic.add_tail(tenant, tail, wtype, wid, rate):
@@ -333,6 +366,14 @@ class HomePartition:
         self.corr_dirty |= batch.corr
         self.lic_dirty |= batch.lic
         self.lcorr_dirty |= batch.lcorr
+        if self.store is not None:
+            changed = self.changed
+            for e in batch.entries:
+                changed.add(e[1])
+            for e in batch.tails:
+                changed.add(e[1])
+            for k in batch.lcorr:
+                changed.add(k[1])
         self.acknowledged(offsets)
 
     def acknowledged(self, offsets: list[int]) -> None:
@@ -382,6 +423,25 @@ class HomePartition:
         cl = read_changelog(raw)
         lic = self.license
         hc = self.close
+        if self.pruned:
+            for t, m, w, i, _ in cl.entries:
+                self._unprune_for(t, m, w, i, None)
+            self.load_months(
+                {e[1] for e in cl.tails}
+                | {m for m in (cl.final, cl.license_final, cl.closed) if m is not None}
+            )
+        if self.store is not None:
+            changed = self.changed
+            for e in cl.entries:
+                changed.add(e[1])
+            for e in cl.tails:
+                changed.add(e[1])
+            for marked in (cl.final, cl.license_final, cl.closed):
+                if marked is not None:
+                    changed.add(marked)
+        if cl.firsts is not None:
+            for t, w, i in cl.first_entries:
+                lic.note_first(t, w, i, cl.firsts)
         for n, entry in enumerate(cl.entries):
             lic.add(*entry)
             if n in cl.event_ids:
@@ -421,6 +481,7 @@ class HomePartition:
         self.close.finals[month] = snapshot
         self.close.license_finals[month] = license_snapshot or {}
         self.close.license_starts[month] = history_start
+        self.changed.add(month)
         for tenant in snapshot:
             self.dirty.pop((tenant, month), None)
         self.lic_dirty = {tm for tm in self.lic_dirty if tm[1] != month}
@@ -430,3 +491,193 @@ class HomePartition:
 
     def months(self) -> Iterator[str]:
         return (tm.month for tm in self.ledger.tenant_months())
+
+    # ------------------------------------------------------------------ local state
+
+    def _unprune_for(self, tenant: str, month: str, wtype: str, wid: str, tail: str | None) -> None:
+        """Read back the pruned months that joining this entry can change: its month, its
+        tail month, the month it was new in (when it moves earlier) and the history start
+        (when that moves earlier)."""
+        pruned = self.pruned
+        need = {m for m in (month, tail) if m in pruned}
+        lic = self.license
+        first = lic.first.get((tenant, wtype, wid))
+        if first is not None and month < first and first in pruned:
+            need.add(first)
+        start = lic.history_start
+        if start is not None and month < start and start in pruned:
+            need.add(start)
+        if need:
+            self.load_months(need)
+
+    def load_months(self, months: set[str]) -> None:
+        """Read pruned ``months`` back from the local store into memory (a join: their
+        records are replayed).  Raises :class:`StoreError` when the store fails."""
+        for month in sorted(months & self.pruned):
+            assert self.store is not None
+            records = self.store.read(f"month:{month}")
+            self.pruned.discard(month)
+            for raw in records:
+                self.replay(raw)
+            self.changed.discard(month)  # what was just read is what the store holds
+            log.info(
+                "home partition %d: %s read back from local state (%d records)",
+                self.number,
+                month,
+                len(records),
+            )
+
+    def restore(self, store: PartitionStore, checkpoint: Checkpoint) -> int:
+        """Load saved state (RECOVERING, nothing in memory yet): every first-month row and
+        the rows of months not pruned; the changelog is then replayed from
+        ``checkpoint.offset``.  Returns the records read.  Raises :class:`StoreError` when
+        a row is not what was saved (nothing half-loaded is kept: the caller resets)."""
+        if self.phase is not Phase.RECOVERING or self.changelog_end != 0 or len(self.ledger):
+            raise LifecycleError(f"home partition {self.number}: restore into a used state")
+        keys = store.keys()
+        pruned = set(checkpoint.pruned)
+        for key in pruned:
+            store.read(f"month:{key}")  # checked now, not first when a late event needs it
+        n = 0
+        firsts = sorted(k for k in keys if k.startswith("firsts:"))
+        months = sorted(
+            k for k in keys if k.startswith("month:") and k.removeprefix("month:") not in pruned
+        )
+        for key in firsts + months:
+            for raw in store.read(key):
+                self.replay(raw)
+                n += 1
+        self.close.closed.update(checkpoint.closed)
+        self.pruned = pruned
+        self.changelog_end = checkpoint.offset
+        self.saved_end = checkpoint.offset
+        self.changed.clear()
+        self.store = store
+        return n
+
+    def month_rows(self, month: str) -> list[bytes]:
+        """``month``'s whole state as changelog-format records: its entries (late ones with
+        their event ids), the tail entries of its window, its final snapshots and close."""
+        hc = self.close
+        entries: list[Entry] = []
+        ids: list[str | None] = []
+        late = hc.late_ids
+        for tm in self.ledger.tenant_months():
+            if tm.month != month:
+                continue
+            t = tm.tenant_id
+            for (w, i), rate in tm.workloads.items():
+                entries.append((t, month, w, i, rate))
+                ids.append(late.get((t, month, w, i)) if late else None)
+        tails = [(t, m, w, i, r) for (t, m, w, i), r in self.license.tails.items() if m == month]
+        out = [
+            encode_changelog(entries[k : k + _ROW_CHUNK], ids[k : k + _ROW_CHUNK])
+            for k in range(0, len(entries), _ROW_CHUNK)
+        ]
+        out += [encode_tails(tails[k : k + _ROW_CHUNK]) for k in range(0, len(tails), _ROW_CHUNK)]
+        if month in hc.closed:
+            finals = [
+                (t, w, i, r)
+                for t, held in hc.finals.get(month, {}).items()
+                for (w, i), r in held.items()
+            ]
+            out += [
+                encode_final_chunk(month, finals[k : k + _ROW_CHUNK])
+                for k in range(0, len(finals), _ROW_CHUNK)
+            ]
+            lfinals = [
+                (t, w, i, rate, new)
+                for t, held in hc.license_finals.get(month, {}).items()
+                for (w, i), (rate, new) in held.items()
+            ]
+            start = hc.license_starts.get(month)
+            out += [
+                encode_license_final_chunk(month, lfinals[k : k + _ROW_CHUNK], start)
+                for k in range(0, len(lfinals), _ROW_CHUNK)
+            ] or [encode_license_final_chunk(month, [], start)]
+            out.append(encode_closed_marker(month, _EPOCH))
+        return out
+
+    def save(self, fingerprint: int, prunable: set[str] | None = None) -> int:
+        """Write the months changed since the last save and the checkpoint (ACTIVE, with
+        nothing in flight: every change is acknowledged, ``changelog_end`` covers it), then
+        prune ``prunable`` closed months with nothing left to publish.  Returns the months
+        pruned.  Raises :class:`StoreError` when the store cannot be written."""
+        store = self.store
+        if store is None or self.phase is not Phase.ACTIVE or self._batch:
+            return 0
+        if self.changed or self.saved_end != self.changelog_end:
+            rows: dict[str, list[bytes]] = {}
+            firsts: dict[str, list[tuple[str, str, str]]] = {m: [] for m in self.changed}
+            if firsts:
+                for t, w, i, m in self.license.firsts():
+                    held = firsts.get(m)
+                    if held is not None:
+                        held.append((t, w, i))
+            for month in sorted(self.changed):
+                rows[f"month:{month}"] = self.month_rows(month)
+                got = firsts[month]
+                rows[f"firsts:{month}"] = [
+                    encode_firsts(month, got[k : k + _ROW_CHUNK])
+                    for k in range(0, len(got), _ROW_CHUNK)
+                ]
+            store.save(
+                Checkpoint(
+                    self.changelog_end,
+                    fingerprint,
+                    tuple(sorted(self.close.closed)),
+                    tuple(sorted(self.pruned)),
+                ),
+                rows,
+            )
+            self.changed.clear()
+            self.saved_end = self.changelog_end
+        pruned = 0
+        for month in sorted(prunable or ()):
+            if self._prunable(month):
+                self._prune(month)
+                pruned += 1
+        if pruned:
+            store.save(
+                Checkpoint(
+                    self.changelog_end,
+                    fingerprint,
+                    tuple(sorted(self.close.closed)),
+                    tuple(sorted(self.pruned)),
+                ),
+                {},
+            )
+        return pruned
+
+    def _prunable(self, month: str) -> bool:
+        return (
+            month in self.close.closed
+            and month not in self.pruned
+            and month not in self.changed
+            and not any(k[1] == month for k in self.corr_dirty)
+            and not any(k[1] == month for k in self.lcorr_dirty)
+            and not any(tm[1] == month for tm in self.dirty)
+        )
+
+    def _prune(self, month: str) -> None:
+        hc = self.close
+        dropped = self.license.drop_month(month)
+        self._rates = self.ledger.rates
+        hc.finals.pop(month, None)
+        hc.license_finals.pop(month, None)
+        hc.license_starts.pop(month, None)
+        if hc.late_ids:
+            for key in [k for k in hc.late_ids if k[1] == month]:
+                del hc.late_ids[key]
+        self.pruned.add(month)
+        log.info(
+            "home partition %d: %s pruned from memory (%d entries; kept in local state)",
+            self.number,
+            month,
+            dropped,
+        )
+
+
+#: Entries per record in local state rows.
+_ROW_CHUNK: Final = 20_000
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

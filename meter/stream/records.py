@@ -121,6 +121,12 @@ def encode_tails(entries: Sequence[Entry]) -> bytes:
     )
 
 
+def encode_firsts(month: str, workloads: Sequence[tuple[str, str, str]]) -> bytes:
+    """Local state only: the workloads ``(tenant, type, workload)`` whose first month (the
+    vendor's new-workload rule) is ``month``."""
+    return orjson.dumps({"v": CHANGELOG_VERSION, "firsts": month, "entries": workloads})
+
+
 def tail_chunks(entries: Sequence[Entry]) -> Iterator[bytes]:
     """``entries`` (tail entries) as changelog records that each fit."""
     for part in changelog_slices(entries):
@@ -159,6 +165,9 @@ class ChangelogRecord:
     license_entries: list[LicenseFinal] = field(default_factory=list)
     history_start: str | None = None  # of a license-view final snapshot chunk
     closed: str | None = None  # month of a close marker
+    #: Local state only (never on the topic): workloads whose first month is ``firsts``.
+    firsts: str | None = None
+    first_entries: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 _MONTH: Final = re.compile(r"[0-9]{4}-(?:0[1-9]|1[0-2])")
@@ -233,6 +242,11 @@ def read_changelog(raw: bytes) -> ChangelogRecord:
             for t, w, i, p, c, lic, new in doc["entries"]:
                 _ids(t, w, i)
                 rec.license_entries.append((shared(t), shared(w), i, _rate(p, c, lic), bool(new)))
+        elif "firsts" in doc:
+            rec.firsts = _month(doc["firsts"])
+            for t, w, i in doc["entries"]:
+                _ids(t, w, i)
+                rec.first_entries.append((shared(t), shared(w), i))
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)

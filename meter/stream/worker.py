@@ -37,6 +37,7 @@ import contextlib
 import gc
 import logging
 import time
+import zlib
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,7 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
+from meter.store import StateStore, StoreError
 from meter.stream.closing import (
     correction_record,
     encode_closed_marker,
@@ -266,6 +268,7 @@ class WorkerStats:
     forwarded: int = 0
     published: int = 0
     changelog_records: int = 0
+    checkpoints: int = 0
     batches: int = 0
     recovered_entries: int = 0
     rebalances: int = 0
@@ -292,8 +295,14 @@ class Worker:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         stats: WorkerStats | None = None,
         provider_license: ProviderLicense | None = None,
+        state: StateStore | None = None,
     ) -> None:
         self.settings = settings
+        #: Local state of home partitions (``--state-dir``); None: memory only.
+        self.state = state
+        self._last_checkpoint = time.monotonic()
+        #: (home, month) whose close meter.reports holds (a month is pruned only then).
+        self._closes_published: set[tuple[int, str]] = set()
         self.config = config
         self.cards = cards
         #: What the provider licensed (``--license``); None: not declared.
@@ -559,6 +568,8 @@ class Worker:
                 async with self._lock:
                     await asyncio.wait_for(self._drain(), STOP_GRACE_S)
                     await asyncio.wait_for(self._flush(), 5.0)
+                    if self.state is not None:
+                        await asyncio.wait_for(self._checkpoint(), 30.0)
             except (TimeoutError, KafkaError, OSError, BrokerError) as exc:
                 log.warning("could not publish the last usage records on shutdown: %s", exc)
         self._abandon()
@@ -616,10 +627,20 @@ class Worker:
                 await self._flush()
             if time.monotonic() - self._last_close_check >= 1.0:
                 await self._close_checked()
+            if (
+                self.state is not None
+                and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+            ):
+                await self._checkpoint()
         except DataLostError as exc:
             self._data_lost(exc)
         except WriteBlockedError as exc:
             self._halt(str(exc))
+        except StoreError as exc:
+            self._halt(
+                f"local state failed ({exc}); the changelog holds everything: remove the "
+                "partition's file from --state-dir and restart to rebuild it"
+            )
 
     def _data_lost(self, exc: DataLostError) -> None:
         self._halt(
@@ -1443,6 +1464,7 @@ class Worker:
             if reports is not None:
                 reports.update({key: doc for key, (_, doc) in tenant_docs.items()})
                 reports[summary_key] = summary
+        self._closes_published.add((hp.number, month))
         await self._maybe_provider_summary(month, reports)
 
     async def _refresh_known_months(self) -> dict[str, dict[str, Any]] | None:
@@ -1567,6 +1589,8 @@ class Worker:
             for home in gone:
                 hp = self.homes.pop(home)
                 hp.move(Phase.CLOSED)
+                if hp.store is not None:
+                    hp.store.close()
             if gone:
                 log.info("gave up home partitions %s", gone)
             mine = {(tp.topic, tp.partition) for tp in assigned}
@@ -1574,7 +1598,9 @@ class Worker:
                 del self._positions[key]
             height = self.cards.height
             for home in homes - set(self.homes):
-                self.homes[home] = HomePartition(home, height, self.config.history_start)
+                hp = self.homes[home] = HomePartition(home, height, self.config.history_start)
+                if self.state is not None:
+                    hp.store = self.state.partition(self.config.topics.changelog, home)
             if self.halted:
                 return
             try:
@@ -1627,6 +1653,9 @@ class Worker:
         started = time.monotonic()
         parts = {n: self.homes[n] for n in homes}
         starts = {n: hp.begin_recovery() for n, hp in parts.items()}
+        for n, hp in parts.items():
+            if starts[n] == 0 and hp.store is not None and not len(hp.ledger):
+                starts[n] = await self._restore_local(hp)
         tps = {TopicPartition(self.config.topics.changelog, n): n for n in homes}
         restore.assign(list(tps))
         for tp, n in tps.items():
@@ -1682,6 +1711,11 @@ class Worker:
         for hp in parts.values():
             for month in sorted(hp.close.closed):
                 try:
+                    if month in hp.pruned:
+                        if reports is not None and f"partition/{month}/{hp.number}" in reports:
+                            self._closes_published.add((hp.number, month))
+                            continue
+                        hp.load_months({month})  # meter.reports lacks it: publish again
                     if self._publishable():
                         await self._publish_close(hp, month, reports)
                 except (KafkaError, OSError, TimeoutError) as exc:
@@ -1697,6 +1731,128 @@ class Worker:
             f" (caught up {caught} from where their state was)" if caught else "",
         )
         return total
+
+    # ------------------------------------------------------------------ local state
+
+    async def _restore_local(self, hp: HomePartition) -> int:
+        """Load ``hp``'s saved state when it matches the changelog; the offset to replay
+        the changelog from (0: rebuild, the store is cleared).  Raises
+        :class:`DataLostError` when the saved state is past the changelog's end."""
+        store = hp.store
+        assert store is not None
+        started = time.monotonic()
+        try:
+            checkpoint = store.checkpoint()
+        except StoreError as exc:
+            log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
+            store.clear()
+            return 0
+        if checkpoint is None:
+            return 0
+        if checkpoint.offset > 0:
+            crc = await self._record_crc(hp.number, checkpoint.offset - 1)
+            if crc is None:
+                raise DataLostError(
+                    f"local state of home partition {hp.number} ({store!r}) is at changelog "
+                    f"offset {checkpoint.offset}, past the changelog's end: the broker lost "
+                    "data (or the state belongs to another cluster: remove the file to rebuild)"
+                )
+            if crc != checkpoint.fingerprint:
+                log.warning(
+                    "local state of home partition %d does not match the changelog (another "
+                    "cluster or a recreated topic); rebuilding from the changelog",
+                    hp.number,
+                )
+                store.clear()
+                return 0
+        try:
+            records = hp.restore(store, checkpoint)
+        except StoreError as exc:
+            log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
+            store.clear()
+            return 0
+        log.info(
+            "home partition %d: local state read to changelog offset %d (%d records, %d "
+            "months pruned) in %.2fs",
+            hp.number,
+            checkpoint.offset,
+            records,
+            len(hp.pruned),
+            time.monotonic() - started,
+        )
+        return checkpoint.offset
+
+    async def _record_crc(self, home: int, offset: int) -> int | None:
+        """CRC-32 of the changelog record at ``offset`` of ``home``; None when the
+        changelog has no record there."""
+        restore = self._restore
+        assert restore is not None
+        tp = TopicPartition(self.config.topics.changelog, home)
+        restore.assign([tp])
+        try:
+            restore.seek(tp, offset)
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                batch = await restore.getmany(tp, timeout_ms=200, max_records=1)
+                for rec in batch.get(tp, ()):
+                    return zlib.crc32(rec.value or b"") if rec.offset == offset else None
+                hw = restore.highwater(tp)
+                if hw is not None and hw <= offset:
+                    return None
+            raise KafkaError(f"could not read changelog record {home}@{offset} in 15 s")
+        finally:
+            restore.assign([])
+
+    def _prunable(self, hp: HomePartition, now: datetime) -> set[str]:
+        after = self.config.prune_after
+        grace = self.config.close_grace
+        if after is None or grace is None:
+            return set()
+        return {
+            m
+            for m in hp.close.closed - hp.pruned
+            if (hp.number, m) in self._closes_published and closes_at(m, grace) + after <= now
+        }
+
+    async def _checkpoint(self) -> None:
+        """Save every active home partition's changed state (nothing in flight, so all of
+        it is acknowledged), then prune the closed months that are due."""
+        self._last_checkpoint = time.monotonic()
+        now = self.now()
+        due = [
+            hp
+            for hp in self.homes.values()
+            if hp.active
+            and hp.store is not None
+            and (hp.changed or hp.saved_end != hp.changelog_end or self._prunable(hp, now))
+        ]
+        if not due:
+            return
+        await self._drain()
+        for hp in due:
+            if not hp.active:
+                continue
+            started = time.monotonic()
+            end = hp.changelog_end
+            fingerprint = await self._record_crc(hp.number, end - 1) if end > 0 else 0
+            if fingerprint is None:
+                raise DataLostError(
+                    f"changelog partition {hp.number} has no record at offset {end - 1}, "
+                    "which this worker wrote or read"
+                )
+            months = len(hp.changed)
+            pruned = hp.save(fingerprint, self._prunable(hp, now))
+            self.stats.checkpoints += 1
+            log.info(
+                "home partition %d: state saved at changelog offset %d (%d months written, "
+                "%d pruned) in %.2fs",
+                hp.number,
+                end,
+                months,
+                pruned,
+                time.monotonic() - started,
+            )
+        self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------ reporting
 

@@ -1,0 +1,64 @@
+"""Local state of home partitions, on disk: where a worker's ledger is up to, kept so that
+a restart reads its state from here plus only the changelog written since.
+
+The core of a checkpoint is a position: every changelog record below ``offset`` is joined
+into the rows saved with it, and ``fingerprint`` (a CRC-32 of the record at ``offset - 1``)
+ties the rows to *this* changelog, so a store from another cluster or a recreated topic is
+never trusted.  Rows are keyed (``month:2026-10``, ``firsts:2026-10``) and hold records in
+the changelog's own format, so loading them is replaying them: a join, like the changelog.
+
+A store is an adapter with a small interface (:class:`PartitionStore`); :mod:`.sqlite`
+implements it with the standard library's SQLite, one file per home partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from meter.errors import MeterError
+
+
+class StoreError(MeterError, OSError):
+    """Local state that cannot be read or written as it should (a corrupt or foreign
+    file, a full disk).  At start it means: rebuild from the changelog."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where saved state is up to."""
+
+    #: Every changelog record below this offset is joined into the saved rows.
+    offset: int
+    #: CRC-32 of the changelog record at ``offset - 1`` (0 when ``offset`` is 0).
+    fingerprint: int
+    #: Closed months (the partition's close markers), and those of them whose rows are
+    #: not loaded at start (pruned from memory; read back when a late event needs them).
+    closed: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
+
+
+class PartitionStore(Protocol):
+    def checkpoint(self) -> Checkpoint | None:
+        """The saved checkpoint, verified (every row's checksum); ``None`` when there is
+        none.  Raises :class:`StoreError` when the store is corrupt."""
+
+    def keys(self) -> list[str]: ...
+
+    def read(self, key: str) -> list[bytes]:
+        """The records of one row, checked; raises :class:`StoreError` if they are not
+        what was written."""
+
+    def save(self, checkpoint: Checkpoint, rows: Mapping[str, Sequence[bytes]]) -> None:
+        """Replace ``rows`` and the checkpoint in one atomic step (a crash leaves the old
+        checkpoint or the new one, never a mix)."""
+
+    def clear(self) -> None:
+        """Forget everything (before a rebuild from the changelog)."""
+
+    def close(self) -> None: ...
+
+
+class StateStore(Protocol):
+    def partition(self, topic: str, number: int) -> PartitionStore: ...
