@@ -573,6 +573,9 @@ class Worker:
             except (TimeoutError, KafkaError, OSError, BrokerError) as exc:
                 log.warning("could not publish the last usage records on shutdown: %s", exc)
         self._abandon()
+        for hp in self.homes.values():
+            if hp.store is not None:
+                hp.store.close()
         await self._close_clients()
         log.info("worker stopped: %s", self._summary())
 
