@@ -13,7 +13,7 @@ implements it with the standard library's SQLite, one file per home partition.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,9 +46,9 @@ class PartitionStore(Protocol):
 
     def keys(self) -> list[str]: ...
 
-    def read(self, key: str) -> list[bytes]:
-        """The records of one row, checked; raises :class:`StoreError` if they are not
-        what was written."""
+    def read(self, key: str) -> Iterator[bytes]:
+        """The records of one row, each checked as it is read; raises :class:`StoreError`
+        when one is not what was written."""
 
     def save(self, checkpoint: Checkpoint, rows: Mapping[str, Sequence[bytes]]) -> None:
         """Replace ``rows`` and the checkpoint in one atomic step (a crash leaves the old

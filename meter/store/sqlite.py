@@ -14,7 +14,7 @@ import os
 import re
 import sqlite3
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -121,17 +121,17 @@ class SqlitePartition:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
-    def read(self, key: str) -> list[bytes]:
+    def read(self, key: str) -> Iterator[bytes]:
+        """The records of one row, each checked as it is read (a row of a month with a
+        million workloads is tens of MB: it is never all in memory at once)."""
         try:
             rows = self._conn().execute(
                 "SELECT crc, raw FROM records WHERE key = ? ORDER BY seq", (key,)
             )
-            out = []
             for crc, raw in rows:
                 if zlib.crc32(raw) != crc:
                     raise StoreError(f"{self.path}: row {key!r} is corrupt (checksum)")
-                out.append(bytes(raw))
-            return out
+                yield bytes(raw)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read row {key!r} ({exc})") from exc
 

@@ -48,7 +48,7 @@ from typing import Final
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
-from meter.store import Checkpoint, PartitionStore
+from meter.store import Checkpoint, PartitionStore, StoreError
 from meter.stream.closing import (
     HomeClose,
     LicenseSnapshot,
@@ -414,13 +414,13 @@ class HomePartition:
 
     # ------------------------------------------------------------------ replay
 
-    def replay(self, raw: bytes) -> int:
+    def replay(self, raw: bytes, ids: dict[str, str] | None = None) -> int:
         """Join one changelog record in (recovery and catch-up); returns entries applied.
 
         Raises :class:`~meter.stream.records.ChangelogError` for a record this
         version cannot read.
         """
-        cl = read_changelog(raw)
+        cl = read_changelog(raw, ids)
         lic = self.license
         hc = self.close
         if self.pruned:
@@ -515,16 +515,17 @@ class HomePartition:
         records are replayed).  Raises :class:`StoreError` when the store fails."""
         for month in sorted(months & self.pruned):
             assert self.store is not None
-            records = self.store.read(f"month:{month}")
+            records = 0
             self.pruned.discard(month)
-            for raw in records:
+            for raw in self.store.read(f"month:{month}"):
                 self.replay(raw)
+                records += 1
             self.changed.discard(month)  # what was just read is what the store holds
             log.info(
                 "home partition %d: %s read back from local state (%d records)",
                 self.number,
                 month,
-                len(records),
+                records,
             )
 
     def restore(self, store: PartitionStore, checkpoint: Checkpoint) -> int:
@@ -534,25 +535,34 @@ class HomePartition:
         a row is not what was saved (nothing half-loaded is kept: the caller resets)."""
         if self.phase is not Phase.RECOVERING or self.changelog_end != 0 or len(self.ledger):
             raise LifecycleError(f"home partition {self.number}: restore into a used state")
+        try:
+            n = self._load(store, set(checkpoint.pruned))
+        except StoreError:
+            self._reset()  # nothing half-loaded is kept
+            raise
+        self.close.closed.update(checkpoint.closed)
+        self.pruned = set(checkpoint.pruned)
+        self.changelog_end = checkpoint.offset
+        self.saved_end = checkpoint.offset
+        self.changed.clear()
+        self.store = store
+        return n
+
+    def _load(self, store: PartitionStore, pruned: set[str]) -> int:
         keys = store.keys()
-        pruned = set(checkpoint.pruned)
         for key in pruned:
-            store.read(f"month:{key}")  # checked now, not first when a late event needs it
+            for _ in store.read(f"month:{key}"):
+                pass  # checked now, not first when a late event needs it
         n = 0
         firsts = sorted(k for k in keys if k.startswith("firsts:"))
         months = sorted(
             k for k in keys if k.startswith("month:") and k.removeprefix("month:") not in pruned
         )
+        ids: dict[str, str] = {}  # one copy of each workload id, whatever rows it is in
         for key in firsts + months:
             for raw in store.read(key):
-                self.replay(raw)
+                self.replay(raw, ids)
                 n += 1
-        self.close.closed.update(checkpoint.closed)
-        self.pruned = pruned
-        self.changelog_end = checkpoint.offset
-        self.saved_end = checkpoint.offset
-        self.changed.clear()
-        self.store = store
         return n
 
     def month_rows(self, month: str) -> list[bytes]:

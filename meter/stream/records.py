@@ -217,11 +217,13 @@ def _ids(t: object, w: object, i: object) -> None:
         raise ChangelogError(f"tenant, type and workload must be strings: {[t, w, i]!r:.80}")
 
 
-def read_changelog(raw: bytes) -> ChangelogRecord:
+def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRecord:
     """Decode one changelog record; anything malformed is a :class:`ChangelogError`.
 
     Tenant ids, months, workload types and rates come out shared (:func:`shared`), so
-    a ledger rebuilt from the changelog is as small as the one built from events."""
+    a ledger rebuilt from the changelog is as small as the one built from events.  With
+    ``ids``, workload ids are shared through it too (loading local state, where the same
+    workload is in several months' rows and in the first-month map)."""
     try:
         doc = orjson.loads(raw)
         if doc.get("v") != CHANGELOG_VERSION:
@@ -234,29 +236,62 @@ def read_changelog(raw: bytes) -> ChangelogRecord:
             append = rec.final_entries.append
             for t, w, i, p, c, lic in doc["entries"]:
                 _ids(t, w, i)
-                append((shared(t), shared(w), i, _rate(p, c, lic)))
+                append(
+                    (
+                        shared(t),
+                        shared(w),
+                        i if ids is None else ids.setdefault(i, i),
+                        _rate(p, c, lic),
+                    )
+                )
         elif "license_final" in doc:
             rec.license_final = _month(doc["license_final"])
             hs = doc.get("history_start")
             rec.history_start = None if hs is None else _month(hs)
             for t, w, i, p, c, lic, new in doc["entries"]:
                 _ids(t, w, i)
-                rec.license_entries.append((shared(t), shared(w), i, _rate(p, c, lic), bool(new)))
+                rec.license_entries.append(
+                    (
+                        shared(t),
+                        shared(w),
+                        i if ids is None else ids.setdefault(i, i),
+                        _rate(p, c, lic),
+                        bool(new),
+                    )
+                )
         elif "firsts" in doc:
             rec.firsts = _month(doc["firsts"])
             for t, w, i in doc["entries"]:
                 _ids(t, w, i)
-                rec.first_entries.append((shared(t), shared(w), i))
+                rec.first_entries.append(
+                    (shared(t), shared(w), i if ids is None else ids.setdefault(i, i))
+                )
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)
-                rec.tails.append((shared(t), _month(m), shared(w), i, _rate(p, c, lic)))
+                rec.tails.append(
+                    (
+                        shared(t),
+                        _month(m),
+                        shared(w),
+                        i if ids is None else ids.setdefault(i, i),
+                        _rate(p, c, lic),
+                    )
+                )
         else:
             entries = rec.entries
             for n, row in enumerate(doc["entries"]):
                 t, m, w, i, p, c, lic = row[:7]
                 _ids(t, w, i)
-                entries.append((shared(t), _month(m), shared(w), i, _rate(p, c, lic)))
+                entries.append(
+                    (
+                        shared(t),
+                        _month(m),
+                        shared(w),
+                        i if ids is None else ids.setdefault(i, i),
+                        _rate(p, c, lic),
+                    )
+                )
                 if len(row) > 7:
                     rec.event_ids[n] = str(row[7])
         return rec

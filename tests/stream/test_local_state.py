@@ -293,8 +293,8 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_whole(tmp_path: P
         store.save(Checkpoint(9, 9), Torn({"month:2026-01": [b"x"], "month:2026-02": [b"y"]}))
     store.close()
     assert store.checkpoint() == Checkpoint(3, 7)
-    assert store.read("month:2026-01") == [b"a", b"b"]
-    assert store.read("month:2026-02") == []
+    assert list(store.read("month:2026-01")) == [b"a", b"b"]
+    assert list(store.read("month:2026-02")) == []
 
 
 # ---------------------------------------------------------------- property
