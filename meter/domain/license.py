@@ -336,11 +336,6 @@ class LicenseLedger:
         if self._min_month is None or month < self._min_month:
             self._min_month = month
 
-    def firsts(self) -> Iterator[tuple[str, str, str, str]]:
-        """``(tenant, type, workload, first month)`` of every workload ever counted."""
-        for (t, w, i), m in self.first.items():
-            yield t, w, i, m
-
     def drop_month(self, month: str) -> int:
         """Forget ``month``'s calendar entries, tail entries and report totals (pruning a
         closed month from memory); the first-month map stays.  Returns entries dropped."""

@@ -145,6 +145,28 @@ class WorkerCollector(Collector):
         homes = GaugeMetricFamily("meter_home_partitions", "Home partitions this worker owns.")
         homes.add_metric([], len(self.worker.ledgers))
         yield homes
+        yield _counter(
+            "meter_state_checkpoints",
+            "Checkpoints of a home partition's state written to --state-dir.",
+            getattr(s, "checkpoints", 0),
+        )
+        pruned = GaugeMetricFamily(
+            "meter_state_pruned_months",
+            "Closed months kept in --state-dir and not in memory, per home partition.",
+            labels=["partition"],
+        )
+        behind = GaugeMetricFamily(
+            "meter_state_unsaved_records",
+            "Changelog records joined into a home partition since its last checkpoint (what a "
+            "restart on this host replays).",
+            labels=["partition"],
+        )
+        for n, hp in sorted(getattr(self.worker, "homes", {}).items()):
+            if getattr(hp, "store", None) is not None and hp.active:
+                pruned.add_metric([str(n)], len(hp.pruned))
+                behind.add_metric([str(n)], max(0, hp.changelog_end - max(hp.saved_end, 0)))
+        yield pruned
+        yield behind
         lag = GaugeMetricFamily(
             "meter_consumer_lag_messages",
             "Messages not yet processed, per input partition (Fetch high watermark - position).",

@@ -13,7 +13,7 @@ implements it with the standard library's SQLite, one file per home partition.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,7 +50,7 @@ class PartitionStore(Protocol):
         """The records of one row, each checked as it is read; raises :class:`StoreError`
         when one is not what was written."""
 
-    def save(self, checkpoint: Checkpoint, rows: Mapping[str, Sequence[bytes]]) -> None:
+    def save(self, checkpoint: Checkpoint, rows: Mapping[str, Iterable[bytes]]) -> None:
         """Replace ``rows`` and the checkpoint in one atomic step (a crash leaves the old
         checkpoint or the new one, never a mix)."""
 

@@ -14,7 +14,7 @@ import os
 import re
 import sqlite3
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -135,7 +135,7 @@ class SqlitePartition:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read row {key!r} ({exc})") from exc
 
-    def save(self, checkpoint: Checkpoint, rows: Mapping[str, Sequence[bytes]]) -> None:
+    def save(self, checkpoint: Checkpoint, rows: Mapping[str, Iterable[bytes]]) -> None:
         try:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")

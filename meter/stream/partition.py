@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
@@ -65,6 +65,7 @@ from meter.stream.records import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: (tenant, month) of a tenant-month.
 TM = tuple[str, str]
@@ -565,48 +566,54 @@ class HomePartition:
                 n += 1
         return n
 
-    def month_rows(self, month: str) -> list[bytes]:
+    def month_rows(self, month: str) -> Iterator[bytes]:
         """``month``'s whole state as changelog-format records: its entries (late ones with
-        their event ids), the tail entries of its window, its final snapshots and close."""
+        their event ids), the tail entries of its window, its final snapshots and close.
+        Encoded a chunk at a time, so saving a month of a million workloads never holds
+        more than one chunk besides the state itself."""
         hc = self.close
-        entries: list[Entry] = []
-        ids: list[str | None] = []
         late = hc.late_ids
-        for tm in self.ledger.tenant_months():
-            if tm.month != month:
-                continue
-            t = tm.tenant_id
-            for (w, i), rate in tm.workloads.items():
-                entries.append((t, month, w, i, rate))
-                ids.append(late.get((t, month, w, i)) if late else None)
-        tails = [(t, m, w, i, r) for (t, m, w, i), r in self.license.tails.items() if m == month]
-        out = [
-            encode_changelog(entries[k : k + _ROW_CHUNK], ids[k : k + _ROW_CHUNK])
-            for k in range(0, len(entries), _ROW_CHUNK)
-        ]
-        out += [encode_tails(tails[k : k + _ROW_CHUNK]) for k in range(0, len(tails), _ROW_CHUNK)]
-        if month in hc.closed:
-            finals = [
-                (t, w, i, r)
-                for t, held in hc.finals.get(month, {}).items()
-                for (w, i), r in held.items()
-            ]
-            out += [
-                encode_final_chunk(month, finals[k : k + _ROW_CHUNK])
-                for k in range(0, len(finals), _ROW_CHUNK)
-            ]
-            lfinals = [
-                (t, w, i, rate, new)
-                for t, held in hc.license_finals.get(month, {}).items()
-                for (w, i), (rate, new) in held.items()
-            ]
-            start = hc.license_starts.get(month)
-            out += [
-                encode_license_final_chunk(month, lfinals[k : k + _ROW_CHUNK], start)
-                for k in range(0, len(lfinals), _ROW_CHUNK)
-            ] or [encode_license_final_chunk(month, [], start)]
-            out.append(encode_closed_marker(month, _EPOCH))
-        return out
+        entries = (
+            (tm.tenant_id, month, w, i, rate)
+            for tm in self.ledger.tenant_months()
+            if tm.month == month
+            for (w, i), rate in tm.workloads.items()
+        )
+        for chunk in _chunks(entries):
+            ids = [late.get(e[:4]) for e in chunk] if late else []
+            yield encode_changelog(chunk, ids)
+        tails = ((t, m, w, i, r) for (t, m, w, i), r in self.license.tails.items() if m == month)
+        for chunk in _chunks(tails):
+            yield encode_tails(chunk)
+        if month not in hc.closed:
+            return
+        finals = (
+            (t, w, i, r)
+            for t, held in hc.finals.get(month, {}).items()
+            for (w, i), r in held.items()
+        )
+        for fchunk in _chunks(finals):
+            yield encode_final_chunk(month, fchunk)
+        lfinals = (
+            (t, w, i, rate, new)
+            for t, held in hc.license_finals.get(month, {}).items()
+            for (w, i), (rate, new) in held.items()
+        )
+        start = hc.license_starts.get(month)
+        any_license = False
+        for lchunk in _chunks(lfinals):
+            any_license = True
+            yield encode_license_final_chunk(month, lchunk, start)
+        if not any_license:
+            yield encode_license_final_chunk(month, [], start)  # it carries the history start
+        yield encode_closed_marker(month, _EPOCH)
+
+    def _first_rows(self, month: str) -> Iterator[bytes]:
+        """The workloads whose first month is ``month`` (the first-month map's own keys: the
+        map is read while saving, nothing is copied)."""
+        mine = (k for k, m in self.license.first.items() if m == month)
+        for chunk in _chunks(mine):
+            yield encode_firsts(month, chunk)
 
     def save(self, fingerprint: int, prunable: set[str] | None = None) -> int:
         """Write the months changed since the last save and the checkpoint (ACTIVE, with
@@ -617,20 +624,10 @@ class HomePartition:
         if store is None or self.phase is not Phase.ACTIVE or self._batch:
             return 0
         if self.changed or self.saved_end != self.changelog_end:
-            rows: dict[str, list[bytes]] = {}
-            firsts: dict[str, list[tuple[str, str, str]]] = {m: [] for m in self.changed}
-            if firsts:
-                for t, w, i, m in self.license.firsts():
-                    held = firsts.get(m)
-                    if held is not None:
-                        held.append((t, w, i))
+            rows: dict[str, Iterable[bytes]] = {}
             for month in sorted(self.changed):
                 rows[f"month:{month}"] = self.month_rows(month)
-                got = firsts[month]
-                rows[f"firsts:{month}"] = [
-                    encode_firsts(month, got[k : k + _ROW_CHUNK])
-                    for k in range(0, len(got), _ROW_CHUNK)
-                ]
+                rows[f"firsts:{month}"] = self._first_rows(month)
             store.save(
                 Checkpoint(
                     self.changelog_end,
@@ -690,4 +687,17 @@ class HomePartition:
 
 #: Entries per record in local state rows.
 _ROW_CHUNK: Final = 20_000
+
+
+def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:
+    chunk: list[_T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == _ROW_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
