@@ -25,6 +25,15 @@ class StoreError(MeterError, OSError):
     file, a full disk).  At start it means: rebuild from the changelog."""
 
 
+class LocalStateError(StoreError):
+    """A home partition's local state failed while the worker ran (a row that no longer
+    reads back as saved): the partition is rebuilt from the changelog."""
+
+    def __init__(self, partition: int, why: str) -> None:
+        super().__init__(f"local state of home partition {partition}: {why}")
+        self.partition = partition
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """Where saved state is up to."""

@@ -48,7 +48,7 @@ from typing import Final, TypeVar
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
-from meter.store import Checkpoint, PartitionStore, StoreError
+from meter.store import Checkpoint, LocalStateError, PartitionStore, StoreError
 from meter.stream.closing import (
     HomeClose,
     LicenseSnapshot,
@@ -513,14 +513,18 @@ class HomePartition:
 
     def load_months(self, months: set[str]) -> None:
         """Read pruned ``months`` back from the local store into memory (a join: their
-        records are replayed).  Raises :class:`StoreError` when the store fails."""
+        records are replayed).  Raises :class:`LocalStateError` when the store fails: the
+        partition then needs a rebuild from the changelog (:meth:`state_lost`)."""
         for month in sorted(months & self.pruned):
             assert self.store is not None
             records = 0
             self.pruned.discard(month)
-            for raw in self.store.read(f"month:{month}"):
-                self.replay(raw)
-                records += 1
+            try:
+                for raw in self.store.read(f"month:{month}"):
+                    self.replay(raw)
+                    records += 1
+            except StoreError as exc:
+                raise LocalStateError(self.number, str(exc)) from exc
             self.changed.discard(month)  # what was just read is what the store holds
             log.info(
                 "home partition %d: %s read back from local state (%d records)",
@@ -528,6 +532,18 @@ class HomePartition:
                 month,
                 records,
             )
+
+    def state_lost(self, why: str) -> None:
+        """The local store failed: forget it, and rebuild from the changelog before use."""
+        if self.store is not None:
+            try:
+                self.store.clear()
+            except StoreError as exc:
+                log.error("home partition %d: %s", self.number, exc)  # noqa: TRY400
+        self._drop_batch()
+        self.needs_rebuild = True
+        if not self.fence(f"local state failed ({why}); rebuilding from the changelog"):
+            self.reason = f"local state failed ({why})"
 
     def restore(self, store: PartitionStore, checkpoint: Checkpoint) -> int:
         """Load saved state (RECOVERING, nothing in memory yet): every first-month row and
@@ -551,9 +567,8 @@ class HomePartition:
 
     def _load(self, store: PartitionStore, pruned: set[str]) -> int:
         keys = store.keys()
-        for key in pruned:
-            for _ in store.read(f"month:{key}"):
-                pass  # checked now, not first when a late event needs it
+        # Pruned months' rows are checked when read back (each record's CRC-32); their
+        # count and checksums against the checkpoint were checked by ``checkpoint()``.
         n = 0
         firsts = sorted(k for k in keys if k.startswith("firsts:"))
         months = sorted(

@@ -75,7 +75,7 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
-from meter.store import StateStore, StoreError
+from meter.store import LocalStateError, StateStore, StoreError
 from meter.stream.closing import (
     correction_record,
     encode_closed_marker,
@@ -763,6 +763,7 @@ class Worker:
         rejects: list[tuple[Any, bytes, Rejected, str]] = []
         offsets: dict[TopicPartition, int] = {}
         touched: list[int] = []
+        lost: set[int] = set()
         now = self.clock()
         last_time = ""
         counted = duplicate = not_counted = 0
@@ -834,6 +835,16 @@ class Worker:
                         counted += 1
                     else:
                         duplicate += 1
+                except LocalStateError as exc:
+                    # A pruned month could not be read back: never a rejected event.  The
+                    # partition is rebuilt from the changelog and this batch read again.
+                    assert here is not None
+                    log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
+                    here.state_lost(str(exc))
+                    self.stats.fenced += 1
+                    self._pause_homes([partition])
+                    lost.add(partition)
+                    break
                 except Exception as exc:  # noqa: BLE001 - one message never stops a partition
                     rejects.append(
                         (rec, rec.value or b"", self._internal(rec, exc), type(exc).__name__)
@@ -841,6 +852,14 @@ class Worker:
             if apply is not None:
                 touched.append(partition)
             offsets[tp] = records[-1].offset + 1
+        for tp, records in batch.items():
+            if tp.partition in lost and (tp.topic != t.jobs or self._co_partitioned):
+                # Everything this batch applied to a partition that lost its local state is
+                # read again once it is rebuilt (what it forwarded goes again: a join).
+                offsets.pop(tp, None)
+                if tp in consumer.assignment():
+                    consumer.seek(tp, records[0].offset)
+        touched = [n for n in touched if n not in lost]
         tally.counted += counted
         tally.duplicate += duplicate
         tally.not_counted += not_counted
@@ -1693,6 +1712,12 @@ class Worker:
                         continue
                     try:
                         total += hp.replay(rec.value)
+                    except LocalStateError as exc:
+                        # A pruned month the record reaches could not be read back: this
+                        # partition starts again from offset 0 without local state.
+                        log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
+                        hp.state_lost(str(exc))
+                        raise
                     except Exception as exc:  # noqa: BLE001 - never stop recovery (ChangelogError and bugs)
                         log.error(  # noqa: TRY400 - the traceback adds nothing
                             "%s[%d]@%d unreadable changelog record skipped: %s",
@@ -1718,7 +1743,12 @@ class Worker:
                         if reports is not None and f"partition/{month}/{hp.number}" in reports:
                             self._closes_published.add((hp.number, month))
                             continue
-                        hp.load_months({month})  # meter.reports lacks it: publish again
+                        try:
+                            hp.load_months({month})  # meter.reports lacks it: publish again
+                        except LocalStateError as exc:
+                            log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
+                            hp.state_lost(str(exc))
+                            continue
                     if self._publishable():
                         await self._publish_close(hp, month, reports)
                 except (KafkaError, OSError, TimeoutError) as exc:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from meter.domain import load_ratecards
 from meter.domain.license import tail_month
-from meter.store import Checkpoint, StoreError
+from meter.store import Checkpoint, LocalStateError, StoreError
 from meter.store.sqlite import SqlitePartition, SqliteStore
 from meter.stream.closing import encode_closed_marker, encode_final_chunk
 from meter.stream.partition import HomePartition, Phase
@@ -221,6 +221,28 @@ def test_a_late_event_before_a_workloads_first_month_reads_that_month_back(
     # February's report changed (w0 is no longer new there): a license correction.
     assert ("acme", "2026-02", "vm", "w0") in hp.lcorr_dirty
     assert hp.license.contribution("acme", "2026-02", "vm", "w0") == (RATES[1], False)
+
+
+def test_a_pruned_month_that_no_longer_reads_back_asks_for_a_rebuild(tmp_path: Path) -> None:
+    log = Changelog()
+    store = store_in(tmp_path)
+    hp = recover(log, store)
+    event(hp, "acme", "2026-01", "w0", RATES[1], 3)
+    write(hp, log)
+    close(hp, log, "2026-01")
+    hp.save(log.fingerprint(hp.changelog_end), {"2026-01"})
+    db = __import__("sqlite3").connect(store.path)
+    db.execute("UPDATE records SET raw = CAST('[]' AS BLOB) WHERE key = 'month:2026-01'")
+    db.commit()
+    db.close()
+    with pytest.raises(LocalStateError, match="home partition 0"):
+        event(hp, "acme", "2026-01", "w1", RATES[1], 3)  # late: needs January back
+    hp.state_lost("test")
+    assert hp.phase is Phase.FENCED
+    assert hp.needs_rebuild
+    assert not store.path.exists()  # rebuilt from the changelog, not trusted again
+    hp.begin_recovery()
+    assert len(hp.ledger) == 0 and hp.changelog_end == 0
 
 
 def test_a_corrupt_row_is_found_before_anything_is_loaded(tmp_path: Path) -> None:
