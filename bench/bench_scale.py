@@ -43,6 +43,7 @@ from meter.store.sqlite import SqliteStore
 from meter.stream.closing import encode_closed_marker, encode_final_chunk
 from meter.stream.partition import HomePartition
 from meter.stream.records import changelog_chunks, encode_license_final_chunk
+from meter.stream.worker import release_free_memory
 
 OUT = Path(__file__).parent / "out"
 TENANTS = 5_000
@@ -134,10 +135,12 @@ def step_build(workloads: int, months: int, state: str | None, changelog: str) -
             del snap, lsnap, finals, lrows, raws
         if hp.store is not None:
             t0 = time.perf_counter()
-            hp.save(zlib.crc32(last), set(hp.close.closed))
+            if hp.save(zlib.crc32(last), set(hp.close.closed)):
+                release_free_memory()  # as the worker does after pruning
             saves += time.perf_counter() - t0
     out.close()
     gc.collect()
+    release_free_memory()
     return {
         "rss": rss_bytes(),
         "build_s": time.perf_counter() - started,
@@ -176,7 +179,11 @@ def step_restart(months: int, state: str | None, changelog: str) -> dict[str, An
     took = time.perf_counter() - started
     gc.enable()
     gc.collect()
+    before_trim = rss_bytes()
+    trim = release_free_memory()
     return {
+        "rss_untrimmed": before_trim,
+        "trim_s": trim,
         "rss": rss_bytes(),
         "restart_s": took,
         "records": records,

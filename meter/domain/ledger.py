@@ -177,6 +177,33 @@ class Ledger:
             cards = tm.card_counts
             cards[rate[1]] = cards.get(rate[1], 0) + 1
 
+    def load(
+        self, tenant_id: str, month: str, workload_type: str, rate: Rate, ids: list[str]
+    ) -> None:
+        """Join workloads of one type at one rate into a tenant-month, none of which it holds
+        yet (loading saved state: the caller has checked): one totals update per call."""
+        rates = self.rates
+        tm = self._months.get((tenant_id, month))
+        if tm is None:
+            tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
+        workloads = tm.workloads
+        for wid in ids:
+            rates[(tenant_id, month, workload_type, wid)] = rate
+            workloads[(workload_type, wid)] = rate
+        n = len(ids)
+        if not n:
+            return
+        rental = n if rate[2] == "rental" else 0
+        t = tm.totals.get(workload_type)
+        if t is None:
+            tm.totals[workload_type] = [n, rate[0] * n, rental]
+        else:
+            t[0] += n
+            t[1] += rate[0] * n
+            t[2] += rental
+        tm.revision += self.height(rate) * n
+        tm.card_counts[rate[1]] = tm.card_counts.get(rate[1], 0) + n
+
     def drop_month(self, month: str) -> int:
         """Forget every tenant-month of ``month`` (its state is kept elsewhere: pruning a
         closed month from memory); returns the entries dropped.  :attr:`rates` is a new

@@ -336,6 +336,64 @@ class LicenseLedger:
         if self._min_month is None or month < self._min_month:
             self._min_month = month
 
+    def load_state(self, month: str, groups: Iterable[tuple[str, str, Rate, list[str]]]) -> None:
+        """Join a month's saved entries in, one (tenant, type, rate) group at a time: the
+        same state as :meth:`add` of each (what is not plainly new goes through it), with
+        one totals update per group.  Load the first-month rows before."""
+        cal = self.calendar
+        rates = cal.rates
+        first = self.first
+        tails = self.tails
+        height = self.height
+        for tenant, wtype, rate, ids in groups:
+            start = self._fixed_start or self._min_month
+            if start is None or month < start or len(set(ids)) != len(ids):
+                # The history start would move, or a workload twice (never saved so).
+                for wid in ids:
+                    self.add(tenant, month, wtype, wid, rate)
+                continue
+            plain: list[str] = []
+            other: list[str] = []
+            fresh = 0
+            for wid in ids:
+                wkey = (tenant, wtype, wid)
+                f = first.get(wkey)
+                if (
+                    (tenant, month, wtype, wid) in rates
+                    or (f is not None and f > month)
+                    or (tails and (tenant, month, wtype, wid) in tails)
+                ):
+                    other.append(wid)
+                    continue
+                if f is None:
+                    first[wkey] = month
+                    fresh += 1
+                elif f == month:
+                    fresh += 1
+                plain.append(wid)
+            if plain:
+                cal.load(tenant, month, wtype, rate, plain)
+                n = len(plain)
+                new = fresh if month > start else 0
+                old = n - new
+                lm = self.months.get((tenant, month))
+                if lm is None:
+                    lm = self.months[(tenant, month)] = LicenseMonth(tenant, month)
+                t = lm.totals.get(wtype)
+                if t is None:
+                    t = lm.totals[wtype] = [0, 0, 0, 0, 0]
+                t[0] += n
+                if rate[2] == "rental":
+                    t[2] += n
+                t[1] += new
+                t[4] += rate[0] * new
+                t[3] += rate[0] * old
+                h = height(rate)
+                lm.revision += h * new + (h + 1) * old
+            for wid in other:
+                self.add(tenant, month, wtype, wid, rate)
+        self.moved_first = self.moved_start = None
+
     def drop_month(self, month: str) -> int:
         """Forget ``month``'s calendar entries, tail entries and report totals (pruning a
         closed month from memory); the first-month map stays.  Returns entries dropped."""

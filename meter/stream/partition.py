@@ -57,9 +57,10 @@ from meter.stream.closing import (
 )
 from meter.stream.records import (
     Entry,
-    encode_changelog,
+    StateGroup,
     encode_firsts,
     encode_license_final_chunk,
+    encode_state,
     encode_tails,
     read_changelog,
 )
@@ -429,7 +430,7 @@ class HomePartition:
                 self._unprune_for(t, m, w, i, None)
             self.load_months(
                 {e[1] for e in cl.tails}
-                | {m for m in (cl.final, cl.license_final, cl.closed) if m is not None}
+                | {m for m in (cl.final, cl.license_final, cl.closed, cl.state) if m is not None}
             )
         if self.store is not None:
             changed = self.changed
@@ -437,12 +438,16 @@ class HomePartition:
                 changed.add(e[1])
             for e in cl.tails:
                 changed.add(e[1])
-            for marked in (cl.final, cl.license_final, cl.closed):
+            for marked in (cl.final, cl.license_final, cl.closed, cl.state):
                 if marked is not None:
                     changed.add(marked)
         if cl.firsts is not None:
             for t, w, i in cl.first_entries:
                 lic.note_first(t, w, i, cl.firsts)
+        if cl.state is not None:
+            lic.load_state(cl.state, cl.groups)
+            for t, w, i, eid in cl.late:
+                hc.late_ids[(t, cl.state, w, i)] = eid
         for n, entry in enumerate(cl.entries):
             lic.add(*entry)
             if n in cl.event_ids:
@@ -588,15 +593,18 @@ class HomePartition:
         more than one chunk besides the state itself."""
         hc = self.close
         late = hc.late_ids
-        entries = (
-            (tm.tenant_id, month, w, i, rate)
-            for tm in self.ledger.tenant_months()
-            if tm.month == month
-            for (w, i), rate in tm.workloads.items()
-        )
-        for chunk in _chunks(entries):
-            ids = [late.get(e[:4]) for e in chunk] if late else []
-            yield encode_changelog(chunk, ids)
+        for groups in _state_chunks(self.ledger, month):
+            ids = (
+                [
+                    (t, w, i, eid)
+                    for t, w, _, wids in groups
+                    for i in wids
+                    if (eid := late.get((t, month, w, i))) is not None
+                ]
+                if late
+                else []
+            )
+            yield encode_state(month, groups, ids)
         tails = ((t, m, w, i, r) for (t, m, w, i), r in self.license.tails.items() if m == month)
         for chunk in _chunks(tails):
             yield encode_tails(chunk)
@@ -702,6 +710,33 @@ class HomePartition:
 
 #: Entries per record in local state rows.
 _ROW_CHUNK: Final = 20_000
+
+
+def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:
+    """``month``'s entries as (tenant, type, rate, workload ids) groups, about
+    :data:`_ROW_CHUNK` workloads to a chunk."""
+    chunk: list[StateGroup] = []
+    size = 0
+    for tm in ledger.tenant_months():
+        if tm.month != month:
+            continue
+        groups: dict[tuple[str, Rate], list[str]] = {}
+        for (w, i), rate in tm.workloads.items():
+            held = groups.get((w, rate))
+            if held is None:
+                groups[(w, rate)] = [i]
+            else:
+                held.append(i)
+        for (w, rate), wids in groups.items():
+            for k in range(0, len(wids), _ROW_CHUNK):
+                part = wids[k : k + _ROW_CHUNK]
+                chunk.append((tm.tenant_id, w, rate, part))
+                size += len(part)
+                if size >= _ROW_CHUNK:
+                    yield chunk
+                    chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:

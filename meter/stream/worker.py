@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import gc
 import logging
 import time
@@ -254,6 +256,26 @@ class _Collector:
                 found,
                 self._last_full - started,
             )
+
+
+def release_free_memory() -> float:
+    """Give the C allocator's free pages back to the system (glibc ``malloc_trim``): after a
+    recovery or a pruned month, memory that held what is gone would otherwise stay in the
+    process's RSS.  Returns the seconds it took; a no-op where there is no glibc."""
+    started = time.monotonic()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return time.monotonic() - started
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 #: murmur2 of the keys of published records (tenant-months: bounded by the fleet).
@@ -1754,6 +1776,7 @@ class Worker:
                 except (KafkaError, OSError, TimeoutError) as exc:
                     log.warning("could not republish the close of %s: %s", month, exc)
         self._resume_homes(homes)
+        release_free_memory()  # what a replay or a load allocated and let go
         self.stats.recovered_entries += total
         caught = [n for n in homes if starts[n] > 0]
         log.info(
@@ -1875,6 +1898,8 @@ class Worker:
                 )
             months = len(hp.changed)
             pruned = hp.save(fingerprint, self._prunable(hp, now))
+            if pruned:
+                release_free_memory()  # a pruned month's memory goes back to the system
             self.stats.checkpoints += 1
             log.info(
                 "home partition %d: state saved at changelog offset %d (%d months written, "

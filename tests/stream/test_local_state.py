@@ -76,15 +76,15 @@ def event(
     return hp.apply(tenant, month, "vm", wid, rate, 0, f"{tenant}/{month}/{wid}/{day}", tail)
 
 
-def fresh(store: SqlitePartition | None = None) -> HomePartition:
-    hp = HomePartition(0, CARDS.height, history_start="2026-01")
+def fresh(store: SqlitePartition | None = None, start: str | None = "2026-01") -> HomePartition:
+    hp = HomePartition(0, CARDS.height, history_start=start)
     hp.store = store
     return hp
 
 
-def recover(log: Changelog, store: SqlitePartition) -> HomePartition:
+def recover(log: Changelog, store: SqlitePartition, start: str | None = "2026-01") -> HomePartition:
     """A worker taking the partition: the saved state if it matches, then the tail."""
-    hp = fresh(store)
+    hp = fresh(store, start)
     hp.begin_recovery()
     cp = store.checkpoint()
     start = 0
@@ -356,17 +356,18 @@ def histories(draw: st.DrawFn) -> list[tuple[object, ...]]:
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(ops=histories())
+@given(ops=histories(), start=st.sampled_from(["2026-01", "2026-02", None]))
 def test_any_history_of_events_checkpoints_prunes_and_crashes_recovers_the_same_state(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[object, ...]]
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[object, ...]], start: str | None
 ) -> None:
     """For any interleaving of events, closes, checkpoints (whole or killed half-way),
     pruning and crashes (the process gone, its memory with it), the recovered state equals
-    the state of the same events and closes applied once, without local state."""
+    the state of the same events and closes applied once, without local state; with the
+    history start fixed before, inside or not at all (the earliest month in the data)."""
     store = store_in(tmp_path_factory.mktemp("state"))
     log, ref_log = Changelog(), Changelog()
-    hp = recover(log, store)
-    ref = fresh()
+    hp = recover(log, store, start)
+    ref = fresh(None, start)
     ref.begin_recovery()
     ref.recovered(0)
     for op in ops:
@@ -393,20 +394,20 @@ def test_any_history_of_events_checkpoints_prunes_and_crashes_recovers_the_same_
                     pass
                 finally:
                     del store.save
-                hp = crash(log, store)
+                hp = crash(log, store, start)
         elif op[0] == "crash":
-            hp = crash(log, store)
+            hp = crash(log, store, start)
         # What is in memory is exact as it is, not only once the pruned months are read back.
         hot = set(MONTHS) - hp.pruned
         assert in_memory(hp, hot) == in_memory(ref, hot)
     assert hp.phase is Phase.ACTIVE
     assert state(hp) == state(ref)
-    assert state(crash(log, store)) == state(ref)
+    assert state(crash(log, store, start)) == state(ref)
 
 
-def crash(log: Changelog, store: SqlitePartition) -> HomePartition:
+def crash(log: Changelog, store: SqlitePartition, start: str | None = "2026-01") -> HomePartition:
     store.close()  # the process is gone: whatever it had not committed is lost
-    return recover(log, store)
+    return recover(log, store, start)
 
 
 def test_after_a_restart_a_workload_first_seen_in_a_pruned_month_is_still_not_new(
