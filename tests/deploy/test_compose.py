@@ -39,6 +39,23 @@ def test_workers_serve_on_all_interfaces_with_a_healthcheck_on_healthz(
         assert check["start_period"]
 
 
+def test_each_worker_keeps_its_local_state_on_a_volume_of_its_own(
+    services: dict[str, Any],
+) -> None:
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    dirs = []
+    for name in WORKERS:
+        command = services[name]["command"]
+        state = command[command.index("--state-dir") + 1]
+        [volume] = [v for v in services[name]["volumes"] if v.endswith(f":{state}")]
+        assert volume.split(":")[0] in compose["volumes"]
+        dirs.append(volume.split(":")[0])
+    assert len(set(dirs)) == len(WORKERS)  # never shared: each worker its own store
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert f"chown nobody {state}" in dockerfile  # the image runs as nobody
+
+
 def test_the_status_page_is_published(services: dict[str, Any]) -> None:
     served = [n for n in WORKERS if "--status-page" in services[n]["command"]]
     published = [
