@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install test lint unit integration demo bench bench-stream clean
+.PHONY: all install test lint unit integration demo bench bench-stream bench-scale clean
 
 all: test
 
@@ -45,6 +45,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
+
+# Memory and restart of a worker's state with 1 and 12 months of a 1 M-workload fleet, with and
+# without --state-dir (about 15 minutes; up to ~8 GB of memory for the 3 months without it).
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.bench_scale --workloads 1000000 --months 1 --months 3 --months 12 \
+		--memory-months 3
 
 bench-stream: $(STAMP)
 	$(BIN)/python -m bench.bench_stream --events 200000

@@ -713,8 +713,13 @@ def bench_topics(prefix: str) -> Topics:
     )
 
 
+#: ``--state-dir``: the workers keep local state under it, one directory per group.
+STATE_DIR: list[Path] = []
+
+
 def worker_args(t: Topics, group: str) -> list[str]:
-    return [
+    state = ["--state-dir", str(STATE_DIR[0] / group)] if STATE_DIR else []
+    return [*state,
         "--jobs-topic", t.jobs,
         "--usage-topic", t.usage,
         "--rejected-topic", t.rejected,
@@ -1443,6 +1448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="also replay with the build checked out in DIR (a git worktree), same data, same run",
     )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="run the workers with local state under DIR (one directory per group): the "
+        "restart then reads it instead of the whole changelog",
+    )
     p.add_argument("--latency-rate", type=float, default=2_000.0)
     p.add_argument(
         "--latency-seconds", type=float, default=20.0, help="0 skips the latency run [20]"
@@ -1476,6 +1487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--flush-every", type=int, default=4, help="batches between flushes [4]")
     g.add_argument("--no-work", action="store_true", help="load everything, process nothing")
     args = p.parse_args(argv)
+    if args.state_dir:
+        STATE_DIR.append(Path(args.state_dir))
     args.argv = argv
     if args.hot_path:
         for name in args.profile or ["today"]:
