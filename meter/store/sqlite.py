@@ -68,7 +68,10 @@ class SqlitePartition:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             try:
-                db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+                # One caller at a time (the worker's lock), from whichever thread it runs in.
+                db = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+                )
                 db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a committed transaction survives a crash of the
                 # process; a power cut may lose the last ones (the changelog still has

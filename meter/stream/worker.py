@@ -1822,7 +1822,7 @@ class Worker:
                 store.clear()
                 return 0
         try:
-            records = hp.restore(store, checkpoint)
+            records = await asyncio.to_thread(hp.restore, store, checkpoint)  # as in _checkpoint
         except StoreError as exc:
             log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
             store.clear()
@@ -1897,7 +1897,10 @@ class Worker:
                     "which this worker wrote or read"
                 )
             months = len(hp.changed)
-            pruned = hp.save(fingerprint, self._prunable(hp, now))
+            # In a thread, so heartbeats and scrapes go on (a close's checkpoint of a month of
+            # a million workloads takes seconds); nothing else changes the state meanwhile:
+            # batches and rebalances wait for the lock this cycle holds.
+            pruned = await asyncio.to_thread(hp.save, fingerprint, self._prunable(hp, now))
             if pruned:
                 release_free_memory()  # a pruned month's memory goes back to the system
             self.stats.checkpoints += 1
