@@ -114,6 +114,15 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         help="with --state-dir: save changed state at most this often (and at shutdown) [60]",
     )
     g.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with --state-dir: copy the saved state to the .ledger.snapshots topic at most "
+        "this often (and at shutdown), so a worker on another host reads it instead of the "
+        "whole changelog; -1: never [600]",
+    )
+    g.add_argument(
         "--prune-after",
         type=parse_grace,
         default=timedelta(days=7),
@@ -218,6 +227,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         license_corrections=f"{args.license_topic}.corrections",
         by_tenant=f"{args.jobs_topic}.by-tenant",
         changelog=f"{args.jobs_topic}.ledger.changelog",
+        snapshots=f"{args.jobs_topic}.ledger.snapshots",
     )
     return StreamConfig(
         topics=topics,
@@ -230,6 +240,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         max_event_bytes=args.max_event_bytes,
         history_start=args.history_start,
         checkpoint_interval_s=args.checkpoint_interval,
+        snapshot_interval_s=args.snapshot_interval if args.snapshot_interval >= 0 else None,
         prune_after=args.prune_after,
     )
 

@@ -38,6 +38,8 @@ class Topics:
     license: str = "meter.license"
     #: Corrections to closed months' license reports, keyed per workload.
     license_corrections: str = "meter.license.corrections"
+    #: Snapshots of home partitions' local state, for workers on a new host (compacted).
+    snapshots: str = "meter.ledger.snapshots"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class StreamConfig:
     checkpoint_interval_s: float = 60.0
     #: With local state: a closed month leaves memory this long after it closed (None: never).
     prune_after: timedelta | None = timedelta(days=7)
+    #: With local state: copy it to the snapshots topic at most this often (None: never).
+    snapshot_interval_s: float | None = 600.0
 
     def topic_specs(self) -> list[TopicSpec]:
         t = self.topics
@@ -85,4 +89,5 @@ class StreamConfig:
             TopicSpec(t.corrections, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.license, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.license_corrections, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.snapshots, n, rf, {"cleanup.policy": "compact"}),
         ]

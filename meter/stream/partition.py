@@ -64,6 +64,7 @@ from meter.stream.records import (
     encode_tails,
     read_changelog,
 )
+from meter.stream.snapshots import Published
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -145,9 +146,12 @@ class HomePartition:
         "number",
         "phase",
         "pruned",
+        "published",
+        "published_end",
         "reason",
         "saved_end",
         "store",
+        "unpublished",
     )
 
     def __init__(
@@ -196,6 +200,11 @@ class HomePartition:
         self.changed: set[str] = set()
         #: ``changelog_end`` at the last :meth:`save` (-1: never saved).
         self.saved_end = -1
+        #: Where the last snapshot of the saved state is on Kafka (:mod:`.snapshots`), and
+        #: the rows saved since, not yet in one.
+        self.published = Published({})
+        self.published_end = -1
+        self.unpublished: set[str] = set()
 
     def __repr__(self) -> str:
         return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
@@ -251,6 +260,8 @@ class HomePartition:
         self.pruned.clear()
         self.changed.clear()
         self.saved_end = -1
+        self.published = Published({})
+        self.unpublished.clear()
         self._drop_batch()
 
     def recovered(self, end: int) -> None:
@@ -660,6 +671,7 @@ class HomePartition:
                 ),
                 rows,
             )
+            self.unpublished.update(rows)
             self.changed.clear()
             self.saved_end = self.changelog_end
         pruned = 0
@@ -709,7 +721,7 @@ class HomePartition:
 
 
 #: Entries per record in local state rows.
-_ROW_CHUNK: Final = 20_000
+_ROW_CHUNK: Final = 5_000
 
 
 def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:

@@ -77,7 +77,8 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
-from meter.store import LocalStateError, StateStore, StoreError
+from meter.store import Checkpoint, LocalStateError, StateStore, StoreError
+from meter.stream import snapshots
 from meter.stream.closing import (
     correction_record,
     encode_closed_marker,
@@ -325,6 +326,8 @@ class Worker:
         self._last_checkpoint = time.monotonic()
         #: (home, month) whose close meter.reports holds (a month is pruned only then).
         self._closes_published: set[tuple[int, str]] = set()
+        #: home -> when (monotonic) its state last went to the snapshots topic
+        self._snapshot_times: dict[int, float] = {}
         self.config = config
         self.cards = cards
         #: What the provider licensed (``--license``); None: not declared.
@@ -591,7 +594,7 @@ class Worker:
                     await asyncio.wait_for(self._drain(), STOP_GRACE_S)
                     await asyncio.wait_for(self._flush(), 5.0)
                     if self.state is not None:
-                        await asyncio.wait_for(self._checkpoint(), 30.0)
+                        await asyncio.wait_for(self._checkpoint(final=True), 30.0)
             except (TimeoutError, KafkaError, OSError, BrokerError) as exc:
                 log.warning("could not publish the last usage records on shutdown: %s", exc)
         self._abandon()
@@ -1804,7 +1807,9 @@ class Worker:
             store.clear()
             return 0
         if checkpoint is None:
-            return 0
+            checkpoint = await self._download_snapshot(hp)
+            if checkpoint is None:
+                return 0
         if checkpoint.offset > 0:
             crc = await self._record_crc(hp.number, checkpoint.offset - 1)
             if crc is None:
@@ -1838,6 +1843,70 @@ class Worker:
         )
         return checkpoint.offset
 
+    async def _download_snapshot(self, hp: HomePartition) -> Checkpoint | None:
+        """No local state: read the partition's last snapshot from Kafka into the local store
+        (checked against the changelog next, like any local state); None when there is none."""
+        if self.config.snapshot_interval_s is None or hp.store is None:
+            return None
+        started = time.monotonic()
+        topic = self.config.topics.snapshots
+        try:
+            got = await snapshots.read(self._restore, topic, hp.number)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning(
+                "could not read %s[%d] (%s): replaying the changelog", topic, hp.number, exc
+            )
+            return None
+        if got is None:
+            return None
+        checkpoint, rows, published = got
+        hp.store.save(checkpoint, rows)
+        hp.published = published
+        log.info(
+            "home partition %d: snapshot read from %s (%d rows, %d bytes, changelog offset %d) "
+            "in %.2fs",
+            hp.number,
+            topic,
+            len(rows),
+            sum(len(r) for row in rows.values() for r in row),
+            checkpoint.offset,
+            time.monotonic() - started,
+        )
+        return hp.store.checkpoint()
+
+    async def _publish_snapshot(self, hp: HomePartition, force: bool = False) -> None:
+        every = self.config.snapshot_interval_s
+        if every is None or hp.store is None or self._producer is None:
+            return
+        last = self._snapshot_times.get(hp.number)
+        if not force and last is not None and time.monotonic() - last < every:
+            return
+        if not hp.unpublished and hp.published.at >= 0 and hp.published_end == hp.saved_end:
+            return
+        started = time.monotonic()
+        try:
+            hp.published = await snapshots.publish(
+                self._producer,
+                self.config.topics.snapshots,
+                hp.number,
+                hp.store,
+                hp.unpublished,
+                hp.published,
+            )
+        except (KafkaError, OSError) as exc:
+            log.warning("could not publish the snapshot of home partition %d: %s", hp.number, exc)
+            return
+        self._snapshot_times[hp.number] = time.monotonic()
+        hp.unpublished.clear()
+        hp.published_end = hp.saved_end
+        log.info(
+            "home partition %d: snapshot of its state at changelog offset %d on %s in %.2fs",
+            hp.number,
+            hp.saved_end,
+            self.config.topics.snapshots,
+            time.monotonic() - started,
+        )
+
     async def _record_crc(self, home: int, offset: int) -> int | None:
         """CRC-32 of the changelog record at ``offset`` of ``home``; None when the
         changelog has no record there."""
@@ -1870,7 +1939,7 @@ class Worker:
             if (hp.number, m) in self._closes_published and closes_at(m, grace) + after <= now
         }
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, final: bool = False) -> None:
         """Save every active home partition's changed state (nothing in flight, so all of
         it is acknowledged), then prune the closed months that are due."""
         self._last_checkpoint = time.monotonic()
@@ -1882,9 +1951,15 @@ class Worker:
             and hp.store is not None
             and (hp.changed or hp.saved_end != hp.changelog_end or self._prunable(hp, now))
         ]
-        if not due:
-            return
-        await self._drain()
+        if due:
+            await self._drain()
+            await self._save(due, now, final)
+        if final:  # what earlier checkpoints saved and the interval kept off the topic
+            for hp in self.homes.values():
+                if hp.active:
+                    await self._publish_snapshot(hp, force=True)
+
+    async def _save(self, due: list[HomePartition], now: datetime, final: bool) -> None:
         for hp in due:
             if not hp.active:
                 continue
@@ -1913,6 +1988,7 @@ class Worker:
                 pruned,
                 time.monotonic() - started,
             )
+            await self._publish_snapshot(hp, force=final)
         self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------ reporting

@@ -4,14 +4,17 @@ and a pruned month that a late event and the audit still reach."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from meter.kafka import KafkaSettings
+from meter.kafka.topics import read_to_end
 from meter.sim.fleet import generate
 from tests.integration.harness import Names, WorkerProcess, expected_usage, send
 from tests.integration.harness import wait_for_usage as wait_usage
@@ -96,7 +99,8 @@ def test_a_deleted_or_corrupt_store_is_rebuilt_and_a_worker_without_one_takes_pa
 ) -> None:
     names = Names(unique)
     state = tmp_path / "state-a"
-    names.extra = ["--checkpoint-interval", "0.5"]
+    # No snapshots on Kafka: what a worker without local state does is replay the changelog.
+    names.extra = ["--checkpoint-interval", "0.5", "--snapshot-interval", "-1"]
     chunks = [list(generate(2000, seed=400 + n, month="2026-11", tenants=15)) for n in range(3)]
     a = WorkerProcess(kafka_settings.bootstrap, names, "a", extra=["--state-dir", str(state)])
     try:
@@ -196,3 +200,60 @@ def test_a_late_event_for_a_pruned_month_becomes_a_correction_and_the_audit_stil
         assert b"0 difference(s)" in audit.stdout
     finally:
         again.close()
+
+
+async def _torn_snapshot(settings: KafkaSettings, topic: str) -> int:
+    """Append to partition 0 of the snapshots topic what a worker killed half-way through a
+    snapshot leaves: a row record, no checkpoint record after it.  Returns the offset of the
+    last whole snapshot's checkpoint record."""
+    records = [r for r in await read_to_end(settings, topic) if r.partition == 0]
+    [last] = [r for r in records if r.key == b"checkpoint"][-1:]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topic,
+            b'{"v":1,"state":"2026-11","rates":[],"groups":[],"late":[]}',
+            key=b"month:2026-11/0",
+            partition=0,
+            headers=[("meter.snapshot.previous", str(last.offset).encode())],
+        )
+    finally:
+        await producer.stop()
+    return last.offset
+
+
+def test_a_worker_on_a_new_host_reads_the_last_snapshot_not_the_whole_changelog(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    names = Names(unique)
+    names.extra = ["--checkpoint-interval", "0.5", "--snapshot-interval", "0"]
+    chunks = [list(generate(2500, seed=600 + n, month="2026-11", tenants=15)) for n in range(2)]
+    a = WorkerProcess(
+        kafka_settings.bootstrap, names, "a", extra=["--state-dir", str(tmp_path / "host-a")]
+    )
+    try:
+        a.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, chunks[0])
+        wait_usage(kafka_settings, names.usage, expected_usage(chunks[0]), workers=[a])
+        assert a.terminate() == 0  # its last snapshot is on the topic
+    finally:
+        a.close()
+    assert "snapshot of its state at changelog offset" in a.log()
+    asyncio.run(_torn_snapshot(kafka_settings, f"{names.jobs}.ledger.snapshots"))
+
+    # Another host: an empty state directory.
+    b = WorkerProcess(
+        kafka_settings.bootstrap, names, "b", extra=["--state-dir", str(tmp_path / "host-b")]
+    )
+    try:
+        b.wait_for_log("took home partitions")
+        log = b.log()
+        assert log.count("snapshot read from") == 4, log  # partition 0 past the torn one
+        assert log.count("local state read to changelog offset") == 4, log
+        assert sum(recovered(log)) == 0, log  # nothing written since: no changelog replayed
+        send(kafka_settings, names.jobs, chunks[1])
+        everything = chunks[0] + chunks[1]
+        wait_usage(kafka_settings, names.usage, expected_usage(everything), workers=[b])
+    finally:
+        b.close()
