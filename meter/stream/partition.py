@@ -68,6 +68,7 @@ from meter.stream.snapshots import Published
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 #: (tenant, month) of a tenant-month.
 TM = tuple[str, str]
@@ -643,11 +644,17 @@ class HomePartition:
         yield encode_closed_marker(month, _EPOCH)
 
     def _first_rows(self, month: str) -> Iterator[bytes]:
-        """The workloads whose first month is ``month`` (the first-month map's own keys: the
-        map is read while saving, nothing is copied)."""
-        mine = (k for k, m in self.license.first.items() if m == month)
-        for chunk in _chunks(mine):
-            yield encode_firsts(month, chunk)
+        """The workloads whose first month is ``month``, grouped by tenant and type."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for (t, w, i), m in self.license.first.items():
+            if m == month:
+                held = groups.get((t, w))
+                if held is None:
+                    groups[(t, w)] = [i]
+                else:
+                    held.append(i)
+        for chunk in _group_chunks(groups.items()):
+            yield encode_firsts(month, [(t, w, wids) for (t, w), wids in chunk])
 
     def save(self, fingerprint: int, prunable: set[str] | None = None) -> int:
         """Write the months changed since the last save and the checkpoint (ACTIVE, with
@@ -727,26 +734,36 @@ _ROW_CHUNK: Final = 5_000
 def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:
     """``month``'s entries as (tenant, type, rate, workload ids) groups, about
     :data:`_ROW_CHUNK` workloads to a chunk."""
-    chunk: list[StateGroup] = []
+
+    def groups() -> Iterator[tuple[tuple[str, str, Rate], list[str]]]:
+        for tm in ledger.tenant_months():
+            if tm.month != month:
+                continue
+            held: dict[tuple[str, str, Rate], list[str]] = {}
+            for (w, i), rate in tm.workloads.items():
+                ids = held.get((tm.tenant_id, w, rate))
+                if ids is None:
+                    held[(tm.tenant_id, w, rate)] = [i]
+                else:
+                    ids.append(i)
+            yield from held.items()
+
+    for chunk in _group_chunks(groups()):
+        yield [(t, w, rate, wids) for (t, w, rate), wids in chunk]
+
+
+def _group_chunks(groups: Iterable[tuple[_K, list[str]]]) -> Iterator[list[tuple[_K, list[str]]]]:
+    """Groups of workload ids, cut and gathered about :data:`_ROW_CHUNK` ids to a chunk."""
+    chunk: list[tuple[_K, list[str]]] = []
     size = 0
-    for tm in ledger.tenant_months():
-        if tm.month != month:
-            continue
-        groups: dict[tuple[str, Rate], list[str]] = {}
-        for (w, i), rate in tm.workloads.items():
-            held = groups.get((w, rate))
-            if held is None:
-                groups[(w, rate)] = [i]
-            else:
-                held.append(i)
-        for (w, rate), wids in groups.items():
-            for k in range(0, len(wids), _ROW_CHUNK):
-                part = wids[k : k + _ROW_CHUNK]
-                chunk.append((tm.tenant_id, w, rate, part))
-                size += len(part)
-                if size >= _ROW_CHUNK:
-                    yield chunk
-                    chunk, size = [], 0
+    for head, wids in groups:
+        for k in range(0, len(wids), _ROW_CHUNK):
+            part = wids[k : k + _ROW_CHUNK]
+            chunk.append((head, part))
+            size += len(part)
+            if size >= _ROW_CHUNK:
+                yield chunk
+                chunk, size = [], 0
     if chunk:
         yield chunk
 

@@ -121,10 +121,10 @@ def encode_tails(entries: Sequence[Entry]) -> bytes:
     )
 
 
-def encode_firsts(month: str, workloads: Sequence[tuple[str, str, str]]) -> bytes:
-    """Local state only: the workloads ``(tenant, type, workload)`` whose first month (the
-    vendor's new-workload rule) is ``month``."""
-    return orjson.dumps({"v": CHANGELOG_VERSION, "firsts": month, "entries": workloads})
+def encode_firsts(month: str, groups: Iterable[tuple[str, str, list[str]]]) -> bytes:
+    """Local state only: the workloads whose first month (the vendor's new-workload rule) is
+    ``month``, as (tenant, type, workload ids) groups."""
+    return orjson.dumps({"v": CHANGELOG_VERSION, "firsts": month, "groups": list(groups)})
 
 
 def tail_chunks(entries: Sequence[Entry]) -> Iterator[bytes]:
@@ -303,11 +303,15 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
                 rec.late.append((shared(t), shared(w), i, str(eid)))
         elif "firsts" in doc:
             rec.firsts = _month(doc["firsts"])
-            for t, w, i in doc["entries"]:
-                _ids(t, w, i)
-                rec.first_entries.append(
-                    (shared(t), shared(w), i if ids is None else ids.setdefault(i, i))
-                )
+            append_first = rec.first_entries.append
+            for t, w, got in doc["groups"]:
+                if t.__class__ is not str or w.__class__ is not str or got.__class__ is not list:
+                    raise ChangelogError(f"malformed first-month group: {[t, w]!r:.80}")
+                tenant, wtype = shared(t), shared(w)
+                for i in got:
+                    if i.__class__ is not str:
+                        raise ChangelogError(f"workload ids must be strings: {i!r:.40}")
+                    append_first((tenant, wtype, i if ids is None else ids.setdefault(i, i)))
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)
