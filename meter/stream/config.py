@@ -71,6 +71,9 @@ class StreamConfig:
     checkpoint_interval_s: float = 60.0
     #: With local state: a closed month leaves memory this long after it closed (None: never).
     prune_after: timedelta | None = timedelta(days=7)
+    #: With local state: the current UTC month and the ``keep_months - 1`` before it stay in
+    #: memory whatever ``prune_after`` says (they are the months /metrics shows).
+    keep_months: int = 2
     #: With local state: copy it to the snapshots topic at most this often (None: never).
     snapshot_interval_s: float | None = 600.0
 

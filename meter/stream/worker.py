@@ -66,7 +66,7 @@ from aiokafka.partitioner import murmur2
 
 from meter.domain import Event, RateCards, Rejected, Tally, parse, parse_message
 from meter.domain.close import closes_at, correction_for, months_to_close
-from meter.domain.license import ProviderLicense, next_month, tail_month
+from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
@@ -1933,10 +1933,16 @@ class Worker:
         grace = self.config.close_grace
         if after is None or grace is None:
             return set()
+        # The months /metrics shows stay (the current one and keep_months - 1 before it).
+        oldest_kept: str | None = f"{now.year:04d}-{now.month:02d}"
+        for _ in range(self.config.keep_months - 1):
+            oldest_kept = previous_month(oldest_kept) if oldest_kept else None
         return {
             m
             for m in hp.close.closed - hp.pruned
-            if (hp.number, m) in self._closes_published and closes_at(m, grace) + after <= now
+            if (hp.number, m) in self._closes_published
+            and closes_at(m, grace) + after <= now
+            and (oldest_kept is None or m < oldest_kept)
         }
 
     async def _checkpoint(self, final: bool = False) -> None:

@@ -153,6 +153,7 @@ def test_a_late_event_for_a_pruned_month_becomes_a_correction_and_the_audit_stil
     names.extra = [
         "--clock", str(clock), "--history-start", "2026-05",
         "--state-dir", str(state), "--checkpoint-interval", "0.5", "--prune-after", "0",
+        "--metrics-months", "1",  # else June, the previous month, stays for /metrics
     ]  # fmt: skip
     june = list(generate(2000, seed=501, month="2026-06", tenants=12, workloads=10))
     late = list(generate(600, seed=502, month="2026-06", tenants=16, workloads=14))
