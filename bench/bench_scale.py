@@ -40,9 +40,9 @@ from typing import Any
 
 from meter.domain import load_ratecards
 from meter.store.sqlite import SqliteStore
-from meter.stream.closing import encode_closed_marker, encode_final_chunk
+from meter.stream.closing import close_records
 from meter.stream.partition import HomePartition
-from meter.stream.records import changelog_chunks, encode_license_final_chunk
+from meter.stream.records import changelog_chunks
 from meter.stream.worker import release_free_memory
 
 OUT = Path(__file__).parent / "out"
@@ -120,19 +120,11 @@ def step_build(workloads: int, months: int, state: str | None, changelog: str) -
         if n < months - 1:  # every month but the last closes
             snap = hp.close.snapshot(hp.ledger, month)
             lsnap = hp.close.license_snapshot(hp.license, month)
-            finals = [(t, w, i, r) for t, wl in snap.items() for (w, i), r in wl.items()]
-            lrows = [(t, w, i, r, nw) for t, wl in lsnap.items() for (w, i), (r, nw) in wl.items()]
-            raws = [
-                encode_final_chunk(month, finals[s : s + 2000]) for s in range(0, len(finals), 2000)
-            ]
-            raws += [
-                encode_license_final_chunk(month, lrows[s : s + 2000], hp.license.history_start)
-                for s in range(0, len(lrows), 2000)
-            ]
-            raws.append(encode_closed_marker(month, datetime(2030, 1, 1, tzinfo=UTC)))
-            hp.acknowledged(append(raws))
-            hp.closed(month, snap, lsnap, hp.license.history_start)
-            del snap, lsnap, finals, lrows, raws
+            start = hp.license.history_start
+            closed_at = datetime(2030, 1, 1, tzinfo=UTC)
+            hp.acknowledged(append(close_records(month, snap, lsnap, start, closed_at)))
+            hp.closed(month, snap, lsnap, start)
+            del snap, lsnap
         if hp.store is not None:
             t0 = time.perf_counter()
             if hp.save(zlib.crc32(last), set(hp.close.closed)):

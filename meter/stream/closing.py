@@ -17,6 +17,7 @@ import orjson
 from meter.domain import Height, Ledger, Rate, TenantMonth, points_height
 from meter.domain.close import Correction, closes_at, corrections
 from meter.domain.license import Contribution, LicenseLedger, LicenseMonth, window
+from meter.stream.records import changelog_slices, encode_license_final_chunk
 
 FINAL = "final"
 CLOSED = "closed"
@@ -106,6 +107,33 @@ def encode_final_chunk(month: str, tenant_entries: Iterable[tuple[str, str, str,
 
 def encode_closed_marker(month: str, closed_at: datetime) -> bytes:
     return orjson.dumps({"v": 1, CLOSED: month, "closed_at": iso(closed_at)})
+
+
+def close_records(
+    month: str,
+    snapshot: dict[str, dict[tuple[str, str], Rate]],
+    license_snapshot: LicenseSnapshot,
+    history_start: str | None,
+    closed_at: datetime,
+) -> list[bytes]:
+    """The changelog records that close ``month`` on a home partition: its final snapshot
+    and the license view's in records that fit (the license view's at least one, empty or
+    not: it carries the history start of the close), then the close marker, last (a
+    snapshot without it is not a close)."""
+    rows = [(t, month, w, i, r) for t, wl in snapshot.items() for (w, i), r in wl.items()]
+    out = [
+        encode_final_chunk(month, [(t, w, i, r) for t, _, w, i, r in rows[part]])
+        for part in changelog_slices(rows)
+    ]
+    lrows = [
+        (t, w, i, r, new) for t, wl in license_snapshot.items() for (w, i), (r, new) in wl.items()
+    ]
+    parts = list(changelog_slices([(t, month, w, i, r) for t, w, i, r, _ in lrows]))
+    out += [
+        encode_license_final_chunk(month, lrows[p], history_start) for p in parts or [slice(0, 0)]
+    ]
+    out.append(encode_closed_marker(month, closed_at))
+    return out
 
 
 # ---------------------------------------------------------------- published records

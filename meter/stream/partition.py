@@ -381,13 +381,7 @@ class HomePartition:
         self.lic_dirty |= batch.lic
         self.lcorr_dirty |= batch.lcorr
         if self.store is not None:
-            changed = self.changed
-            for e in batch.entries:
-                changed.add(e[1])
-            for e in batch.tails:
-                changed.add(e[1])
-            for k in batch.lcorr:
-                changed.add(k[1])
+            self._changed(batch.entries, batch.tails, (k[1] for k in batch.lcorr))
         self.acknowledged(offsets)
 
     def acknowledged(self, offsets: list[int]) -> None:
@@ -419,6 +413,15 @@ class HomePartition:
         if not self.fence(f"a changelog write did not complete ({why})"):
             self.reason = f"a changelog write did not complete ({why})"
 
+    def _changed(
+        self, entries: Iterable[Entry], tails: Iterable[Entry], months: Iterable[str]
+    ) -> None:
+        """Note the months these changes reach, for the next :meth:`save`."""
+        changed = self.changed
+        changed.update(e[1] for e in entries)
+        changed.update(e[1] for e in tails)
+        changed.update(months)
+
     def _drop_batch(self) -> None:
         self._batch = ChangeBatch()
 
@@ -445,14 +448,8 @@ class HomePartition:
                 | {m for m in (cl.final, cl.license_final, cl.closed, cl.state) if m is not None}
             )
         if self.store is not None:
-            changed = self.changed
-            for e in cl.entries:
-                changed.add(e[1])
-            for e in cl.tails:
-                changed.add(e[1])
-            for marked in (cl.final, cl.license_final, cl.closed, cl.state):
-                if marked is not None:
-                    changed.add(marked)
+            marked = (cl.final, cl.license_final, cl.closed, cl.state)
+            self._changed(cl.entries, cl.tails, (m for m in marked if m is not None))
         if cl.firsts is not None:
             for t, w, i in cl.first_entries:
                 lic.note_first(t, w, i, cl.firsts)
@@ -566,7 +563,7 @@ class HomePartition:
         """Load saved state (RECOVERING, nothing in memory yet): every first-month row and
         the rows of months not pruned; the changelog is then replayed from
         ``checkpoint.offset``.  Returns the records read.  Raises :class:`StoreError` when
-        a row is not what was saved (nothing half-loaded is kept: the caller resets)."""
+        a row is not what was saved (and forgets whatever it had loaded)."""
         if self.phase is not Phase.RECOVERING or self.changelog_end != 0 or len(self.ledger):
             raise LifecycleError(f"home partition {self.number}: restore into a used state")
         try:
@@ -669,15 +666,7 @@ class HomePartition:
             for month in sorted(self.changed):
                 rows[f"month:{month}"] = self.month_rows(month)
                 rows[f"firsts:{month}"] = self._first_rows(month)
-            store.save(
-                Checkpoint(
-                    self.changelog_end,
-                    fingerprint,
-                    tuple(sorted(self.close.closed)),
-                    tuple(sorted(self.pruned)),
-                ),
-                rows,
-            )
+            store.save(self._checkpoint(fingerprint), rows)
             self.unpublished.update(rows)
             self.changed.clear()
             self.saved_end = self.changelog_end
@@ -687,16 +676,16 @@ class HomePartition:
                 self._prune(month)
                 pruned += 1
         if pruned:
-            store.save(
-                Checkpoint(
-                    self.changelog_end,
-                    fingerprint,
-                    tuple(sorted(self.close.closed)),
-                    tuple(sorted(self.pruned)),
-                ),
-                {},
-            )
+            store.save(self._checkpoint(fingerprint), {})
         return pruned
+
+    def _checkpoint(self, fingerprint: int) -> Checkpoint:
+        return Checkpoint(
+            self.changelog_end,
+            fingerprint,
+            tuple(sorted(self.close.closed)),
+            tuple(sorted(self.pruned)),
+        )
 
     def _prunable(self, month: str) -> bool:
         return (

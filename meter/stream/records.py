@@ -245,6 +245,18 @@ def _ids(t: object, w: object, i: object) -> None:
         raise ChangelogError(f"tenant, type and workload must be strings: {[t, w, i]!r:.80}")
 
 
+def _group_ids(t: object, w: object, got: object, ids: dict[str, str] | None) -> list[str]:
+    """The workload ids of a (tenant, type, ids) group of local state, checked (and shared
+    through ``ids`` when given)."""
+    if t.__class__ is not str or w.__class__ is not str or got.__class__ is not list:
+        raise ChangelogError(f"malformed group of workloads: {[t, w]!r:.80}")
+    assert isinstance(got, list)
+    for i in got:
+        if i.__class__ is not str:
+            raise ChangelogError(f"workload ids must be strings: {i!r:.40}")
+    return got if ids is None else [ids.setdefault(i, i) for i in got]
+
+
 def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRecord:
     """Decode one changelog record; anything malformed is a :class:`ChangelogError`.
 
@@ -291,27 +303,15 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
             rec.state = _month(doc["state"])
             table = [_rate(p, c, lic) for p, c, lic in doc["rates"]]
             for t, w, ri, got in doc["groups"]:
-                if t.__class__ is not str or w.__class__ is not str or got.__class__ is not list:
-                    raise ChangelogError(f"malformed state group: {[t, w]!r:.80}")
-                for i in got:
-                    if i.__class__ is not str:
-                        raise ChangelogError(f"workload ids must be strings: {i!r:.40}")
-                wids = got if ids is None else [ids.setdefault(i, i) for i in got]
-                rec.groups.append((shared(t), shared(w), table[ri], wids))
+                rec.groups.append((shared(t), shared(w), table[ri], _group_ids(t, w, got, ids)))
             for t, w, i, eid in doc["late"]:
                 _ids(t, w, i)
                 rec.late.append((shared(t), shared(w), i, str(eid)))
         elif "firsts" in doc:
             rec.firsts = _month(doc["firsts"])
-            append_first = rec.first_entries.append
             for t, w, got in doc["groups"]:
-                if t.__class__ is not str or w.__class__ is not str or got.__class__ is not list:
-                    raise ChangelogError(f"malformed first-month group: {[t, w]!r:.80}")
                 tenant, wtype = shared(t), shared(w)
-                for i in got:
-                    if i.__class__ is not str:
-                        raise ChangelogError(f"workload ids must be strings: {i!r:.40}")
-                    append_first((tenant, wtype, i if ids is None else ids.setdefault(i, i)))
+                rec.first_entries.extend((tenant, wtype, i) for i in _group_ids(t, w, got, ids))
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)

@@ -80,9 +80,8 @@ from meter.kafka import (
 from meter.store import Checkpoint, LocalStateError, StateStore, StoreError
 from meter.stream import snapshots
 from meter.stream.closing import (
+    close_records,
     correction_record,
-    encode_closed_marker,
-    encode_final_chunk,
     iso,
     license_correction_record,
     license_key,
@@ -98,9 +97,7 @@ from meter.stream.partition import ChangeBatch, DataLostError, HomePartition, Ph
 from meter.stream.records import (
     H_EXCEPTION,
     changelog_chunks,
-    changelog_slices,
     dead_letter,
-    encode_license_final_chunk,
     encode_usage,
     tail_chunks,
     usage_key,
@@ -1402,37 +1399,11 @@ class Worker:
         grace = self.config.close_grace
         assert grace is not None
         snap = hp.close.snapshot(hp.ledger, month)
-        rows = [(tenant, month, w, i, r) for tenant, wl in snap.items() for (w, i), r in wl.items()]
+        lsnap = hp.close.license_snapshot(hp.license, month)
         producer = self._producer
         assert producer is not None
-        futures = []
-        for part in changelog_slices(rows):
-            chunk = [(tenant, w, i, r) for tenant, _, w, i, r in rows[part]]
-            futures.append(
-                await producer.send(
-                    t.changelog, encode_final_chunk(month, chunk), partition=hp.number
-                )
-            )
-        lsnap = hp.close.license_snapshot(hp.license, month)
-        lrows = [
-            (tenant, w, i, rate, new)
-            for tenant, wl in lsnap.items()
-            for (w, i), (rate, new) in wl.items()
-        ]
-        # At least one chunk, empty or not: it carries the history start of the close.
-        for part in list(changelog_slices([(r[0], month, r[1], r[2], r[3]) for r in lrows])) or [
-            slice(0, 0)
-        ]:
-            futures.append(
-                await producer.send(
-                    t.changelog,
-                    encode_license_final_chunk(month, lrows[part], hp.license.history_start),
-                    partition=hp.number,
-                )
-            )
-        # The marker goes last: a snapshot without it is not a close.
-        marker = encode_closed_marker(month, closes_at(month, grace))
-        futures.append(await producer.send(t.changelog, marker, partition=hp.number))
+        raws = close_records(month, snap, lsnap, hp.license.history_start, closes_at(month, grace))
+        futures = [await producer.send(t.changelog, raw, partition=hp.number) for raw in raws]
         metas = await asyncio.gather(*futures)
         hp.acknowledged([m.offset for m in metas])
         hp.closed(month, snap, lsnap, hp.license.history_start)
@@ -1950,23 +1921,23 @@ class Worker:
         it is acknowledged), then prune the closed months that are due."""
         self._last_checkpoint = time.monotonic()
         now = self.now()
-        due = [
-            hp
-            for hp in self.homes.values()
-            if hp.active
-            and hp.store is not None
-            and (hp.changed or hp.saved_end != hp.changelog_end or self._prunable(hp, now))
-        ]
+        due = {}
+        for hp in self.homes.values():
+            if hp.active and hp.store is not None:
+                prunable = self._prunable(hp, now)
+                if hp.changed or hp.saved_end != hp.changelog_end or prunable:
+                    due[hp] = prunable
         if due:
             await self._drain()
-            await self._save(due, now, final)
+            await self._save(due, final)
         if final:  # what earlier checkpoints saved and the interval kept off the topic
             for hp in self.homes.values():
                 if hp.active:
                     await self._publish_snapshot(hp, force=True)
 
-    async def _save(self, due: list[HomePartition], now: datetime, final: bool) -> None:
-        for hp in due:
+    async def _save(self, due: dict[HomePartition, set[str]], final: bool) -> None:
+        """Checkpoint each partition of ``due``, pruning the months given with it."""
+        for hp, prunable in due.items():
             if not hp.active:
                 continue
             started = time.monotonic()
@@ -1981,7 +1952,7 @@ class Worker:
             # In a thread, so heartbeats and scrapes go on (a close's checkpoint of a month of
             # a million workloads takes seconds); nothing else changes the state meanwhile:
             # batches and rebalances wait for the lock this cycle holds.
-            pruned = await asyncio.to_thread(hp.save, fingerprint, self._prunable(hp, now))
+            pruned = await asyncio.to_thread(hp.save, fingerprint, prunable)
             if pruned:
                 release_free_memory()  # a pruned month's memory goes back to the system
             self.stats.checkpoints += 1

@@ -19,11 +19,12 @@ from meter.domain import load_ratecards
 from meter.domain.license import tail_month
 from meter.store import Checkpoint, LocalStateError, StoreError
 from meter.store.sqlite import SqlitePartition, SqliteStore
-from meter.stream.closing import encode_closed_marker, encode_final_chunk
+from meter.stream.closing import close_records
 from meter.stream.partition import HomePartition, Phase
-from meter.stream.records import changelog_chunks, encode_license_final_chunk, tail_chunks
+from meter.stream.records import changelog_chunks, tail_chunks
 
 CARDS = load_ratecards()
+CLOSED_AT = datetime(2030, 1, 1, tzinfo=UTC)
 MONTHS = ("2026-01", "2026-02", "2026-03", "2026-04")
 RATES = (
     (1, "vcsp-2026", "rental"),
@@ -58,15 +59,9 @@ def close(hp: HomePartition, log: Changelog, month: str) -> None:
     """What the worker's month close writes, and then tells the partition."""
     snap = hp.close.snapshot(hp.ledger, month)
     lsnap = hp.close.license_snapshot(hp.license, month)
-    finals = [(t, w, i, r) for t, wl in snap.items() for (w, i), r in wl.items()]
-    lrows = [(t, w, i, r, new) for t, wl in lsnap.items() for (w, i), (r, new) in wl.items()]
-    raws = [
-        encode_final_chunk(month, finals),
-        encode_license_final_chunk(month, lrows, hp.license.history_start),
-        encode_closed_marker(month, datetime(2030, 1, 1, tzinfo=UTC)),
-    ]
-    hp.acknowledged(log.append(raws))
-    hp.closed(month, snap, lsnap, hp.license.history_start)
+    start = hp.license.history_start
+    hp.acknowledged(log.append(close_records(month, snap, lsnap, start, CLOSED_AT)))
+    hp.closed(month, snap, lsnap, start)
 
 
 def event(
