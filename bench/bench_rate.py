@@ -119,7 +119,7 @@ def rated_in_process(path: Path) -> tuple[float, Rater, float]:
         rate_stream(f, rater, 100)
     rater.ledger.usage()
     seconds = time.perf_counter() - t0
-    per_entry = (rss() - before) / max(len(rater.ledger.rates), 1)
+    per_entry = (rss() - before) / max(len(rater.ledger), 1)
     gc.enable()
     return seconds, rater, per_entry
 
@@ -223,7 +223,7 @@ def bench_profile(profile: Profile, a: argparse.Namespace) -> dict[str, Any]:
             os.sched_setaffinity(0, mask)
     assert rater is not None
     t = rater.tally
-    distinct = len(rater.ledger.rates)
+    distinct = len(rater.ledger)
     print(
         f"events: {t.read:,} ({t.counted:,} counted, {t.duplicate:,} duplicate, "
         f"{t.not_counted:,} not counted, {t.rejected:,} rejected); "

@@ -96,7 +96,7 @@ class Correction:
 
 def corrections(tm: TenantMonth, final: Snapshot) -> Iterator[Correction]:
     """Every workload whose state differs from the final snapshot."""
-    for (wtype, wid), rate in tm.workloads.items():
+    for wtype, wid, rate in tm.entries():
         yield from correction_for(tm.tenant_id, tm.month, wtype, wid, rate, final.get((wtype, wid)))
 
 

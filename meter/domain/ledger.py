@@ -1,6 +1,6 @@
 """The monthly ledger: distinct counted workloads per tenant and month, as a join.
 
-State is a map ``(tenant, month) -> {(workload_type, workload_id): Rate}``
+State is a map ``(tenant, month) -> workload_type -> {workload_id: Rate}``
 where the value is the highest rate of the workload's counted events that
 month.  Applying an event or merging another ledger only ever takes a maximum
 or adds a key, so the ledger is a join-semilattice: merging in any order, any
@@ -22,37 +22,54 @@ NOT_COUNTED: Final = "not_counted"
 REJECTED: Final = "rejected"
 OUTCOMES: Final = (COUNTED, DUPLICATE, NOT_COUNTED, REJECTED)
 
+#: (tenant, month, workload_type): one type of workloads in a tenant-month
+Cell = tuple[str, str, str]
+
 
 class TenantMonth:
     """One tenant's workloads in one month, with running totals per type.
 
-    ``revision`` is the sum of the workloads' heights (``height`` maps the rate
-    order strictly into positive integers, see :attr:`RateCards.height`).  The
-    join only adds workloads or raises a workload's rate, so the revision
-    strictly grows with every change of state, whatever changed (a workload,
-    its points, its license, its card version), and is the same for the same
-    state, in whatever order the entries came.  It is kept as state changes.
+    ``types[workload_type][workload_id]`` is the workload's rate: ids keyed by themselves
+    inside a type, no tuple per workload (a month of a million workloads is held in
+    about a tenth of the memory tuple keys took).  ``revision`` is the sum of the
+    workloads' heights (``height`` maps the rate order strictly into positive integers,
+    see :attr:`RateCards.height`).  The join only adds workloads or raises a workload's
+    rate, so the revision strictly grows with every change of state, whatever changed
+    (a workload, its points, its license, its card version), and is the same for the
+    same state, in whatever order the entries came.  It is kept as state changes.
     """
 
-    __slots__ = ("card_counts", "height", "month", "revision", "tenant_id", "totals", "workloads")
+    __slots__ = ("card_counts", "height", "month", "revision", "tenant_id", "totals", "types")
 
     def __init__(self, tenant_id: str, month: str, height: Height = points_height) -> None:
         self.tenant_id = tenant_id
         self.month = month
         self.height = height
-        self.workloads: dict[tuple[str, str], Rate] = {}
-        #: workload_type -> [workloads, points, charged as rental]; derived from ``workloads``.
+        #: workload_type -> workload_id -> rate
+        self.types: dict[str, dict[str, Rate]] = {}
+        #: workload_type -> [workloads, points, charged as rental]; derived from ``types``.
         self.totals: dict[str, list[int]] = {}
-        #: card version -> workloads rated by it; derived from ``workloads``.
+        #: card version -> workloads rated by it; derived from ``types``.
         self.card_counts: dict[str, int] = {}
         self.revision = 0
 
     def add(self, workload_type: str, workload_id: str, rate: Rate) -> bool:
         """Join one workload's rate in; True when the state changed."""
-        key = (workload_type, workload_id)
-        old = self.workloads.get(key)
+        held = self.types.get(workload_type)
+        if held is None:
+            held = self.types[workload_type] = {}
+        old = held.get(workload_id)
+        if old is not None and old >= rate:
+            return False
+        held[workload_id] = rate
+        self.counted(workload_type, old, rate)
+        return True
+
+    def counted(self, workload_type: str, old: Rate | None, rate: Rate) -> None:
+        """Bring the totals up to date with a workload that went from ``old`` (``None``:
+        absent) to the higher ``rate`` in :attr:`types`."""
+        cards = self.card_counts
         if old is None:
-            self.workloads[key] = rate
             t = self.totals.get(workload_type)
             rental = 1 if rate[2] == "rental" else 0
             if t is None:
@@ -62,24 +79,36 @@ class TenantMonth:
                 t[1] += rate[0]
                 t[2] += rental
             self.revision += self.height(rate)
-            cards = self.card_counts
             cards[rate[1]] = cards.get(rate[1], 0) + 1
-            return True
-        if rate > old:
-            self.workloads[key] = rate
-            t = self.totals[workload_type]
-            t[1] += rate[0] - old[0]
-            t[2] += (rate[2] == "rental") - (old[2] == "rental")
-            self.revision += self.height(rate) - self.height(old)
-            if rate[1] != old[1]:
-                cards = self.card_counts
-                cards[rate[1]] = cards.get(rate[1], 0) + 1
-                if cards[old[1]] == 1:
-                    del cards[old[1]]
-                else:
-                    cards[old[1]] -= 1
-            return True
-        return False
+            return
+        t = self.totals[workload_type]
+        t[1] += rate[0] - old[0]
+        t[2] += (rate[2] == "rental") - (old[2] == "rental")
+        self.revision += self.height(rate) - self.height(old)
+        if rate[1] != old[1]:
+            cards[rate[1]] = cards.get(rate[1], 0) + 1
+            if cards[old[1]] == 1:
+                del cards[old[1]]
+            else:
+                cards[old[1]] -= 1
+
+    def rate(self, workload_type: str, workload_id: str) -> Rate | None:
+        """The workload's rate; ``None`` when it is not counted here."""
+        held = self.types.get(workload_type)
+        return None if held is None else held.get(workload_id)
+
+    def entries(self) -> Iterator[tuple[str, str, Rate]]:
+        """Every ``(workload_type, workload_id, rate)``."""
+        for wtype, held in self.types.items():
+            for wid, rate in held.items():
+                yield wtype, wid, rate
+
+    def snapshot(self) -> dict[tuple[str, str], Rate]:
+        """``(workload_type, workload_id) -> rate`` of every workload (a month's close)."""
+        return {(w, i): r for w, held in self.types.items() for i, r in held.items()}
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self.types.values())
 
     @property
     def workload_count(self) -> int:
@@ -115,56 +144,57 @@ class Ledger:
     ``workloads + points``, which ties when only a card version or license changes.
     """
 
-    __slots__ = ("_months", "height", "rates")
+    __slots__ = ("_months", "cells", "height")
 
     def __init__(self, height: Height = points_height) -> None:
         self.height = height
         self._months: dict[tuple[str, str], TenantMonth] = {}
-        #: (tenant, month, type, workload) -> rate: one lookup answers "already counted
-        #: at this rate or higher?", which is what most events are.  Read it; change it
-        #: only through :meth:`add` or :meth:`put`.
-        self.rates: dict[tuple[str, str, str, str], Rate] = {}
+        #: (tenant, month, type) -> the tenant-month's own ``workload -> rate`` dict of that
+        #: type: two lookups answer "already counted at this rate or higher?", which is
+        #: what most events are.  Read it; change it only through this class's methods.
+        self.cells: dict[Cell, dict[str, Rate]] = {}
+
+    def cell(self, tenant_id: str, month: str, workload_type: str) -> dict[str, Rate]:
+        """The tenant-month's ``workload -> rate`` dict of a type, made when absent.  A
+        caller that puts a new workload in it itself brings the totals up to date with
+        :meth:`index_new` before anything reads them."""
+        held = self.cells.get((tenant_id, month, workload_type))
+        if held is None:
+            tm = self._months.get((tenant_id, month))
+            if tm is None:
+                tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
+            held = tm.types.get(workload_type)
+            if held is None:
+                held = tm.types[workload_type] = {}
+            self.cells[(tenant_id, month, workload_type)] = held
+        return held
 
     def add(
         self, tenant_id: str, month: str, workload_type: str, workload_id: str, rate: Rate
     ) -> bool:
         """Join one ledger entry in; True when the state changed."""
-        flat = (tenant_id, month, workload_type, workload_id)
-        old = self.rates.get(flat)
+        held = self.cells.get((tenant_id, month, workload_type))
+        if held is None:
+            held = self.cell(tenant_id, month, workload_type)
+        old = held.get(workload_id)
         if old is not None and old >= rate:
             return False
-        self.rates[flat] = rate
-        key = (tenant_id, month)
-        tm = self._months.get(key)
-        if tm is None:
-            tm = self._months[key] = TenantMonth(tenant_id, month, self.height)
-        return tm.add(workload_type, workload_id, rate)
+        held[workload_id] = rate
+        self._months[(tenant_id, month)].counted(workload_type, old, rate)
+        return True
 
-    def put(self, flat: tuple[str, str, str, str], rate: Rate) -> None:
-        """Join ``rate`` in at ``flat`` = (tenant, month, type, workload), which the caller
-        has just looked up in :attr:`rates` and found absent or lower (the hot path of
-        :class:`~meter.domain.license.LicenseLedger`)."""
-        self.rates[flat] = rate
-        tenant_id, month, workload_type, workload_id = flat
-        tm = self._months.get((tenant_id, month))
-        if tm is None:
-            tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
-        tm.add(workload_type, workload_id, rate)
-
-    def index_new(self, entries: list[tuple[tuple[str, str, str, str], Rate]]) -> None:
-        """Bring the tenant-months up to date with ``entries``: (tenant, month, type, workload)
-        and rate, each just put into :attr:`rates` where it was absent (``meter rate``'s hot
-        path puts them there itself, so the events after it find them, and calls this once a
-        batch).  Between the two, the ledger is not to be read by anything else."""
+    def index_new(self, entries: list[tuple[Cell, Rate]]) -> None:
+        """Bring the tenant-months' totals up to date with ``entries``: the (tenant, month,
+        type) and rate of workloads each just put into its :meth:`cell` where it was absent
+        (``meter rate``'s hot path puts them there itself, so the events after it find
+        them, and calls this once a batch).  Between the two, the totals are not to be
+        read."""
         months = self._months
         height = self.height
         tm: TenantMonth | None = None
-        for (tenant_id, month, workload_type, workload_id), rate in entries:
+        for (tenant_id, month, workload_type), rate in entries:
             if tm is None or tm.tenant_id is not tenant_id or tm.month != month:
-                tm = months.get((tenant_id, month))
-                if tm is None:
-                    tm = months[(tenant_id, month)] = TenantMonth(tenant_id, month, height)
-            tm.workloads[(workload_type, workload_id)] = rate
+                tm = months[(tenant_id, month)]
             t = tm.totals.get(workload_type)
             rental = 1 if rate[2] == "rental" else 0
             if t is None:
@@ -182,17 +212,11 @@ class Ledger:
     ) -> None:
         """Join workloads of one type at one rate into a tenant-month, none of which it holds
         yet (loading saved state: the caller has checked): one totals update per call."""
-        rates = self.rates
-        tm = self._months.get((tenant_id, month))
-        if tm is None:
-            tm = self._months[(tenant_id, month)] = TenantMonth(tenant_id, month, self.height)
-        workloads = tm.workloads
-        for wid in ids:
-            rates[(tenant_id, month, workload_type, wid)] = rate
-            workloads[(workload_type, wid)] = rate
         n = len(ids)
         if not n:
             return
+        self.cell(tenant_id, month, workload_type).update(dict.fromkeys(ids, rate))
+        tm = self._months[(tenant_id, month)]
         rental = n if rate[2] == "rental" else 0
         t = tm.totals.get(workload_type)
         if t is None:
@@ -206,23 +230,21 @@ class Ledger:
 
     def drop_month(self, month: str) -> int:
         """Forget every tenant-month of ``month`` (its state is kept elsewhere: pruning a
-        closed month from memory); returns the entries dropped.  :attr:`rates` is a new
-        dict afterwards (a dict never shrinks in place): re-read it."""
+        closed month from memory); returns the entries dropped."""
         gone = [key for key in self._months if key[1] == month]
         dropped = 0
-        rates = self.rates
+        cells = self.cells
         for key in gone:
             tm = self._months.pop(key)
-            for wtype, wid in tm.workloads:
-                del rates[(tm.tenant_id, month, wtype, wid)]
-            dropped += len(tm.workloads)
-        if dropped:
-            self.rates = dict(rates)
+            for wtype in tm.types:
+                cells.pop((tm.tenant_id, month, wtype), None)
+            dropped += len(tm)
         return dropped
 
     def rate(self, tenant_id: str, month: str, workload_type: str, workload_id: str) -> Rate | None:
         """The workload's rate in the tenant-month; ``None`` when it is not counted there."""
-        return self.rates.get((tenant_id, month, workload_type, workload_id))
+        held = self.cells.get((tenant_id, month, workload_type))
+        return None if held is None else held.get(workload_id)
 
     def merge(self, other: Ledger) -> Ledger:
         """Join ``other`` into this ledger (in place) and return self.
@@ -235,8 +257,9 @@ class Ledger:
     def entries(self) -> Iterator[tuple[str, str, str, str, Rate]]:
         """Every ``(tenant_id, month, workload_type, workload_id, rate)``."""
         for tm in self._months.values():
-            for (wtype, wid), rate in tm.workloads.items():
-                yield tm.tenant_id, tm.month, wtype, wid, rate
+            for wtype, held in tm.types.items():
+                for wid, rate in held.items():
+                    yield tm.tenant_id, tm.month, wtype, wid, rate
 
     def tenant_month(self, tenant_id: str, month: str) -> TenantMonth | None:
         return self._months.get((tenant_id, month))
@@ -258,7 +281,7 @@ class Ledger:
         return rows
 
     def __len__(self) -> int:
-        return sum(len(tm.workloads) for tm in self._months.values())
+        return sum(len(held) for held in self.cells.values())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ledger):

@@ -43,7 +43,7 @@ from typing import Final
 
 import orjson
 
-from meter.domain.ledger import Ledger
+from meter.domain.ledger import Cell, Ledger
 from meter.domain.month import days_in_month
 from meter.domain.ratecard import Height, Rate
 from meter.errors import ConfigError
@@ -219,10 +219,10 @@ class LicenseLedger:
         self.moved_first: str | None = None
         #: After :meth:`add`: the history start it moved from (not fixed), or None.
         self.moved_start: str | None = None
-        #: (tenant, report month, type, workload) -> highest rate of its tail sessions
-        self.tails: dict[Key, Rate] = {}
-        #: (tenant, type, workload) -> month of its earliest counted session
-        self.first: dict[tuple[str, str, str], str] = {}
+        #: (tenant, report month, type) -> workload -> highest rate of its tail sessions
+        self.tails: dict[Cell, dict[str, Rate]] = {}
+        #: (tenant, type) -> workload -> month of its earliest counted session
+        self.first: dict[tuple[str, str], dict[str, str]] = {}
         #: (tenant, month) -> totals
         self.months: dict[tuple[str, str], LicenseMonth] = {}
         # A calendar given full: its entries oldest month first, so each workload's first
@@ -247,18 +247,18 @@ class LicenseLedger:
         earlier (its report there changed: the workload is no longer new in it), else None.
         """
         cal = self.calendar
-        flat = (tenant, month, wtype, wid)
-        old = cal.rates.get(flat)
+        held = cal.cells.get((tenant, month, wtype))
+        old = None if held is None else held.get(wid)
         if old is not None and old >= rate:
             return False
-        wkey = (tenant, wtype, wid)
-        first = self.first.get(wkey)
+        firsts = self.first.get((tenant, wtype))
+        first = None if firsts is None else firsts.get(wid)
         start = self._fixed_start or self._min_month
         if (first is None or first <= month) and start is not None and month >= start:
             # The common case: neither the first month nor the history start moves, so
             # only this month's report changes, and only by this workload's line.
             self.moved_first = self.moved_start = None
-            tail = self.tails.get(flat) if self.tails else None
+            tail = self._tail(tenant, month, wtype, wid) if self.tails else None
             new = (first is None or first == month) and month > start
             if old is not None:
                 before: Contribution | None = (old if tail is None or old >= tail else tail, new)
@@ -267,8 +267,10 @@ class LicenseLedger:
             else:
                 before = None
             if first is None:
-                self.first[wkey] = month
-            cal.put(flat, rate)
+                if firsts is None:
+                    firsts = self.first[(tenant, wtype)] = {}
+                firsts[wid] = month
+            cal.add(tenant, month, wtype, wid, rate)
             self._shift(
                 tenant, month, wtype, before, (rate if tail is None or rate >= tail else tail, new)
             )
@@ -294,10 +296,7 @@ class LicenseLedger:
         before: Contribution | None,
         was_first: tuple[str, Contribution | None] | None,
     ) -> None:
-        wkey = (tenant, wtype, wid)
-        first = self.first.get(wkey)
-        if first is None or month < first:
-            self.first[wkey] = month
+        self._note_first(tenant, wtype, wid, month)
         moved = None
         if self._min_month is None or month < self._min_month:
             moved, self._min_month = self._min_month, month
@@ -316,12 +315,14 @@ class LicenseLedger:
     def add_tail(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
         """Join a session from the last days of the month before ``month`` into
         ``month``'s window; True when the tail state changed."""
-        key = (tenant, month, wtype, wid)
-        old = self.tails.get(key)
+        held = self.tails.get((tenant, month, wtype))
+        old = None if held is None else held.get(wid)
         if old is not None and old >= rate:
             return False
         before = self._contribution(tenant, month, wtype, wid)
-        self.tails[key] = rate
+        if held is None:
+            held = self.tails[(tenant, month, wtype)] = {}
+        held[wid] = rate
         self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
         return True
 
@@ -329,22 +330,49 @@ class LicenseLedger:
         """Join a workload's first month in (a minimum) without its entries: a month kept
         on disk, not in memory, still decides which later months a workload is new in.
         Load these before the entries of later months."""
-        wkey = (tenant, wtype, wid)
-        first = self.first.get(wkey)
-        if first is None or month < first:
-            self.first[wkey] = month
+        self._note_first(tenant, wtype, wid, month)
         if self._min_month is None or month < self._min_month:
             self._min_month = month
+
+    def _note_first(self, tenant: str, wtype: str, wid: str, month: str) -> None:
+        firsts = self.first.get((tenant, wtype))
+        if firsts is None:
+            self.first[(tenant, wtype)] = {wid: month}
+            return
+        first = firsts.get(wid)
+        if first is None or month < first:
+            firsts[wid] = month
+
+    def first_month(self, tenant: str, wtype: str, wid: str) -> str | None:
+        """The month of the workload's earliest counted session; ``None``: never counted."""
+        firsts = self.first.get((tenant, wtype))
+        return None if firsts is None else firsts.get(wid)
+
+    def firsts(self) -> Iterator[tuple[str, str, str, str]]:
+        """Every workload's ``(tenant, type, workload, first month)``."""
+        for (tenant, wtype), firsts in self.first.items():
+            for wid, month in firsts.items():
+                yield tenant, wtype, wid, month
+
+    def _tail(self, tenant: str, month: str, wtype: str, wid: str) -> Rate | None:
+        held = self.tails.get((tenant, month, wtype))
+        return None if held is None else held.get(wid)
+
+    def tail_entries(self, month: str | None = None) -> Iterator[tuple[str, str, str, str, Rate]]:
+        """Every tail entry ``(tenant, report month, type, workload, rate)`` (of ``month``)."""
+        for (tenant, m, wtype), held in self.tails.items():
+            if month is None or m == month:
+                for wid, rate in held.items():
+                    yield tenant, m, wtype, wid, rate
 
     def load_state(self, month: str, groups: Iterable[tuple[str, str, Rate, list[str]]]) -> None:
         """Join a month's saved entries in, one (tenant, type, rate) group at a time: the
         same state as :meth:`add` of each (what is not plainly new goes through it), with
         one totals update per group.  Load the first-month rows before."""
         cal = self.calendar
-        rates = cal.rates
-        first = self.first
-        tails = self.tails
+        cells = cal.cells
         height = self.height
+        no_ids: dict[str, object] = {}
         for tenant, wtype, rate, ids in groups:
             start = self._fixed_start or self._min_month
             if start is None or month < start or len(set(ids)) != len(ids):
@@ -352,21 +380,21 @@ class LicenseLedger:
                 for wid in ids:
                     self.add(tenant, month, wtype, wid, rate)
                 continue
+            held = cells.get((tenant, month, wtype)) or no_ids
+            tails = self.tails.get((tenant, month, wtype)) or no_ids
+            first = self.first.get((tenant, wtype))
+            if first is None:
+                first = self.first[(tenant, wtype)] = {}
             plain: list[str] = []
             other: list[str] = []
             fresh = 0
             for wid in ids:
-                wkey = (tenant, wtype, wid)
-                f = first.get(wkey)
-                if (
-                    (tenant, month, wtype, wid) in rates
-                    or (f is not None and f > month)
-                    or (tails and (tenant, month, wtype, wid) in tails)
-                ):
+                f = first.get(wid)
+                if wid in held or (f is not None and f > month) or wid in tails:
                     other.append(wid)
                     continue
                 if f is None:
-                    first[wkey] = month
+                    first[wid] = month
                     fresh += 1
                 elif f == month:
                     fresh += 1
@@ -400,19 +428,17 @@ class LicenseLedger:
         dropped = self.calendar.drop_month(month)
         for key in [k for k in self.months if k[1] == month]:
             del self.months[key]
-        gone = [k for k in self.tails if k[1] == month]
-        for k in gone:
-            del self.tails[k]
-        if gone:
-            self.tails = dict(self.tails)
-        return dropped + len(gone)
+        tails = 0
+        for cell in [k for k in self.tails if k[1] == month]:
+            tails += len(self.tails.pop(cell))
+        return dropped + tails
 
     def merge(self, other: LicenseLedger) -> LicenseLedger:
         """Join ``other``'s calendar and tail entries in (in place); returns self."""
         for entry in other.calendar.entries():
             self.add(*entry)
-        for (t, m, w, i), rate in other.tails.items():
-            self.add_tail(t, m, w, i, rate)
+        for entry in other.tail_entries():
+            self.add_tail(*entry)
         return self
 
     # ------------------------------------------------------------------ reading
@@ -423,14 +449,14 @@ class LicenseLedger:
 
     def _contribution(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
         cal = self.calendar.rate(tenant, month, wtype, wid)
-        tail = self.tails.get((tenant, month, wtype, wid))
+        tail = self._tail(tenant, month, wtype, wid) if self.tails else None
         if cal is None:
             if tail is None:
                 return None
             return tail, False  # seen the month before: not new
         rate = cal if tail is None or cal >= tail else tail
         start = self._fixed_start or self._min_month
-        new = self.first.get((tenant, wtype, wid)) == month and start is not None and month > start
+        new = self.first_month(tenant, wtype, wid) == month and start is not None and month > start
         return rate, new
 
     def workloads(self, month: str) -> Iterator[tuple[str, str, str, Contribution]]:
@@ -439,13 +465,13 @@ class LicenseLedger:
         for tm in self.calendar.tenant_months():
             if tm.month != month:
                 continue
-            for wtype, wid in tm.workloads:
+            for wtype, wid, _ in tm.entries():
                 c = self._contribution(tm.tenant_id, month, wtype, wid)
                 assert c is not None
                 seen.add((tm.tenant_id, wtype, wid))
                 yield tm.tenant_id, wtype, wid, c
-        for t, m, w, i in self.tails:
-            if m == month and (t, w, i) not in seen:
+        for t, m, w, i, _ in self.tail_entries(month):
+            if (t, w, i) not in seen:
                 c = self._contribution(t, m, w, i)
                 assert c is not None
                 yield t, w, i, c
@@ -532,7 +558,9 @@ class LicenseLedger:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LicenseLedger):
             return NotImplemented
-        return self.calendar == other.calendar and self.tails == other.tails
+        return self.calendar == other.calendar and sorted(self.tail_entries()) == sorted(
+            other.tail_entries()
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

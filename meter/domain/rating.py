@@ -27,7 +27,7 @@ from meter.domain.event import (
     parse_message,
     too_large,
 )
-from meter.domain.ledger import Ledger
+from meter.domain.ledger import Cell, Ledger
 from meter.domain.license import Key, LicenseLedger, license_ledger, tail_month
 from meter.domain.month import _TAILS, TimeError, utc_month
 from meter.domain.ratecard import Rate, RateCards
@@ -105,7 +105,7 @@ class Rated:
     """What a :class:`Rater` rated, as plain data: its ledger's entries, its tail entries,
     the lower rates its entries were counted at before (:attr:`Rater.raised`), its tally."""
 
-    rates: dict[Key, Rate]
+    cells: dict[Cell, dict[str, Rate]]
     tails: dict[Key, Rate]
     raised: dict[Key, list[Rate]]
     tally: Tally
@@ -165,7 +165,7 @@ class Rater:
             return event
         if self.raised is not None:
             flat = (event.tenant_id, event.month, event.workload_type, event.workload_id)
-            old = self.ledger.rates.get(flat)
+            old = self.ledger.rate(*flat)
             if old is not None and rate > old:
                 self.raised.setdefault(flat, []).append(old)
         if self.ledger.add(
@@ -292,9 +292,8 @@ class Rater:
             table, first = {}, _NO_DATE
         table_get = table.get
         ledger = self.ledger
-        rates_get = ledger.rates.get
-        rates = ledger.rates
-        put = ledger.put
+        cells_get = ledger.cells.get
+        cell = ledger.cell
         tails = self.tails
         tails_get = _TAILS.get
         when_get = _WHEN.get
@@ -305,10 +304,10 @@ class Rater:
         # JSON allows none raw): without a backslash, no workload id holds one.
         plain = batch.find(b"\\") == -1
         raised = self.raised
-        # New entries are put into the ledger's rates at once (later events look them up)
-        # and into their tenant-months once a batch (Ledger.index_new), or before any line
-        # is fed alone.
-        new: list[tuple[Key, Rate]] = []
+        # New entries are put into their ledger cells at once (later events look them up)
+        # and into their tenant-months' totals once a batch (Ledger.index_new), or before
+        # any line is fed alone.
+        new: list[tuple[Cell, Rate]] = []
         counted = duplicate = not_counted = 0
         rate: Rate | None
         for (event,) in events:
@@ -328,8 +327,8 @@ class Rater:
             tenant = data.tenant_id
             wid = data.workload_id
             if data.result != "failed":
-                flat = (tenant, month, wtype, wid)
-                old = rates_get(flat)
+                held = cells_get((tenant, month, wtype))
+                old = None if held is None else held.get(wid)
                 if old is not None and old[2] == lic and date >= first:
                     # Most events: a workload already counted at this license's rate (one
                     # card: the same type and license give the same rate).
@@ -351,17 +350,18 @@ class Rater:
                         if name is None or not (plain or wid.isprintable()):
                             self._alone(event, events, batch, number, rejected, new)
                             continue
-                        flat = (name, month, wtype, wid)
-                        rates[flat] = rate
-                        new.append((flat, rate))
+                        if held is None:
+                            held = cell(name, month, wtype)
+                        held[wid] = rate
+                        new.append(((name, month, wtype), rate))
                         counted += 1
                     elif rate > old:
                         if raised is not None:
-                            raised.setdefault(flat, []).append(old)
+                            raised.setdefault((tenant, month, wtype, wid), []).append(old)
                         if new:
                             ledger.index_new(new)
                             new.clear()
-                        put(flat, rate)
+                        ledger.add(tenant, month, wtype, wid, rate)
                         counted += 1
                     else:
                         duplicate += 1
@@ -394,7 +394,7 @@ class Rater:
         batch: bytes,
         number: int,
         rejected: list[tuple[int, Rejected]],
-        new: list[tuple[Key, Rate]],
+        new: list[tuple[Cell, Rate]],
     ) -> None:
         """Feed the line ``event`` came from on its own (it is rare: found by identity),
         once the ledger holds the ``new`` entries whole."""
@@ -429,7 +429,7 @@ class Rater:
 
     def rated(self) -> Rated:
         """What was rated, as plain data (for another process to :meth:`join_after`)."""
-        return Rated(self.ledger.rates, self.tails, self.raised or {}, self.tally)
+        return Rated(self.ledger.cells, self.tails, self.raised or {}, self.tally)
 
     def join_after(self, later: Rated) -> None:
         """Join what another rater rated from the part of the input right after this one's,
@@ -437,33 +437,35 @@ class Rater:
         added, and each event ``later`` counted at a rate this rater had already counted
         (at that rate or higher) taken as the duplicate it is."""
         ledger = self.ledger
-        rates = ledger.rates
-        rates_get = rates.get
         raised = later.raised
         again = 0
-        new: list[tuple[Key, Rate]] = []
-        higher: list[tuple[Key, Rate]] = []
-        for flat, rate in later.rates.items():
-            old = rates_get(flat)
-            if old is None:
-                rates[flat] = rate
-                new.append((flat, rate))
-                continue
-            if rate > old:
-                higher.append((flat, rate))
-            else:
-                again += 1
-            lower = raised.get(flat)
-            if lower:
-                again += sum(1 for r in lower if r <= old)
+        new: list[tuple[Cell, Rate]] = []
+        higher: list[tuple[str, str, str, str, Rate]] = []
+        for key, theirs in later.cells.items():
+            held = ledger.cell(*key)
+            tenant, month, wtype = key
+            for wid, rate in theirs.items():
+                old = held.get(wid)
+                if old is None:
+                    held[wid] = rate
+                    new.append((key, rate))
+                    continue
+                if rate > old:
+                    higher.append((tenant, month, wtype, wid, rate))
+                else:
+                    again += 1
+                if raised:
+                    lower = raised.get((tenant, month, wtype, wid))
+                    if lower:
+                        again += sum(1 for r in lower if r <= old)
         ledger.index_new(new)
-        for flat, rate in higher:
-            ledger.put(flat, rate)
+        for entry in higher:
+            ledger.add(*entry)
         tails = self.tails
-        for key, rate in later.tails.items():
-            prev = tails.get(key)
+        for tkey, rate in later.tails.items():
+            prev = tails.get(tkey)
             if prev is None or rate > prev:
-                tails[key] = rate
+                tails[tkey] = rate
         t, u = self.tally, later.tally
         t.counted += u.counted - again
         t.duplicate += u.duplicate + again

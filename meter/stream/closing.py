@@ -73,9 +73,7 @@ class HomeClose:
         return lm
 
     def snapshot(self, ledger: Ledger, month: str) -> dict[str, dict[tuple[str, str], Rate]]:
-        return {
-            tm.tenant_id: dict(tm.workloads) for tm in ledger.tenant_months() if tm.month == month
-        }
+        return {tm.tenant_id: tm.snapshot() for tm in ledger.tenant_months() if tm.month == month}
 
     def final_tenant_month(self, tenant: str, month: str) -> TenantMonth:
         tm = TenantMonth(tenant, month, self.height)
@@ -195,7 +193,7 @@ def partition_summary(
         "month": month,
         "partition": partition,
         "partitions": partitions,
-        "tenants": len([tm for tm in tms if tm.workloads]),
+        "tenants": len([tm for tm in tms if tm.types]),
         "usage": usage,
         "workloads": workloads,
         "points": points,

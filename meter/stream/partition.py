@@ -127,10 +127,10 @@ class HomePartition:
 
     __slots__ = (
         "_batch",
+        "_cells",
         "_finals_pending",
         "_lfinals_pending",
         "_lstarts_pending",
-        "_rates",
         "changed",
         "changelog_end",
         "close",
@@ -165,8 +165,8 @@ class HomePartition:
         #: Why the partition was last fenced (for logs and /healthz).
         self.reason = ""
         self.ledger = Ledger(height)
-        #: The ledger's rates, for the duplicate check (most events) without a call.
-        self._rates = self.ledger.rates
+        #: The ledger's cells, for the duplicate check (most events) without a call.
+        self._cells = self.ledger.cells
         #: The license view (vendor rules) beside the calendar ledger; shares it.
         self.license = LicenseLedger(self.ledger, history_start, height)
         self.close = HomeClose(height=height)
@@ -250,7 +250,7 @@ class HomePartition:
 
     def _reset(self) -> None:
         self.ledger = Ledger(self.height)
-        self._rates = self.ledger.rates
+        self._cells = self.ledger.cells
         self.license = LicenseLedger(self.ledger, self.history_start, self.height)
         self.close = HomeClose(height=self.height)
         self.changelog_end = 0
@@ -316,9 +316,11 @@ class HomePartition:
         """
         if tail is None:
             # Most events repeat a workload already counted at this rate or higher.
-            old = self._rates.get((tenant, month, wtype, wid))
-            if old is not None and old >= rate:
-                return False
+            held = self._cells.get((tenant, month, wtype))
+            if held is not None:
+                old = held.get(wid)
+                if old is not None and old >= rate:
+                    return False
         if self.pruned:
             self._unprune_for(tenant, month, wtype, wid, tail)
         lic = self.license
@@ -344,8 +346,8 @@ class HomePartition:
             batch.event_ids[len(batch.entries) - 1] = event_id
         else:
             pending = batch.pending
-            held = pending.get((tenant, month))
-            if held is None or ts < held:
+            since = pending.get((tenant, month))
+            if since is None or ts < since:
                 pending[(tenant, month)] = ts
         return True
 
@@ -516,7 +518,7 @@ class HomePartition:
         pruned = self.pruned
         need = {m for m in (month, tail) if m in pruned}
         lic = self.license
-        first = lic.first.get((tenant, wtype, wid))
+        first = lic.first_month(tenant, wtype, wid)
         if first is not None and month < first and first in pruned:
             need.add(first)
         start = lic.history_start
@@ -614,8 +616,7 @@ class HomePartition:
                 else []
             )
             yield encode_state(month, groups, ids)
-        tails = ((t, m, w, i, r) for (t, m, w, i), r in self.license.tails.items() if m == month)
-        for chunk in _chunks(tails):
+        for chunk in _chunks(self.license.tail_entries(month)):
             yield encode_tails(chunk)
         if month not in hc.closed:
             return
@@ -643,13 +644,10 @@ class HomePartition:
     def _first_rows(self, month: str) -> Iterator[bytes]:
         """The workloads whose first month is ``month``, grouped by tenant and type."""
         groups: dict[tuple[str, str], list[str]] = {}
-        for (t, w, i), m in self.license.first.items():
-            if m == month:
-                held = groups.get((t, w))
-                if held is None:
-                    groups[(t, w)] = [i]
-                else:
-                    held.append(i)
+        for (t, w), firsts in self.license.first.items():
+            ids = [i for i, m in firsts.items() if m == month]
+            if ids:
+                groups[(t, w)] = ids
         for chunk in _group_chunks(groups.items()):
             yield encode_firsts(month, [(t, w, wids) for (t, w), wids in chunk])
 
@@ -700,7 +698,6 @@ class HomePartition:
     def _prune(self, month: str) -> None:
         hc = self.close
         dropped = self.license.drop_month(month)
-        self._rates = self.ledger.rates
         hc.finals.pop(month, None)
         hc.license_finals.pop(month, None)
         hc.license_starts.pop(month, None)
@@ -728,14 +725,16 @@ def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:
         for tm in ledger.tenant_months():
             if tm.month != month:
                 continue
-            held: dict[tuple[str, str, Rate], list[str]] = {}
-            for (w, i), rate in tm.workloads.items():
-                ids = held.get((tm.tenant_id, w, rate))
-                if ids is None:
-                    held[(tm.tenant_id, w, rate)] = [i]
-                else:
-                    ids.append(i)
-            yield from held.items()
+            for w, by_id in tm.types.items():
+                held: dict[Rate, list[str]] = {}
+                for i, rate in by_id.items():
+                    ids = held.get(rate)
+                    if ids is None:
+                        held[rate] = [i]
+                    else:
+                        ids.append(i)
+                for rate, ids in held.items():
+                    yield (tm.tenant_id, w, rate), ids
 
     for chunk in _group_chunks(groups()):
         yield [(t, w, rate, wids) for (t, w, rate), wids in chunk]

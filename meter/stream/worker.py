@@ -1438,7 +1438,7 @@ class Worker:
         tenant_docs = {
             usage_key(tm.tenant_id, month).decode(): (tm, tenant_report(tm, grace))
             for tm in tms
-            if tm.workloads
+            if tm.types
         }
         lms = [hc.final_license_month(tenant, month) for tenant in sorted(hc.license_finals[month])]
         summary_key = f"partition/{month}/{hp.number}"
@@ -1550,9 +1550,9 @@ class Worker:
             hc = hp.close
             for tenant, month, wtype, wid in keys:
                 tm = hp.ledger.tenant_month(tenant, month)
-                if tm is None or (wtype, wid) not in tm.workloads:
+                rate = None if tm is None else tm.rate(wtype, wid)
+                if rate is None:
                     continue
-                rate = tm.workloads[(wtype, wid)]
                 before = hc.finals.get(month, {}).get(tenant, {}).get((wtype, wid))
                 for c in correction_for(tenant, month, wtype, wid, rate, before):
                     doc = correction_record(c, hc.late_ids.get((tenant, month, wtype, wid)), now)

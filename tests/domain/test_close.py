@@ -40,7 +40,7 @@ def test_corrections_are_the_difference_from_the_final_snapshot() -> None:
     ledger.add("acme", "2026-10", "vm", "b", R5)
     tm = ledger.tenant_month("acme", "2026-10")
     assert tm is not None
-    final = dict(tm.workloads)
+    final = tm.snapshot()
     assert list(corrections(tm, final)) == []
     assert snapshot_totals(final) == {"vm": [2, 5, 1]}
     ledger.add("acme", "2026-10", "vm", "a", R5)  # upgraded late

@@ -224,8 +224,8 @@ def test_revision_climbs_with_every_change_and_only_then(log: list[Any]) -> None
             k: v for k, v in others.items() if k != (t, m)
         }
         # Kept incrementally, equal to what it is from scratch.
-        assert tm.revision == sum(CARDS2.height(r) for r in tm.workloads.values())
-        assert tm.ratecards == sorted({r[1] for r in tm.workloads.values()})
+        assert tm.revision == sum(CARDS2.height(r) for _, _, r in tm.entries())
+        assert tm.ratecards == sorted({r[1] for _, _, r in tm.entries()})
         assert tm.revision > tm.workload_count + tm.points
 
 

@@ -99,8 +99,8 @@ def state(hp: HomePartition) -> dict[str, object]:
     hc = hp.close
     return {
         "ledger": sorted(hp.ledger.entries()),
-        "tails": sorted(hp.license.tails.items()),
-        "first": sorted(hp.license.first.items()),
+        "tails": sorted(hp.license.tail_entries()),
+        "first": sorted(hp.license.firsts()),
         "license": sorted(
             (k, sorted(lm.totals.items()), lm.revision) for k, lm in hp.license.months.items()
         ),
@@ -184,7 +184,7 @@ def test_a_pruned_month_leaves_memory_and_a_late_event_for_it_becomes_the_same_c
     assert hp.pruned == {"2026-01"}
     assert hp.ledger.tenant_month("acme", "2026-01") is None
     assert len(hp.ledger) == 1  # February's one workload is all that is in memory
-    assert hp.license.first[("acme", "vm", "w0")] == "2026-01"  # the one map kept for ever
+    assert hp.license.first_month("acme", "vm", "w0") == "2026-01"  # the one map kept for ever
 
     # A duplicate of a pruned month's workload changes nothing; a higher rate and a new
     # workload become corrections, exactly as without pruning.
