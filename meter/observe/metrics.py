@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meter import __version__
-from meter.domain import OUTCOMES, REJECTION_CODES, Ledger
+from meter.domain import OUTCOMES, REJECTION_CODES
 from meter.domain.license import ProviderLicense
 from meter.stream.worker import Worker
 
@@ -176,7 +176,7 @@ class WorkerCollector(Collector):
             lag.add_metric([topic, str(partition)], value)
         yield lag
         months = self.months()
-        yield from usage_families(self.worker.ledgers.values(), months)
+        yield from usage_families(self.worker.usage_totals(months))
         yield from license_families(
             getattr(self.worker, "provider_license", None),
             self.worker.now().date(),
@@ -184,7 +184,8 @@ class WorkerCollector(Collector):
         )
 
 
-def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metric]:
+def usage_families(totals: Iterable[tuple[str, str, str, int, int]]) -> Iterator[Metric]:
+    """The usage gauges of ``(tenant, month, type, workloads, points)`` rows."""
     workloads = GaugeMetricFamily(
         "meter_workloads",
         "Distinct counted workloads this month so far.",
@@ -195,14 +196,10 @@ def usage_families(ledgers: Iterable[Ledger], months: set[str]) -> Iterator[Metr
         "Points the counted workloads consume this month so far.",
         labels=["tenant_id", "month", "workload_type"],
     )
-    for ledger in ledgers:
-        for tm in ledger.tenant_months():
-            if tm.month not in months:
-                continue
-            for wtype, (n, p, _) in sorted(tm.totals.items()):
-                labels = [tm.tenant_id, tm.month, wtype]
-                workloads.add_metric(labels, n)
-                points.add_metric(labels, p)
+    for tenant, month, wtype, n, p in sorted(totals):
+        labels = [tenant, month, wtype]
+        workloads.add_metric(labels, n)
+        points.add_metric(labels, p)
     yield workloads
     yield points
 

@@ -69,11 +69,9 @@ class StreamConfig:
     history_start: str | None = None
     #: With local state (``--state-dir``): save changed state at most this often.
     checkpoint_interval_s: float = 60.0
-    #: With local state: a closed month leaves memory this long after it closed (None: never).
+    #: With local state: a closed month leaves memory this long after it closed (None: never);
+    #: its totals stay for /metrics.
     prune_after: timedelta | None = timedelta(days=7)
-    #: With local state: the current UTC month and the ``keep_months - 1`` before it stay in
-    #: memory whatever ``prune_after`` says (they are the months /metrics shows).
-    keep_months: int = 2
     #: With local state: copy it to the snapshots topic at most this often (None: never).
     snapshot_interval_s: float | None = 600.0
 

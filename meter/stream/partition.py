@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
+import orjson
+
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
@@ -114,6 +116,75 @@ class ChangeBatch:
         return bool(self.entries or self.tails)
 
 
+#: (tenant, workload_type, workloads, points, charged as rental)
+UsageTotal = tuple[str, str, int, int, int]
+#: (tenant, workload_type, workloads, new, rental, points, new points)
+LicenseTotal = tuple[str, str, int, int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MonthTotals:
+    """What /metrics shows of a month pruned from memory: its tenants' totals per type, in
+    both views, a few bytes per tenant where the month itself takes a few hundred per
+    workload.  Kept in local state as the row ``totals:<month>``."""
+
+    month: str
+    usage: tuple[UsageTotal, ...]
+    license: tuple[LicenseTotal, ...]
+
+    @classmethod
+    def of(cls, ledger: Ledger, license: LicenseLedger, month: str) -> MonthTotals:
+        return cls(
+            month,
+            tuple(
+                (tm.tenant_id, w, t[0], t[1], t[2])
+                for tm in ledger.tenant_months()
+                if tm.month == month
+                for w, t in sorted(tm.totals.items())
+                if t[0]
+            ),
+            tuple(
+                (lm.tenant_id, w, *t)  # type: ignore[misc]
+                for lm in license.tenant_months()
+                if lm.month == month
+                for w, t in sorted(lm.totals.items())
+                if t[0]
+            ),
+        )
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"kind": "totals", "month": self.month, "usage": self.usage, "license": self.license}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> MonthTotals:
+        """Raises :class:`StoreError` for anything but a totals row of this version."""
+        try:
+            doc = orjson.loads(raw)
+            if doc["kind"] != "totals":
+                raise StoreError(f"not a totals row: kind {doc['kind']!r:.40}")
+            usage = tuple(_totals_row(r, 3) for r in doc["usage"])
+            license = tuple(_totals_row(r, 5) for r in doc["license"])
+            month = doc["month"]
+            if not isinstance(month, str):
+                raise StoreError("a totals row without a month")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"unreadable totals row: {exc}") from exc
+        return cls(month, usage, license)  # type: ignore[arg-type]
+
+
+def _totals_row(row: object, counts: int) -> tuple[object, ...]:
+    if (
+        not isinstance(row, list)
+        or len(row) != 2 + counts
+        or not all(isinstance(v, str) for v in row[:2])
+        or not all(type(v) is int for v in row[2:])
+    ):
+        raise ValueError(f"a totals line is not [tenant, type, {counts} counts]: {row!r:.80}")
+    return tuple(row)
+
+
 class LifecycleError(BrokerError):
     """A move the partition lifecycle does not allow (a bug, never bad input)."""
 
@@ -152,6 +223,7 @@ class HomePartition:
         "reason",
         "saved_end",
         "store",
+        "summaries",
         "unpublished",
     )
 
@@ -206,6 +278,9 @@ class HomePartition:
         self.published = Published({})
         self.published_end = -1
         self.unpublished: set[str] = set()
+        #: Pruned months' totals, for /metrics: a month leaves memory at its correction
+        #: horizon, not when dashboards stop showing it.
+        self.summaries: dict[str, MonthTotals] = {}
 
     def __repr__(self) -> str:
         return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
@@ -259,6 +334,7 @@ class HomePartition:
         self._lfinals_pending.clear()
         self._lstarts_pending.clear()
         self.pruned.clear()
+        self.summaries.clear()
         self.changed.clear()
         self.saved_end = -1
         self.published = Published({})
@@ -509,6 +585,28 @@ class HomePartition:
     def months(self) -> Iterator[str]:
         return (tm.month for tm in self.ledger.tenant_months())
 
+    def usage_totals(self, months: set[str]) -> Iterator[tuple[str, str, UsageTotal]]:
+        """``(month, tenant, (tenant, type, workloads, points, rental))`` of ``months``, in
+        memory or pruned (for /metrics)."""
+        for tm in self.ledger.tenant_months():
+            if tm.month in months:
+                for w, t in tm.totals.items():
+                    yield tm.month, tm.tenant_id, (tm.tenant_id, w, t[0], t[1], t[2])
+        for month in months & self.summaries.keys():
+            for row in self.summaries[month].usage:
+                yield month, row[0], row
+
+    def license_totals(self, months: set[str]) -> Iterator[tuple[str, LicenseTotal]]:
+        """``(month, (tenant, type, workloads, new, rental, points, new points))`` of
+        ``months``, in memory or pruned (for /metrics)."""
+        for lm in self.license.tenant_months():
+            if lm.month in months:
+                for w, t in lm.totals.items():
+                    yield lm.month, (lm.tenant_id, w, t[0], t[1], t[2], t[3], t[4])
+        for month in months & self.summaries.keys():
+            for row in self.summaries[month].license:
+                yield month, row
+
     # ------------------------------------------------------------------ local state
 
     def _unprune_for(self, tenant: str, month: str, wtype: str, wid: str, tail: str | None) -> None:
@@ -535,6 +633,7 @@ class HomePartition:
             assert self.store is not None
             records = 0
             self.pruned.discard(month)
+            self.summaries.pop(month, None)  # the month's own state is back
             try:
                 for raw in self.store.read(f"month:{month}"):
                     self.replay(raw)
@@ -595,6 +694,14 @@ class HomePartition:
             for raw in store.read(key):
                 self.replay(raw, ids)
                 n += 1
+        for month in sorted(pruned):
+            if f"totals:{month}" in keys:  # saved by versions that prune with totals
+                for raw in store.read(f"totals:{month}"):
+                    totals = MonthTotals.decode(raw)
+                    if totals.month != month:
+                        raise StoreError(f"totals:{month} holds {totals.month}'s totals")
+                    self.summaries[month] = totals
+                    n += 1
         return n
 
     def month_rows(self, month: str) -> Iterator[bytes]:
@@ -668,14 +775,15 @@ class HomePartition:
             self.unpublished.update(rows)
             self.changed.clear()
             self.saved_end = self.changelog_end
-        pruned = 0
+        totals: dict[str, Iterable[bytes]] = {}
         for month in sorted(prunable or ()):
             if self._prunable(month):
                 self._prune(month)
-                pruned += 1
-        if pruned:
-            store.save(self._checkpoint(fingerprint), {})
-        return pruned
+                totals[f"totals:{month}"] = [self.summaries[month].encode()]
+        if totals:
+            store.save(self._checkpoint(fingerprint), totals)
+            self.unpublished.update(totals)
+        return len(totals)
 
     def _checkpoint(self, fingerprint: int) -> Checkpoint:
         return Checkpoint(
@@ -697,6 +805,7 @@ class HomePartition:
 
     def _prune(self, month: str) -> None:
         hc = self.close
+        self.summaries[month] = MonthTotals.of(self.ledger, self.license, month)
         dropped = self.license.drop_month(month)
         hc.finals.pop(month, None)
         hc.license_finals.pop(month, None)

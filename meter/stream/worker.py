@@ -40,7 +40,7 @@ import gc
 import logging
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -1293,26 +1293,35 @@ class Worker:
         """The license view of ``months`` on this worker's active home partitions, summed:
         used (billable) points, new points, the previous month's new points, workloads."""
         out: dict[str, dict[str, int]] = {}
+        wanted = months | {m for m in map(previous_month, months) if m is not None}
         for hp in self.homes.values():
             if not hp.active:
                 continue
-            for lm in hp.license.tenant_months():
-                for month, fields in ((lm.month, 0), (next_month(lm.month), 1)):
-                    if month is None or month not in months:
+            for month, (_, _, n, new, _, points, new_points) in hp.license_totals(wanted):
+                for into, fields in ((month, 0), (next_month(month), 1)):
+                    if into is None or into not in months:
                         continue
                     o = out.setdefault(
-                        month,
+                        into,
                         {"used_points": 0, "new_points": 0, "previous_new_points": 0,
                          "workloads": 0, "new_workloads": 0},
                     )  # fmt: skip
                     if fields == 0:
-                        o["used_points"] += lm.points
-                        o["new_points"] += lm.new_points
-                        o["workloads"] += sum(t[0] for t in lm.totals.values())
-                        o["new_workloads"] += sum(t[1] for t in lm.totals.values())
+                        o["used_points"] += points
+                        o["new_points"] += new_points
+                        o["workloads"] += n
+                        o["new_workloads"] += new
                     else:
-                        o["previous_new_points"] += lm.new_points
+                        o["previous_new_points"] += new_points
         return out
+
+    def usage_totals(self, months: set[str]) -> Iterator[tuple[str, str, str, int, int]]:
+        """``(tenant, month, type, workloads, points)`` of ``months`` on this worker's
+        active home partitions, in memory or pruned from it (for /metrics)."""
+        for hp in self.homes.values():
+            if hp.active:
+                for month, tenant, (_, wtype, n, points, _) in hp.usage_totals(months):
+                    yield tenant, month, wtype, n, points
 
     # ------------------------------------------------------------------ month close
 
@@ -1904,16 +1913,11 @@ class Worker:
         grace = self.config.close_grace
         if after is None or grace is None:
             return set()
-        # The months /metrics shows stay (the current one and keep_months - 1 before it).
-        oldest_kept: str | None = f"{now.year:04d}-{now.month:02d}"
-        for _ in range(self.config.keep_months - 1):
-            oldest_kept = previous_month(oldest_kept) if oldest_kept else None
+        # A pruned month's totals stay for /metrics (HomePartition.summaries).
         return {
             m
             for m in hp.close.closed - hp.pruned
-            if (hp.number, m) in self._closes_published
-            and closes_at(m, grace) + after <= now
-            and (oldest_kept is None or m < oldest_kept)
+            if (hp.number, m) in self._closes_published and closes_at(m, grace) + after <= now
         }
 
     async def _checkpoint(self, final: bool = False) -> None:

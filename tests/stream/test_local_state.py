@@ -427,14 +427,14 @@ def test_after_a_restart_a_workload_first_seen_in_a_pruned_month_is_still_not_ne
     assert again.license.new_points("2026-03") == 5
 
 
-def test_a_closed_month_is_pruned_once_due_published_and_no_longer_shown_on_metrics() -> None:
+def test_a_closed_month_is_pruned_once_due_and_published() -> None:
     from datetime import timedelta
 
     from meter.kafka import KafkaSettings
     from meter.stream.config import StreamConfig
     from meter.stream.worker import Worker
 
-    config = StreamConfig(prune_after=timedelta(days=7), keep_months=2)
+    config = StreamConfig(prune_after=timedelta(days=7))
     now = datetime(2026, 7, 10, 0, 0, 1, tzinfo=UTC)
     w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), config, CARDS, now=lambda: now)
     hp = fresh()
@@ -442,6 +442,6 @@ def test_a_closed_month_is_pruned_once_due_published_and_no_longer_shown_on_metr
     w._closes_published.update({(0, "2026-04"), (0, "2026-05"), (0, "2026-06")})
     hp.pruned.add("2026-04")
     # March: its close is not on meter.reports yet; April: pruned already; May: due;
-    # June: closed on 3 July, 7 days ago, but the previous month stays for /metrics.
-    assert w._prunable(hp, now) == {"2026-05"}
+    # June: closed on 3 July, 7 days ago: due too (its totals stay for /metrics).
+    assert w._prunable(hp, now) == {"2026-05", "2026-06"}
     assert w._prunable(hp, now - timedelta(days=100)) == set()  # not due yet
