@@ -68,6 +68,11 @@ def months_back(n: int, last: str = "2026-11") -> list[str]:
     return out[::-1]
 
 
+def shown_months() -> set[str]:
+    """What /metrics shows with the worker's defaults: the open month and the one before."""
+    return set(months_back(2))
+
+
 # ---------------------------------------------------------------- steps (each its own process)
 
 
@@ -129,6 +134,7 @@ def step_build(workloads: int, months: int, state: str | None, changelog: str) -
             t0 = time.perf_counter()
             if hp.save(zlib.crc32(last), set(hp.close.closed)):
                 release_free_memory()  # as the worker does after pruning
+            hp.keep_totals(shown_months())
             saves += time.perf_counter() - t0
     out.close()
     gc.collect()
@@ -155,7 +161,7 @@ def step_restart(months: int, state: str | None, changelog: str) -> dict[str, An
         store = SqliteStore(state).partition("meter.jobs.ledger.changelog", 0)
         cp = store.checkpoint()
         assert cp is not None
-        records = hp.restore(store, cp)
+        records = hp.restore(store, cp, shown_months())
         end = cp.offset
     else:
         data = Path(changelog).read_bytes()

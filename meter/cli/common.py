@@ -240,6 +240,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         max_event_bytes=args.max_event_bytes,
         history_start=args.history_start,
         checkpoint_interval_s=args.checkpoint_interval,
+        metrics_months=max(1, getattr(args, "metrics_months", 2)),
         snapshot_interval_s=args.snapshot_interval if args.snapshot_interval >= 0 else None,
         prune_after=args.prune_after,
     )

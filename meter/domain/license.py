@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from sys import intern
 from typing import Final
 
 import orjson
@@ -251,6 +252,10 @@ class LicenseLedger:
         old = None if held is None else held.get(wid)
         if old is not None and old >= rate:
             return False
+        if old is None:
+            # One string per workload id, whatever months, windows and maps it is in: the
+            # first-month map outlives the months (interned strings die with their last use).
+            wid = intern(wid)
         firsts = self.first.get((tenant, wtype))
         first = None if firsts is None else firsts.get(wid)
         start = self._fixed_start or self._min_month
@@ -322,7 +327,7 @@ class LicenseLedger:
         before = self._contribution(tenant, month, wtype, wid)
         if held is None:
             held = self.tails[(tenant, month, wtype)] = {}
-        held[wid] = rate
+        held[intern(wid)] = rate
         self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
         return True
 
@@ -337,10 +342,12 @@ class LicenseLedger:
     def _note_first(self, tenant: str, wtype: str, wid: str, month: str) -> None:
         firsts = self.first.get((tenant, wtype))
         if firsts is None:
-            self.first[(tenant, wtype)] = {wid: month}
+            self.first[(tenant, wtype)] = {intern(wid): month}
             return
         first = firsts.get(wid)
-        if first is None or month < first:
+        if first is None:
+            firsts[intern(wid)] = month
+        elif month < first:
             firsts[wid] = month
 
     def first_month(self, tenant: str, wtype: str, wid: str) -> str | None:
@@ -388,7 +395,7 @@ class LicenseLedger:
             plain: list[str] = []
             other: list[str] = []
             fresh = 0
-            for wid in ids:
+            for wid in map(intern, ids):
                 f = first.get(wid)
                 if wid in held or (f is not None and f > month) or wid in tails:
                     other.append(wid)

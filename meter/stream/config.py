@@ -70,8 +70,10 @@ class StreamConfig:
     #: With local state (``--state-dir``): save changed state at most this often.
     checkpoint_interval_s: float = 60.0
     #: With local state: a closed month leaves memory this long after it closed (None: never);
-    #: its totals stay for /metrics.
+    #: its totals stay while /metrics shows it (``metrics_months``).
     prune_after: timedelta | None = timedelta(days=7)
+    #: The months /metrics shows: the current UTC month and the ``metrics_months - 1`` before.
+    metrics_months: int = 2
     #: With local state: copy it to the snapshots topic at most this often (None: never).
     snapshot_interval_s: float | None = 600.0
 

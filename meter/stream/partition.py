@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, TypeVar
@@ -509,13 +509,13 @@ class HomePartition:
 
     # ------------------------------------------------------------------ replay
 
-    def replay(self, raw: bytes, ids: dict[str, str] | None = None) -> int:
+    def replay(self, raw: bytes) -> int:
         """Join one changelog record in (recovery and catch-up); returns entries applied.
 
         Raises :class:`~meter.stream.records.ChangelogError` for a record this
         version cannot read.
         """
-        cl = read_changelog(raw, ids)
+        cl = read_changelog(raw)
         lic = self.license
         hc = self.close
         if self.pruned:
@@ -584,6 +584,11 @@ class HomePartition:
 
     def months(self) -> Iterator[str]:
         return (tm.month for tm in self.ledger.tenant_months())
+
+    def keep_totals(self, shown: Container[str]) -> None:
+        """Forget the totals of pruned months /metrics no longer shows."""
+        for month in [m for m in self.summaries if m not in shown]:
+            del self.summaries[month]
 
     def usage_totals(self, months: set[str]) -> Iterator[tuple[str, str, UsageTotal]]:
         """``(month, tenant, (tenant, type, workloads, points, rental))`` of ``months``, in
@@ -660,15 +665,18 @@ class HomePartition:
         if not self.fence(f"local state failed ({why}); rebuilding from the changelog"):
             self.reason = f"local state failed ({why})"
 
-    def restore(self, store: PartitionStore, checkpoint: Checkpoint) -> int:
-        """Load saved state (RECOVERING, nothing in memory yet): every first-month row and
-        the rows of months not pruned; the changelog is then replayed from
+    def restore(
+        self, store: PartitionStore, checkpoint: Checkpoint, shown: Container[str] | None = None
+    ) -> int:
+        """Load saved state (RECOVERING, nothing in memory yet): every first-month row, the
+        rows of months not pruned, and the totals of the pruned months /metrics shows
+        (``shown``; ``None``: every pruned month's); the changelog is then replayed from
         ``checkpoint.offset``.  Returns the records read.  Raises :class:`StoreError` when
         a row is not what was saved (and forgets whatever it had loaded)."""
         if self.phase is not Phase.RECOVERING or self.changelog_end != 0 or len(self.ledger):
             raise LifecycleError(f"home partition {self.number}: restore into a used state")
         try:
-            n = self._load(store, set(checkpoint.pruned))
+            n = self._load(store, set(checkpoint.pruned), shown)
         except StoreError:
             self._reset()  # nothing half-loaded is kept
             raise
@@ -680,7 +688,7 @@ class HomePartition:
         self.store = store
         return n
 
-    def _load(self, store: PartitionStore, pruned: set[str]) -> int:
+    def _load(self, store: PartitionStore, pruned: set[str], shown: Container[str] | None) -> int:
         keys = store.keys()
         # Pruned months' rows are checked when read back (each record's CRC-32); their
         # count and checksums against the checkpoint were checked by ``checkpoint()``.
@@ -689,13 +697,12 @@ class HomePartition:
         months = sorted(
             k for k in keys if k.startswith("month:") and k.removeprefix("month:") not in pruned
         )
-        ids: dict[str, str] = {}  # one copy of each workload id, whatever rows it is in
         for key in firsts + months:
             for raw in store.read(key):
-                self.replay(raw, ids)
+                self.replay(raw)
                 n += 1
         for month in sorted(pruned):
-            if f"totals:{month}" in keys:  # saved by versions that prune with totals
+            if f"totals:{month}" in keys and (shown is None or month in shown):
                 for raw in store.read(f"totals:{month}"):
                     totals = MonthTotals.decode(raw)
                     if totals.month != month:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, Final
 
 import orjson
@@ -245,25 +246,24 @@ def _ids(t: object, w: object, i: object) -> None:
         raise ChangelogError(f"tenant, type and workload must be strings: {[t, w, i]!r:.80}")
 
 
-def _group_ids(t: object, w: object, got: object, ids: dict[str, str] | None) -> list[str]:
-    """The workload ids of a (tenant, type, ids) group of local state, checked (and shared
-    through ``ids`` when given)."""
+def _group_ids(t: object, w: object, got: object) -> list[str]:
+    """The workload ids of a (tenant, type, ids) group of local state, checked and interned."""
     if t.__class__ is not str or w.__class__ is not str or got.__class__ is not list:
         raise ChangelogError(f"malformed group of workloads: {[t, w]!r:.80}")
     assert isinstance(got, list)
     for i in got:
         if i.__class__ is not str:
             raise ChangelogError(f"workload ids must be strings: {i!r:.40}")
-    return got if ids is None else [ids.setdefault(i, i) for i in got]
+    return list(map(intern, got))
 
 
-def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRecord:
+def read_changelog(raw: bytes) -> ChangelogRecord:
     """Decode one changelog record; anything malformed is a :class:`ChangelogError`.
 
     Tenant ids, months, workload types and rates come out shared (:func:`shared`), so
-    a ledger rebuilt from the changelog is as small as the one built from events.  With
-    ``ids``, workload ids are shared through it too (loading local state, where the same
-    workload is in several months' rows and in the first-month map)."""
+    a ledger rebuilt from the changelog is as small as the one built from events.  Workload
+    ids come out interned: one string per workload, whatever months' rows and maps it is
+    in (as :class:`~meter.domain.license.LicenseLedger` keeps them)."""
     try:
         doc = orjson.loads(raw)
         if doc.get("v") != CHANGELOG_VERSION:
@@ -280,7 +280,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
                     (
                         shared(t),
                         shared(w),
-                        i if ids is None else ids.setdefault(i, i),
+                        intern(i),
                         _rate(p, c, lic),
                     )
                 )
@@ -294,7 +294,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
                     (
                         shared(t),
                         shared(w),
-                        i if ids is None else ids.setdefault(i, i),
+                        intern(i),
                         _rate(p, c, lic),
                         bool(new),
                     )
@@ -303,7 +303,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
             rec.state = _month(doc["state"])
             table = [_rate(p, c, lic) for p, c, lic in doc["rates"]]
             for t, w, ri, got in doc["groups"]:
-                rec.groups.append((shared(t), shared(w), table[ri], _group_ids(t, w, got, ids)))
+                rec.groups.append((shared(t), shared(w), table[ri], _group_ids(t, w, got)))
             for t, w, i, eid in doc["late"]:
                 _ids(t, w, i)
                 rec.late.append((shared(t), shared(w), i, str(eid)))
@@ -311,7 +311,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
             rec.firsts = _month(doc["firsts"])
             for t, w, got in doc["groups"]:
                 tenant, wtype = shared(t), shared(w)
-                rec.first_entries.extend((tenant, wtype, i) for i in _group_ids(t, w, got, ids))
+                rec.first_entries.extend((tenant, wtype, i) for i in _group_ids(t, w, got))
         elif "tails" in doc:
             for t, m, w, i, p, c, lic in doc["tails"]:
                 _ids(t, w, i)
@@ -320,7 +320,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
                         shared(t),
                         _month(m),
                         shared(w),
-                        i if ids is None else ids.setdefault(i, i),
+                        intern(i),
                         _rate(p, c, lic),
                     )
                 )
@@ -334,7 +334,7 @@ def read_changelog(raw: bytes, ids: dict[str, str] | None = None) -> ChangelogRe
                         shared(t),
                         _month(m),
                         shared(w),
-                        i if ids is None else ids.setdefault(i, i),
+                        intern(i),
                         _rate(p, c, lic),
                     )
                 )

@@ -1807,7 +1807,8 @@ class Worker:
                 store.clear()
                 return 0
         try:
-            records = await asyncio.to_thread(hp.restore, store, checkpoint)  # as in _checkpoint
+            shown = self.shown_months()
+            records = await asyncio.to_thread(hp.restore, store, checkpoint, shown)  # in a thread
         except StoreError as exc:
             log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
             store.clear()
@@ -1908,6 +1909,19 @@ class Worker:
         finally:
             restore.assign([])
 
+    def shown_months(self) -> set[str]:
+        """The months /metrics shows: the current UTC month and the ``metrics_months - 1``
+        before it."""
+        now = self.now()
+        month: str | None = f"{now.year:04d}-{now.month:02d}"
+        shown = set()
+        for _ in range(self.config.metrics_months):
+            if month is None:
+                break
+            shown.add(month)
+            month = previous_month(month)
+        return shown
+
     def _prunable(self, hp: HomePartition, now: datetime) -> set[str]:
         after = self.config.prune_after
         grace = self.config.close_grace
@@ -1957,6 +1971,7 @@ class Worker:
             # a million workloads takes seconds); nothing else changes the state meanwhile:
             # batches and rebalances wait for the lock this cycle holds.
             pruned = await asyncio.to_thread(hp.save, fingerprint, prunable)
+            hp.keep_totals(self.shown_months())
             if pruned:
                 release_free_memory()  # a pruned month's memory goes back to the system
             self.stats.checkpoints += 1

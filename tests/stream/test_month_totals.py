@@ -83,3 +83,29 @@ def test_a_damaged_totals_row_makes_the_restore_fail_whole(tmp_path: Path) -> No
     with pytest.raises(StoreError):
         fresh.restore(store, cp)
     assert len(fresh.ledger) == 0 and not fresh.summaries  # nothing half-loaded is kept
+
+
+def test_only_the_months_metrics_shows_keep_their_totals(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from meter.domain import load_ratecards
+    from meter.kafka import KafkaSettings
+    from meter.stream.config import StreamConfig
+    from meter.stream.worker import Worker
+
+    now = datetime(2026, 3, 2, tzinfo=UTC)
+    w = Worker(
+        KafkaSettings(bootstrap="127.0.0.1:1"), StreamConfig(), load_ratecards(), now=lambda: now
+    )
+    assert w.shown_months() == {"2026-03", "2026-02"}
+    hp, log = built(tmp_path)
+    hp.save(log.fingerprint(hp.changelog_end), {"2026-01", "2026-02"})
+    hp.keep_totals(w.shown_months())
+    assert set(hp.summaries) == {"2026-02"}
+    store = SqliteStore(tmp_path).partition("changelog", 0)
+    again = HomePartition(0, hp.height, history_start="2026-01")
+    again.begin_recovery()
+    cp = store.checkpoint()
+    assert cp is not None
+    again.restore(store, cp, w.shown_months())
+    assert set(again.summaries) == {"2026-02"} and again.pruned == {"2026-01", "2026-02"}
