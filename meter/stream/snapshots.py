@@ -141,6 +141,22 @@ async def _records_at(
     return got
 
 
+def _previous(rec: Any) -> int:
+    """The offset of the whole snapshot's checkpoint a row record leads back to; -1 when its
+    header is missing or is not an offset (a record of another writer or version)."""
+    for name, value in rec.headers or ():
+        if name == H_PREVIOUS:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return -1
+    return -1
+
+
+def _unusable(home: int, why: str) -> None:
+    log.warning("snapshot of home partition %d unusable: %s; replaying the changelog", home, why)
+
+
 async def read(
     consumer: Any, topic: str, home: int
 ) -> tuple[Checkpoint, dict[str, list[bytes]], Published] | None:
@@ -164,15 +180,17 @@ async def read(
         if last is None:
             return None
         if last.key != CHECKPOINT_KEY:
-            previous = dict(last.headers or ()).get(H_PREVIOUS)
-            at = int(previous) if previous else -1
+            at = _previous(last)
             if at < 0:
+                _unusable(home, f"its last record (@{last.offset}) leads to no checkpoint")
                 return None
             last = (await _records_at(consumer, tp, [at])).get(at)
             if last is None or last.key != CHECKPOINT_KEY:
+                _unusable(home, f"the checkpoint it was cut short after (@{at}) is not there")
                 return None
         parsed = parse_checkpoint(last.value or b"")
         if parsed is None:
+            _unusable(home, f"its checkpoint record (@{last.offset}) does not parse")
             return None
         checkpoint, index = parsed
         records = await _records_at(consumer, tp, [o for offs in index.values() for o in offs])

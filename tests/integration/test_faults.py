@@ -1,10 +1,13 @@
-"""Faults produced for real: paused workers, a broker that lost its data, a message whose
-handling raises, records far too large.  Each ends with the totals `meter rate` gives."""
+"""Faults produced for real: paused workers, a broker that lost its data (each with and
+without local state), a message whose handling raises, records far too large.  Each ends
+with the totals `meter rate` gives, or with the worker halted and saying why."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +46,29 @@ def _send_slowly(settings: KafkaSettings, topic: str, lines: list[bytes], chunks
         time.sleep(0.4)
 
 
+def _pause_while_sending(
+    settings: KafkaSettings,
+    topic: str,
+    lines: list[bytes],
+    workers: list[WorkerProcess],
+    pauses: int,
+) -> None:
+    """Send ``lines`` slowly while SIGSTOPping the workers in turn, each pause outliving the
+    session timeout."""
+    for w in workers:
+        w.wait_for_log("took home partitions")
+    sender = threading.Thread(target=_send_slowly, args=(settings, topic, lines, 60), daemon=True)
+    sender.start()
+    for i in range(pauses):
+        victim = workers[i % len(workers)]
+        victim.pause()
+        time.sleep(PAUSE_S)
+        victim.resume()
+        time.sleep(2.5)
+    sender.join(120)
+    assert not sender.is_alive()
+
+
 @pytest.mark.parametrize("n_workers", [2, 3])
 def test_workers_paused_past_the_session_timeout_stay_exact(
     kafka_settings: KafkaSettings, unique: str, n_workers: int
@@ -57,20 +83,7 @@ def test_workers_paused_past_the_session_timeout_stay_exact(
     random.Random(n_workers).shuffle(lines)
     workers = [WorkerProcess(kafka_settings.bootstrap, names, f"p{i}") for i in range(n_workers)]
     try:
-        for w in workers:
-            w.wait_for_log("took home partitions")
-        sender = threading.Thread(
-            target=_send_slowly, args=(kafka_settings, names.jobs, lines, 60), daemon=True
-        )
-        sender.start()
-        for i in range(5):
-            victim = workers[i % n_workers]
-            victim.pause()
-            time.sleep(PAUSE_S)
-            victim.resume()
-            time.sleep(2.5)
-        sender.join(120)
-        assert not sender.is_alive()
+        _pause_while_sending(kafka_settings, names.jobs, lines, workers, pauses=5)
         wait_for_usage(
             kafka_settings, names.usage, expected_usage(lines), timeout=150, workers=workers
         )
@@ -81,6 +94,71 @@ def test_workers_paused_past_the_session_timeout_stay_exact(
     finally:
         for w in workers:
             w.resume()
+            w.terminate()
+            w.close()
+
+
+def test_workers_paused_past_the_session_timeout_with_local_state_stay_exact(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    """The pauses above, with each worker keeping local state in its own ``--state-dir`` and
+    saving it every second (and copying it to the snapshots topic every 2 s), so checkpoints
+    are taken on either side of every pause and of the rebalances it causes: exact.
+
+    Then the worker paused most is SIGKILLed: its state directory keeps what it saved around
+    its pauses.  The other goes on alone with more events (the changelog moves past all of
+    it) and stops.  The killed one restarts from its own directory next to a worker on a new
+    host (an empty directory, so it reads snapshots, some of them taken by a worker that had
+    been paused): both catch up from the changelog, rate more events, and the report equals
+    `meter rate` over everything; over the whole usage topic no revision goes down."""
+    names = Names(unique)
+    names.extra = ["--checkpoint-interval", "1", "--snapshot-interval", "2"]
+    lines = list(generate(36_000, seed=85, tenants=60, workloads=120))
+    random.Random(85).shuffle(lines)
+    first, more, last = lines[:24_000], lines[24_000:30_000], lines[30_000:]
+
+    def worker(tag: str) -> WorkerProcess:
+        state = ["--state-dir", str(tmp_path / tag)]
+        return WorkerProcess(kafka_settings.bootstrap, names, tag, extra=state)
+
+    workers = [worker("p0"), worker("p1")]
+    try:
+        _pause_while_sending(kafka_settings, names.jobs, first, workers, pauses=3)  # p0 twice
+        wait_for_usage(
+            kafka_settings, names.usage, expected_usage(first), timeout=150, workers=workers
+        )
+        logs = "".join(w.log() for w in workers)
+        assert "fenced home partitions" in logs, logs[-4000:]
+        for w in workers:
+            assert "state saved at changelog offset" in w.log(), w.log()[-4000:]
+        workers[0].kill()
+        send(kafka_settings, names.jobs, more)
+        wait_for_usage(
+            kafka_settings, names.usage, expected_usage(first + more), workers=workers[1:]
+        )
+        assert workers[1].terminate() == 0
+    finally:
+        for w in workers:
+            w.resume()
+            w.close()
+    assert "Traceback" not in "".join(w.log() for w in workers)
+
+    again, fresh = worker("p0"), worker("new-host")
+    try:
+        for w in (again, fresh):
+            w.wait_for_log("took home partitions")
+        log = again.log()
+        assert "local state read to changelog offset" in log, log
+        assert "snapshot read from" not in log, log  # its own directory had every partition
+        assert re.search(r"caught up \[[\d, ]+\] from where their state was", log), log
+        send(kafka_settings, names.jobs, last)
+        wait_for_usage(
+            kafka_settings, names.usage, expected_usage(lines), timeout=90, workers=[again, fresh]
+        )
+        assert revision_faults(read_all(kafka_settings, names.usage)) == []
+        assert "Traceback" not in again.log() + fresh.log()
+    finally:
+        for w in (again, fresh):
             w.terminate()
             w.close()
 
@@ -130,6 +208,101 @@ def test_a_broker_that_lost_its_data_halts_the_worker(unique: str) -> None:
     finally:
         worker.terminate()
         worker.close()
+        broker.stop()
+
+
+def _saved_checkpoints(state: Path) -> dict[str, bytes]:
+    """The checkpoint each state file holds, read without writing to it."""
+    saved = {}
+    for path in sorted(state.glob("*.sqlite")):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT v FROM meta WHERE k = 'checkpoint'").fetchone()
+        finally:
+            db.close()
+        saved[path.name] = bytes(row[0]) if row else b""
+    return saved
+
+
+def _offsets(saved: dict[str, bytes]) -> list[int]:
+    return [orjson.loads(v)["offset"] if v else 0 for v in saved.values()]
+
+
+def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_restart(
+    unique: str, tmp_path: Path
+) -> None:
+    """The fault above with ``--state-dir`` and a checkpoint every second.  The running worker
+    halts as without local state, and saves nothing after the loss, not even at its stop.
+    Restarted from that directory against the empty broker, whose changelog now ends below
+    the saved checkpoints, it must not rebuild from the empty changelog nor carry on: one
+    ERROR naming the partition, the offset and the file, not ready with the reason, nothing
+    committed, the process up until told to stop; the state directory is left as it was."""
+    names = Names(unique)
+    state = tmp_path / "state"
+    names.extra = ["--state-dir", str(state), "--checkpoint-interval", "1"]
+    lines = list(generate(4000, seed=92, tenants=20, workloads=30))
+    broker = EmbeddedBroker().start()
+    port = broker.port
+    settings = KafkaSettings(bootstrap=broker.bootstrap)
+    worker = WorkerProcess(broker.bootstrap, names, "lost")
+    again: WorkerProcess | None = None
+    try:
+        worker.wait_for_log("took home partitions")
+        send(settings, names.jobs, lines)
+        wait_for_usage(settings, names.usage, expected_usage(lines), workers=[worker])
+        saved: dict[str, bytes] = {}
+        deadline = time.monotonic() + 30
+        while True:  # every partition saved, and nothing left to save
+            before, saved = saved, _saved_checkpoints(state)
+            if saved == before and len(saved) == 4 and min(_offsets(saved)) > 0:
+                break
+            assert time.monotonic() < deadline, (saved, worker.log()[-3000:])
+            time.sleep(1.5)
+        broker.stop()
+        broker = EmbeddedBroker(port).start()
+        send(settings, names.jobs, lines[:500])
+
+        # The running worker.
+        worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
+        status, body = worker.health()
+        assert status == 503, body
+        assert worker.metric('meter_problem{problem="data_lost"}') == 1.0
+        time.sleep(3)
+        assert worker.proc.poll() is None, worker.log()
+        assert _saved_checkpoints(state) == saved
+        assert worker.terminate() == 0, worker.log()  # a halted worker stops when told to ...
+        assert _saved_checkpoints(state) == saved  # ... without saving its state
+        log = worker.log()
+        assert log.count(" ERROR meter.stream.worker: the broker lost data") == 1, log
+        assert "Traceback" not in log
+
+        # Its restart from the same state directory, against the broker that lost everything.
+        again = WorkerProcess(broker.bootstrap, names, "lost-again")
+        again.wait_for_log("the broker lost data meter had read or written", timeout=60)
+        status, body = again.health()
+        assert status == 503, body
+        assert "past the changelog's end" in str(body["reason"]), body
+        assert again.metric('meter_problem{problem="data_lost"}') == 1.0
+        time.sleep(3)
+        assert again.proc.poll() is None, again.log()
+        offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
+        assert all(o is None for o in offsets.values()), offsets
+        log = again.log()
+        errors = [ln for ln in log.splitlines() if " ERROR " in ln]
+        assert len(errors) == 1, log
+        assert re.search(
+            r"ERROR meter\.stream\.worker: the broker lost data meter had read or written \("
+            r"local state of home partition \d \(SqlitePartition\('.*\.sqlite'\)\) is at "
+            r"changelog offset [1-9]\d*, past the changelog's end",
+            errors[0],
+        ), errors[0]
+        assert "state saved" not in log and "Traceback" not in log, log
+        assert again.terminate() == 0, log
+        assert _saved_checkpoints(state) == saved  # kept, for whoever restores the broker
+    finally:
+        worker.close()
+        if again is not None:
+            again.close()
         broker.stop()
 
 
