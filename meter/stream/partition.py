@@ -58,6 +58,7 @@ from meter.stream.closing import (
     encode_final_chunk,
 )
 from meter.stream.records import (
+    ChangelogError,
     Entry,
     StateGroup,
     encode_firsts,
@@ -643,7 +644,7 @@ class HomePartition:
                 for raw in self.store.read(f"month:{month}"):
                     self.replay(raw)
                     records += 1
-            except StoreError as exc:
+            except (StoreError, ChangelogError) as exc:  # damaged, or not this version's
                 raise LocalStateError(self.number, str(exc)) from exc
             self.changed.discard(month)  # what was just read is what the store holds
             log.info(
@@ -699,7 +700,10 @@ class HomePartition:
         )
         for key in firsts + months:
             for raw in store.read(key):
-                self.replay(raw)
+                try:
+                    self.replay(raw)
+                except ChangelogError as exc:  # a row this version cannot read: not state
+                    raise StoreError(f"row {key} of {store!r}: {exc}") from exc
                 n += 1
         for month in sorted(pruned):
             if f"totals:{month}" in keys and (shown is None or month in shown):

@@ -325,6 +325,8 @@ class Worker:
         self._closes_published: set[tuple[int, str]] = set()
         #: home -> when (monotonic) its state last went to the snapshots topic
         self._snapshot_times: dict[int, float] = {}
+        #: (home partition, snapshot offset) whose state failed: never read again.
+        self._refused_snapshots: set[tuple[int, int]] = set()
         self.config = config
         self.cards = cards
         #: What the provider licensed (``--license``); None: not declared.
@@ -862,7 +864,7 @@ class Worker:
                     # partition is rebuilt from the changelog and this batch read again.
                     assert here is not None
                     log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
-                    here.state_lost(str(exc))
+                    self._state_lost(here, str(exc))
                     self.stats.fenced += 1
                     self._pause_homes([partition])
                     lost.add(partition)
@@ -1721,7 +1723,7 @@ class Worker:
                         # A pruned month the record reaches could not be read back: this
                         # partition starts again from offset 0 without local state.
                         log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
-                        hp.state_lost(str(exc))
+                        self._state_lost(hp, str(exc))
                         raise
                     except Exception as exc:  # noqa: BLE001 - never stop recovery (ChangelogError and bugs)
                         log.error(  # noqa: TRY400 - the traceback adds nothing
@@ -1752,7 +1754,7 @@ class Worker:
                             hp.load_months({month})  # meter.reports lacks it: publish again
                         except LocalStateError as exc:
                             log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
-                            hp.state_lost(str(exc))
+                            self._state_lost(hp, str(exc))
                             continue
                     if self._publishable():
                         await self._publish_close(hp, month, reports)
@@ -1806,11 +1808,14 @@ class Worker:
                 )
                 store.clear()
                 return 0
+        source = hp.published.at  # the snapshot the state came from (-1: none)
         try:
             shown = self.shown_months()
             records = await asyncio.to_thread(hp.restore, store, checkpoint, shown)  # in a thread
         except StoreError as exc:
             log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
+            if source >= 0:  # not from that snapshot again
+                self._refused_snapshots.add((hp.number, source))
             store.clear()
             return 0
         log.info(
@@ -1823,6 +1828,13 @@ class Worker:
             time.monotonic() - started,
         )
         return checkpoint.offset
+
+    def _state_lost(self, hp: HomePartition, why: str) -> None:
+        """``hp``'s local state failed: rebuild it from the changelog, and never from the
+        snapshot it was read from or last copied to (it would fail the same way)."""
+        if hp.published.at >= 0:
+            self._refused_snapshots.add((hp.number, hp.published.at))
+        hp.state_lost(why)
 
     async def _download_snapshot(self, hp: HomePartition) -> Checkpoint | None:
         """No local state: read the partition's last snapshot from Kafka into the local store
@@ -1841,6 +1853,15 @@ class Worker:
         if got is None:
             return None
         checkpoint, rows, published = got
+        if (hp.number, published.at) in self._refused_snapshots:
+            log.warning(
+                "home partition %d: the snapshot at %s offset %d failed before; replaying the "
+                "changelog",
+                hp.number,
+                topic,
+                published.at,
+            )
+            return None
         hp.store.save(checkpoint, rows)
         hp.published = published
         log.info(
