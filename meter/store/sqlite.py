@@ -172,6 +172,10 @@ class SqlitePartition:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            # Move the write-ahead log into the file and empty it: else it keeps a second
+            # copy of the last save (38 MB for a month of 1 M workloads) while the store is
+            # open.  A checkpoint is crash-safe; it only copies what is committed.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot save state ({exc})") from exc
 

@@ -445,3 +445,17 @@ def test_a_closed_month_is_pruned_once_due_and_published() -> None:
     # June: closed on 3 July, 7 days ago: due too (its totals stay for /metrics).
     assert w._prunable(hp, now) == {"2026-05", "2026-06"}
     assert w._prunable(hp, now - timedelta(days=100)) == set()  # not due yet
+
+
+def test_a_save_leaves_no_second_copy_in_the_write_ahead_log(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path).partition("changelog", 0)
+    rows = {f"month:2026-0{m}": [bytes([m]) * 500_000 for _ in range(4)] for m in (1, 2)}
+    store.save(Checkpoint(10, 0, (), ()), rows)
+    store.save(Checkpoint(11, 0, (), ()), {"month:2026-01": [b"x" * 500_000]})
+    wal = Path(f"{store.path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert store.path.stat().st_size > 4_000_000  # it is all in the file
+    assert [len(r) for r in store.read("month:2026-02")] == [500_000] * 4
+    again = SqliteStore(tmp_path).partition("changelog", 0)
+    checkpoint = again.checkpoint()
+    assert checkpoint is not None and checkpoint.offset == 11
