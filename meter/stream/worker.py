@@ -807,6 +807,9 @@ class Worker:
             # read from jobs when jobs and by-tenant are not co-partitioned).
             mine = partition if not from_jobs or self._co_partitioned else -1
             apply = here.apply if here is not None and mine >= 0 else None
+            # Where this partition's records start in the batch's outcomes: a partition whose
+            # local state fails is read again whole, and its records must count only then.
+            before = (counted, duplicate, not_counted, len(rejects), len(forwards))
             for rec in records:
                 try:
                     value: bytes | None = rec.value
@@ -865,6 +868,9 @@ class Worker:
                     assert here is not None
                     log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
                     self._state_lost(here, str(exc))
+                    counted, duplicate, not_counted, n_rejects, n_forwards = before
+                    self.stats.forwarded -= len(forwards) - n_forwards
+                    del rejects[n_rejects:], forwards[n_forwards:]
                     self.stats.fenced += 1
                     self._pause_homes([partition])
                     lost.add(partition)

@@ -199,14 +199,23 @@ def test_a_late_event_for_a_pruned_month_becomes_a_correction_and_the_audit_stil
         db.execute("UPDATE records SET raw = CAST('[]' AS BLOB) WHERE key = 'month:2026-06'")
         db.commit()
         db.close()
-        send(kafka_settings, names.jobs, late)
-        everything = june + late
+        # July's events first, so the batch that reaches the damaged June row has counted
+        # some before it (they are read again after the rebuild, and must count once).
+        july = list(generate(300, seed=503, month="2026-07", tenants=16, workloads=14))
+        send(kafka_settings, names.jobs, july + late)
+        everything = june + july + late
         wait_usage(kafka_settings, names.usage, expected_usage(everything), workers=[again])
         again.wait_for_log("2026-06 read back from local state")
         log = again.log()
         assert "local state of home partition 0: " in log, log
         assert "rebuilding it from the changelog" in log, log
         assert finals(kafka_settings, names.usage, "2026-06") == closed  # finals never move
+        # The batch read again after the rebuild counts once: one outcome per event.
+        outcomes = [
+            again.metric(f'meter_events_total{{outcome="{o}"}}') or 0
+            for o in ("counted", "duplicate", "not_counted", "rejected")
+        ]
+        assert sum(outcomes) == len(july) + len(late), outcomes
         audit = meter("audit", "--broker", bootstrap, "--month", "2026-06",
                       "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
         assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
