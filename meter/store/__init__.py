@@ -34,6 +34,16 @@ class LocalStateError(StoreError):
         self.partition = partition
 
 
+class RowsElsewhere(LocalStateError):
+    """Pruned months' rows a worker on a new host left on the snapshots topic (history it
+    did not read): fetch ``rows`` (key -> offsets there) into the local store and try again.
+    Where it is not caught, it is a :class:`LocalStateError`: a rebuild, still exact."""
+
+    def __init__(self, partition: int, rows: dict[str, list[int]]) -> None:
+        super().__init__(partition, f"rows {sorted(rows)} are on the snapshots topic only")
+        self.rows = rows
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """Where saved state is up to."""

@@ -50,7 +50,7 @@ import orjson
 from meter.domain import Height, Ledger, Rate, points_height
 from meter.domain.license import Contribution, LicenseLedger
 from meter.errors import BrokerError
-from meter.store import Checkpoint, LocalStateError, PartitionStore, StoreError
+from meter.store import Checkpoint, LocalStateError, PartitionStore, RowsElsewhere, StoreError
 from meter.stream.closing import (
     HomeClose,
     LicenseSnapshot,
@@ -186,6 +186,27 @@ def _totals_row(row: object, counts: int) -> tuple[object, ...]:
     return tuple(row)
 
 
+#: The local row listing :attr:`HomePartition.elsewhere` (never published: it is this host's).
+ELSEWHERE: Final = "elsewhere"
+
+
+def parse_elsewhere(raw: bytes) -> dict[str, list[int]]:
+    """Raises :class:`StoreError` for anything but ``{"month:M": [offset, ...], ...}``."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"unreadable {ELSEWHERE} row: {exc}") from exc
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str)
+        and k.startswith("month:")
+        and isinstance(v, list)
+        and all(type(o) is int and o >= 0 for o in v)
+        for k, v in doc.items()
+    ):
+        raise StoreError(f"malformed {ELSEWHERE} row: {raw[:80]!r}")
+    return doc
+
+
 class LifecycleError(BrokerError):
     """A move the partition lifecycle does not allow (a bug, never bad input)."""
 
@@ -208,6 +229,7 @@ class HomePartition:
         "close",
         "corr_dirty",
         "dirty",
+        "elsewhere",
         "epoch",
         "height",
         "history_start",
@@ -282,6 +304,9 @@ class HomePartition:
         #: Pruned months' totals, for /metrics: a month leaves memory at its correction
         #: horizon, not when dashboards stop showing it.
         self.summaries: dict[str, MonthTotals] = {}
+        #: Pruned months' rows on the snapshots topic only (key -> offsets there): a worker
+        #: on a new host reads this month's state, not history (local row ``elsewhere``).
+        self.elsewhere: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return f"HomePartition({self.number}, {self.phase.value}, end={self.changelog_end})"
@@ -336,6 +361,7 @@ class HomePartition:
         self._lstarts_pending.clear()
         self.pruned.clear()
         self.summaries.clear()
+        self.elsewhere.clear()
         self.changed.clear()
         self.saved_end = -1
         self.published = Published({})
@@ -634,9 +660,24 @@ class HomePartition:
     def load_months(self, months: set[str]) -> None:
         """Read pruned ``months`` back from the local store into memory (a join: their
         records are replayed).  Raises :class:`LocalStateError` when the store fails: the
-        partition then needs a rebuild from the changelog (:meth:`state_lost`)."""
-        for month in sorted(months & self.pruned):
-            assert self.store is not None
+        partition then needs a rebuild from the changelog (:meth:`state_lost`), and
+        :class:`RowsElsewhere`, before anything is read, when rows are on the snapshots
+        topic only (:attr:`elsewhere`)."""
+        wanted = sorted(months & self.pruned)
+        if not wanted:
+            return
+        assert self.store is not None
+        away = {k: self.elsewhere[k] for m in wanted if (k := f"month:{m}") in self.elsewhere}
+        if away:
+            raise RowsElsewhere(self.number, away)
+        try:
+            here = set(self.store.keys())
+        except StoreError as exc:
+            raise LocalStateError(self.number, str(exc)) from exc
+        missing = [m for m in wanted if f"month:{m}" not in here]
+        if missing:
+            raise LocalStateError(self.number, f"pruned months {missing} are not in local state")
+        for month in wanted:
             records = 0
             self.pruned.discard(month)
             self.summaries.pop(month, None)  # the month's own state is back
@@ -704,6 +745,10 @@ class HomePartition:
                     self.replay(raw)
                 except ChangelogError as exc:  # a row this version cannot read: not state
                     raise StoreError(f"row {key} of {store!r}: {exc}") from exc
+                n += 1
+        if ELSEWHERE in keys:
+            for raw in store.read(ELSEWHERE):
+                self.elsewhere = parse_elsewhere(raw)
                 n += 1
         for month in sorted(pruned):
             if f"totals:{month}" in keys and (shown is None or month in shown):

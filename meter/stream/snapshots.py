@@ -16,12 +16,18 @@ not by history, on any broker — no scan, so no compaction is needed (the topic
 compacted, so Apache Kafka drops superseded rows; the embedded broker keeps them, unread).
 What it read becomes its local store, checked against the changelog like any other
 (:meth:`Worker._restore_local`), and the changelog is replayed from the checkpoint's offset.
+
+The rows of months pruned from memory are history: a new host does not read them
+(:func:`read` skips them), it notes where they are (``HomePartition.elsewhere``) and fetches
+one (:func:`fetch`) only when a late event needs that month; its own snapshots keep pointing
+at them.  So a new host reads this month's state, whatever the history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -84,14 +90,20 @@ async def publish(
     store: PartitionStore,
     keys: set[str],
     published: Published,
+    elsewhere: Mapping[str, list[int]] | None = None,
+    local: Collection[str] = (),
 ) -> Published:
     """Copy rows ``keys`` of ``store`` (those changed since the last snapshot) and a checkpoint
-    record listing every row; returns where the new snapshot is."""
+    record listing every row (the rows ``elsewhere``, on this topic only, where they are;
+    rows ``local`` not at all); returns where the new snapshot is."""
     checkpoint = store.checkpoint()
     if checkpoint is None:
         return published
-    present = set(store.keys())
+    present = set(store.keys()) - set(local)
     index = {k: v for k, v in published.index.items() if k in present}
+    for k, v in (elsewhere or {}).items():
+        if k not in present:
+            index[k] = list(v)  # still where an earlier snapshot put it
     previous = [(H_PREVIOUS, str(published.at).encode())]
     # Rows changed since the last snapshot, and any the index lacks (a restart or rebuild
     # starts with an empty index).
@@ -193,21 +205,46 @@ async def read(
             _unusable(home, f"its checkpoint record (@{last.offset}) does not parse")
             return None
         checkpoint, index = parsed
-        records = await _records_at(consumer, tp, [o for offs in index.values() for o in offs])
-        rows: dict[str, list[bytes]] = {}
-        for key, offsets in index.items():
-            if any(
-                o not in records or records[o].key != f"{key}/{n}".encode()
-                for n, o in enumerate(offsets)
-            ):
-                log.warning(
-                    "snapshot of home partition %d lacks records of row %s (offsets %s)",
-                    home,
-                    key,
-                    offsets,
-                )
-                return None
-            rows[key] = [records[o].value or b"" for o in offsets]
+        history = {f"month:{m}" for m in checkpoint.pruned}
+        wanted = {k: v for k, v in index.items() if k not in history}
+        rows = await _rows(consumer, tp, home, wanted)
+        if rows is None:
+            return None
         return checkpoint, rows, Published(index, last.offset)
     finally:
         consumer.assign([])
+
+
+async def fetch(
+    consumer: Any, topic: str, home: int, wanted: dict[str, list[int]]
+) -> dict[str, list[bytes]] | None:
+    """Rows ``wanted`` (key -> offsets) of ``home``'s snapshots; None when one is gone."""
+    from aiokafka import TopicPartition  # noqa: PLC0415 - the adapter's own dependency
+
+    tp = TopicPartition(topic, home)
+    consumer.assign([tp])
+    try:
+        return await _rows(consumer, tp, home, wanted)
+    finally:
+        consumer.assign([])
+
+
+async def _rows(
+    consumer: Any, tp: Any, home: int, wanted: dict[str, list[int]]
+) -> dict[str, list[bytes]] | None:
+    records = await _records_at(consumer, tp, [o for offs in wanted.values() for o in offs])
+    rows: dict[str, list[bytes]] = {}
+    for key, offsets in wanted.items():
+        if any(
+            o not in records or records[o].key != f"{key}/{n}".encode()
+            for n, o in enumerate(offsets)
+        ):
+            log.warning(
+                "snapshot of home partition %d lacks records of row %s (offsets %s)",
+                home,
+                key,
+                offsets,
+            )
+            return None
+        rows[key] = [records[o].value or b"" for o in offsets]
+    return rows

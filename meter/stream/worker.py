@@ -77,7 +77,7 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
-from meter.store import Checkpoint, LocalStateError, StateStore, StoreError
+from meter.store import Checkpoint, LocalStateError, RowsElsewhere, StateStore, StoreError
 from meter.stream import snapshots
 from meter.stream.closing import (
     close_records,
@@ -93,7 +93,14 @@ from meter.stream.closing import (
 )
 from meter.stream.config import StreamConfig
 from meter.stream.lease import Lease, watch_heartbeats
-from meter.stream.partition import ChangeBatch, DataLostError, HomePartition, Phase, WorkloadKey
+from meter.stream.partition import (
+    ELSEWHERE,
+    ChangeBatch,
+    DataLostError,
+    HomePartition,
+    Phase,
+    WorkloadKey,
+)
 from meter.stream.records import (
     H_EXCEPTION,
     changelog_chunks,
@@ -849,7 +856,7 @@ class Worker:
                         continue
                     date = result.date
                     # A month's last days also count in the next month's window (license view).
-                    if apply(  # type: ignore[misc]
+                    args = (
                         tenant,
                         result.month,
                         result.workload_type,
@@ -858,7 +865,16 @@ class Worker:
                         rec.timestamp,
                         result.id,
                         tail_month(date) if date % 100 >= 29 else None,
-                    ):
+                    )
+                    try:
+                        changed = apply(*args)  # type: ignore[misc]
+                    except RowsElsewhere as exc:
+                        # History this event needs is on the snapshots topic: fetch it (or
+                        # fail as LocalStateError, below), then apply it again.
+                        assert here is not None
+                        await self._fetch_elsewhere(here, exc.rows)
+                        changed = apply(*args)  # type: ignore[misc]
+                    if changed:
                         counted += 1
                     else:
                         duplicate += 1
@@ -1724,7 +1740,11 @@ class Worker:
                     if rec.offset >= targets[tp] or not rec.value:
                         continue
                     try:
-                        total += hp.replay(rec.value)
+                        try:
+                            total += hp.replay(rec.value)
+                        except RowsElsewhere as exc:  # fetch the history it reaches, again
+                            await self._fetch_elsewhere(hp, exc.rows)
+                            total += hp.replay(rec.value)
                     except LocalStateError as exc:
                         # A pruned month the record reaches could not be read back: this
                         # partition starts again from offset 0 without local state.
@@ -1757,7 +1777,11 @@ class Worker:
                             self._closes_published.add((hp.number, month))
                             continue
                         try:
-                            hp.load_months({month})  # meter.reports lacks it: publish again
+                            try:
+                                hp.load_months({month})  # meter.reports lacks it: publish again
+                            except RowsElsewhere as exc:
+                                await self._fetch_elsewhere(hp, exc.rows)
+                                hp.load_months({month})
                         except LocalStateError as exc:
                             log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
                             self._state_lost(hp, str(exc))
@@ -1835,6 +1859,47 @@ class Worker:
         )
         return checkpoint.offset
 
+    async def _fetch_elsewhere(self, hp: HomePartition, rows: dict[str, list[int]]) -> None:
+        """Fetch pruned months' rows a snapshot holds into the local store (a late event needs
+        them).  Raises :class:`LocalStateError` when they are gone (the caller rebuilds)."""
+        store = hp.store
+        assert store is not None
+        started = time.monotonic()
+        topic = self.config.topics.snapshots
+        consumer = AIOKafkaConsumer(
+            **self.settings.client_kwargs(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+        )
+        try:
+            await start_client(consumer, self.settings)
+            got = await snapshots.fetch(consumer, topic, hp.number, rows)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise LocalStateError(hp.number, f"cannot fetch {sorted(rows)}: {exc}") from exc
+        finally:
+            await close_consumer(consumer, max_seconds=5.0)
+        if got is None:
+            raise LocalStateError(hp.number, f"{sorted(rows)} are no longer on {topic}")
+        left = {k: v for k, v in hp.elsewhere.items() if k not in got}
+        try:
+            checkpoint = store.checkpoint()
+            assert checkpoint is not None
+            await asyncio.to_thread(
+                store.save, checkpoint, {**got, ELSEWHERE: [orjson.dumps(left)]}
+            )
+        except StoreError as exc:
+            raise LocalStateError(hp.number, str(exc)) from exc
+        hp.elsewhere = left
+        log.info(
+            "home partition %d: %s fetched from %s into local state in %.2fs",
+            hp.number,
+            ", ".join(sorted(got)),
+            topic,
+            time.monotonic() - started,
+        )
+
     def _state_lost(self, hp: HomePartition, why: str) -> None:
         """``hp``'s local state failed: rebuild it from the changelog, and never from the
         snapshot it was read from or last copied to (it would fail the same way)."""
@@ -1859,6 +1924,10 @@ class Worker:
         if got is None:
             return None
         checkpoint, rows, published = got
+        # History stays on the topic: where the pruned months' rows are is noted locally.
+        away = {k: v for k, v in published.index.items() if k not in rows}
+        if away:
+            rows[ELSEWHERE] = [orjson.dumps(away)]
         if (hp.number, published.at) in self._refused_snapshots:
             log.warning(
                 "home partition %d: the snapshot at %s offset %d failed before; replaying the "
@@ -1871,13 +1940,14 @@ class Worker:
         hp.store.save(checkpoint, rows)
         hp.published = published
         log.info(
-            "home partition %d: snapshot read from %s (%d rows, %d bytes, changelog offset %d) "
-            "in %.2fs",
+            "home partition %d: snapshot read from %s (%d rows, %d bytes, changelog offset %d; "
+            "%d rows of pruned months left there) in %.2fs",
             hp.number,
             topic,
             len(rows),
             sum(len(r) for row in rows.values() for r in row),
             checkpoint.offset,
+            len(away),
             time.monotonic() - started,
         )
         return hp.store.checkpoint()
@@ -1900,6 +1970,8 @@ class Worker:
                 hp.store,
                 hp.unpublished,
                 hp.published,
+                elsewhere=hp.elsewhere,
+                local=(ELSEWHERE,),
             )
         except (KafkaError, OSError) as exc:
             log.warning("could not publish the snapshot of home partition %d: %s", hp.number, exc)

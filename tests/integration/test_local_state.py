@@ -586,3 +586,78 @@ def test_a_pruned_month_from_a_snapshot_that_does_not_read_back_is_rebuilt_not_d
         assert b"0 difference(s)" in audit.stdout
     finally:
         b.close()
+
+
+def test_a_new_host_leaves_pruned_months_on_the_topic_and_fetches_one_a_late_event_needs(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+) -> None:
+    """A worker on a new host reads this month's state, not history: the pruned months'
+    rows stay on the snapshots topic.  A late event for one fetches that month into local
+    state and counts as a correction, exactly; a restart of the new host (from its own
+    directory, which knows where the rest is) and a third host that reads the new host's
+    snapshot still find it."""
+    clock = tmp_path / "clock"
+    clock.write_text("2026-06-20T00:00:00Z")
+    names = Names(unique)
+    names.extra = [
+        "--clock", str(clock), "--history-start", "2026-05", "--checkpoint-interval", "0.5",
+        "--snapshot-interval", "0", "--prune-after", "0",
+    ]  # fmt: skip
+    june = list(generate(2000, seed=771, month="2026-06", tenants=12, workloads=10))
+    late = list(generate(600, seed=772, month="2026-06", tenants=16, workloads=14))
+    more = list(generate(600, seed=773, month="2026-06", tenants=16, workloads=16))
+    a = WorkerProcess(
+        kafka_settings.bootstrap, names, "a", extra=["--state-dir", str(tmp_path / "host-a")]
+    )
+    try:
+        a.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, june)
+        wait_usage(kafka_settings, names.usage, expected_usage(june), workers=[a])
+        clock.write_text("2026-07-03T00:00:01Z")
+        wait_until(lambda: a.log().count("2026-06 pruned from memory") == 4, "June pruned")
+        assert a.terminate() == 0
+    finally:
+        a.close()
+    closed = finals(kafka_settings, names.usage, "2026-06")
+
+    b = _new_host(kafka_settings, names, tmp_path / "host-b", "b")
+    try:
+        left = [int(n) for n in re.findall(r"(\d+) rows of pruned months left there", b.log())]
+        assert len(left) == 4 and sum(left) >= 4, b.log()  # June on every partition, at least
+        send(kafka_settings, names.jobs, late)
+        wait_usage(kafka_settings, names.usage, expected_usage(june + late), workers=[b])
+        assert "month:2026-06 fetched from" in b.log(), b.log()
+        assert "rebuilding" not in b.log(), b.log()
+        assert b.terminate() == 0
+    finally:
+        b.close()
+    assert finals(kafka_settings, names.usage, "2026-06") == closed  # finals never move
+
+    # The new host again, from its own directory: what it did not fetch, it still knows where
+    # to find.  And a third host, from the new host's snapshot.
+    again = WorkerProcess(
+        kafka_settings.bootstrap, names, "b2", extra=["--state-dir", str(tmp_path / "host-b")]
+    )
+    try:
+        again.wait_for_log("took home partitions")
+        send(kafka_settings, names.jobs, more[:300])
+        wait_usage(
+            kafka_settings, names.usage, expected_usage(june + late + more[:300]), workers=[again]
+        )
+        assert "rebuilding" not in again.log(), again.log()
+        assert again.terminate() == 0
+    finally:
+        again.close()
+    c = _new_host(kafka_settings, names, tmp_path / "host-c", "c")
+    try:
+        send(kafka_settings, names.jobs, more[300:])
+        wait_usage(kafka_settings, names.usage, expected_usage(june + late + more), workers=[c])
+        assert "rebuilding" not in c.log(), c.log()
+        assert "rows of pruned months left there" in c.log(), c.log()
+        audit = meter("audit", "--broker", kafka_settings.bootstrap, "--month", "2026-06",
+                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+        assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
+        assert b"0 difference(s)" in audit.stdout
+    finally:
+        c.close()
+    assert finals(kafka_settings, names.usage, "2026-06") == closed

@@ -459,3 +459,39 @@ def test_a_save_leaves_no_second_copy_in_the_write_ahead_log(tmp_path: Path) -> 
     again = SqliteStore(tmp_path).partition("changelog", 0)
     checkpoint = again.checkpoint()
     assert checkpoint is not None and checkpoint.offset == 11
+
+
+def test_a_pruned_month_on_the_snapshots_topic_only_is_asked_for_not_read_as_empty(
+    tmp_path: Path,
+) -> None:
+    from meter.store import RowsElsewhere
+    from meter.stream.partition import ELSEWHERE
+
+    log = Changelog()
+    hp = recover(log, store_in(tmp_path))
+    for n in range(5):
+        event(hp, "acme", "2026-01", f"w{n}", RATES[1], 10)
+    write(hp, log)
+    close(hp, log, "2026-01")
+    assert hp.save(log.fingerprint(hp.changelog_end), {"2026-01"}) == 1
+    assert hp.store is not None
+    # What a new host's store holds: everything but the pruned month's row, and where it is.
+    cp = hp.store.checkpoint()
+    assert cp is not None
+    saved = hp.store.keys()
+    rows = {k: list(hp.store.read(k)) for k in saved if k != "month:2026-01"}
+    rows[ELSEWHERE] = [b'{"month:2026-01": [7, 8]}']
+    fresh_store = store_in(tmp_path / "new-host")
+    fresh_store.save(cp, rows)
+    b = fresh(fresh_store)
+    b.begin_recovery()
+    b.restore(fresh_store, cp)
+    assert b.elsewhere == {"month:2026-01": [7, 8]}
+    with pytest.raises(RowsElsewhere) as caught:
+        event(b, "acme", "2026-01", "late", RATES[2], 12)
+    assert caught.value.rows == {"month:2026-01": [7, 8]}
+    assert b.pruned == {"2026-01"} and len(b.ledger) == 0  # nothing was read as empty
+    # Without a note of where it is, a missing row is lost state, never an empty month.
+    b.elsewhere = {}
+    with pytest.raises(LocalStateError, match="not in local state"):
+        event(b, "acme", "2026-01", "late", RATES[2], 12)
