@@ -91,6 +91,18 @@ def month_key(year: int, month: int) -> str:
     return f"{year:04d}-{month:02d}"
 
 
+def recent(year: int, month: int, count: int) -> set[str]:
+    """The month ``year-month`` and the ``count - 1`` before it (none before 0001-01): the
+    months /metrics shows."""
+    out = set()
+    for _ in range(count):
+        if year < 1:
+            break
+        out.add(month_key(year, month))
+        year, month = (year - 1, 12) if month == 1 else (year, month - 1)
+    return out
+
+
 _CACHE: dict[str, tuple[str, int]] = {}
 #: ":mm:ss[.fraction]zone" already validated -> the zone part of the cache key.
 _TAILS: dict[str, str] = {}

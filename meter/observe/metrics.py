@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from meter import __version__
 from meter.domain import OUTCOMES, REJECTION_CODES
 from meter.domain.license import ProviderLicense
+from meter.domain.month import recent
 from meter.stream.worker import Worker
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -37,14 +38,7 @@ def recent_months(
 
     def months() -> set[str]:
         t = (now or (lambda: datetime.now(UTC)))()
-        y, m = t.year, t.month
-        out = set()
-        for _ in range(count):
-            out.add(f"{y:04d}-{m:02d}")
-            m -= 1
-            if m == 0:
-                y, m = y - 1, 12
-        return out
+        return recent(t.year, t.month, count)
 
     return months
 

@@ -617,16 +617,16 @@ class HomePartition:
         for month in [m for m in self.summaries if m not in shown]:
             del self.summaries[month]
 
-    def usage_totals(self, months: set[str]) -> Iterator[tuple[str, str, UsageTotal]]:
-        """``(month, tenant, (tenant, type, workloads, points, rental))`` of ``months``, in
-        memory or pruned (for /metrics)."""
+    def usage_totals(self, months: set[str]) -> Iterator[tuple[str, UsageTotal]]:
+        """``(month, (tenant, type, workloads, points, rental))`` of ``months``, in memory
+        or pruned (for /metrics)."""
         for tm in self.ledger.tenant_months():
             if tm.month in months:
                 for w, t in tm.totals.items():
-                    yield tm.month, tm.tenant_id, (tm.tenant_id, w, t[0], t[1], t[2])
+                    yield tm.month, (tm.tenant_id, w, t[0], t[1], t[2])
         for month in months & self.summaries.keys():
             for row in self.summaries[month].usage:
-                yield month, row[0], row
+                yield month, row
 
     def license_totals(self, months: set[str]) -> Iterator[tuple[str, LicenseTotal]]:
         """``(month, (tenant, type, workloads, new, rental, points, new points))`` of

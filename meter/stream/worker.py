@@ -43,7 +43,8 @@ import zlib
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from functools import partial
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -67,6 +68,7 @@ from aiokafka.partitioner import murmur2
 from meter.domain import Event, RateCards, Rejected, Tally, parse, parse_message
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
+from meter.domain.month import recent
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
@@ -111,6 +113,7 @@ from meter.stream.records import (
 )
 from meter.stream.usage import keep_last, read_keyed
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 #: A dead letter keeps at most this much of the original key.
@@ -511,14 +514,7 @@ class Worker:
         self._producer = await self._start_producer()
         self._out_partitions.clear()
         kw = self.settings.client_kwargs()
-        self._restore = AIOKafkaConsumer(
-            **kw,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=50,
-        )
-        await start_client(self._restore, self.settings)
+        self._restore = await self._reader()
         self._consumer = AIOKafkaConsumer(
             **kw,
             group_id=self.config.group_id,
@@ -866,7 +862,7 @@ class Worker:
                         result.id,
                         tail_month(date) if date % 100 >= 29 else None,
                     )
-                    try:
+                    try:  # inline, not _with_history: this is the hot path
                         changed = apply(*args)  # type: ignore[misc]
                     except RowsElsewhere as exc:
                         # History this event needs is on the snapshots topic: fetch it (or
@@ -1344,7 +1340,7 @@ class Worker:
         active home partitions, in memory or pruned from it (for /metrics)."""
         for hp in self.homes.values():
             if hp.active:
-                for month, tenant, (_, wtype, n, points, _) in hp.usage_totals(months):
+                for month, (tenant, wtype, n, points, _) in hp.usage_totals(months):
                     yield tenant, month, wtype, n, points
 
     # ------------------------------------------------------------------ month close
@@ -1740,11 +1736,7 @@ class Worker:
                     if rec.offset >= targets[tp] or not rec.value:
                         continue
                     try:
-                        try:
-                            total += hp.replay(rec.value)
-                        except RowsElsewhere as exc:  # fetch the history it reaches, again
-                            await self._fetch_elsewhere(hp, exc.rows)
-                            total += hp.replay(rec.value)
+                        total += await self._with_history(hp, partial(hp.replay, rec.value))
                     except LocalStateError as exc:
                         # A pruned month the record reaches could not be read back: this
                         # partition starts again from offset 0 without local state.
@@ -1776,12 +1768,8 @@ class Worker:
                         if reports is not None and f"partition/{month}/{hp.number}" in reports:
                             self._closes_published.add((hp.number, month))
                             continue
-                        try:
-                            try:
-                                hp.load_months({month})  # meter.reports lacks it: publish again
-                            except RowsElsewhere as exc:
-                                await self._fetch_elsewhere(hp, exc.rows)
-                                hp.load_months({month})
+                        try:  # meter.reports lacks it: publish it again
+                            await self._with_history(hp, partial(hp.load_months, {month}))
                         except LocalStateError as exc:
                             log.error("%s; rebuilding it from the changelog", exc)  # noqa: TRY400
                             self._state_lost(hp, str(exc))
@@ -1859,13 +1847,8 @@ class Worker:
         )
         return checkpoint.offset
 
-    async def _fetch_elsewhere(self, hp: HomePartition, rows: dict[str, list[int]]) -> None:
-        """Fetch pruned months' rows a snapshot holds into the local store (a late event needs
-        them).  Raises :class:`LocalStateError` when they are gone (the caller rebuilds)."""
-        store = hp.store
-        assert store is not None
-        started = time.monotonic()
-        topic = self.config.topics.snapshots
+    async def _reader(self) -> AIOKafkaConsumer:
+        """A started consumer outside any group, for reading chosen offsets."""
         consumer = AIOKafkaConsumer(
             **self.settings.client_kwargs(),
             group_id=None,
@@ -1873,13 +1856,35 @@ class Worker:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
         )
+        await start_client(consumer, self.settings)
+        return consumer
+
+    async def _with_history(self, hp: HomePartition, step: Callable[[], _T]) -> _T:
+        """``step()``, once more after fetching the history it needs from the snapshots topic
+        (:class:`RowsElsewhere`); a fetch that fails raises :class:`LocalStateError`."""
         try:
-            await start_client(consumer, self.settings)
+            return step()
+        except RowsElsewhere as exc:
+            await self._fetch_elsewhere(hp, exc.rows)
+            return step()
+
+    async def _fetch_elsewhere(self, hp: HomePartition, rows: dict[str, list[int]]) -> None:
+        """Fetch pruned months' rows a snapshot holds into the local store (a late event needs
+        them).  Raises :class:`LocalStateError` when they are gone (the caller rebuilds)."""
+        store = hp.store
+        assert store is not None
+        started = time.monotonic()
+        topic = self.config.topics.snapshots
+        consumer: AIOKafkaConsumer | None = None
+        try:
+            # Its own reader: the restore consumer may be reading the changelog meanwhile.
+            consumer = await self._reader()
             got = await snapshots.fetch(consumer, topic, hp.number, rows)
         except (KafkaError, OSError, TimeoutError) as exc:
             raise LocalStateError(hp.number, f"cannot fetch {sorted(rows)}: {exc}") from exc
         finally:
-            await close_consumer(consumer, max_seconds=5.0)
+            if consumer is not None:
+                await close_consumer(consumer, max_seconds=5.0)
         if got is None:
             raise LocalStateError(hp.number, f"{sorted(rows)} are no longer on {topic}")
         left = {k: v for k, v in hp.elsewhere.items() if k not in got}
@@ -1924,10 +1929,6 @@ class Worker:
         if got is None:
             return None
         checkpoint, rows, published = got
-        # History stays on the topic: where the pruned months' rows are is noted locally.
-        away = {k: v for k, v in published.index.items() if k not in rows}
-        if away:
-            rows[ELSEWHERE] = [orjson.dumps(away)]
         if (hp.number, published.at) in self._refused_snapshots:
             log.warning(
                 "home partition %d: the snapshot at %s offset %d failed before; replaying the "
@@ -1937,6 +1938,10 @@ class Worker:
                 published.at,
             )
             return None
+        # History stays on the topic: where the pruned months' rows are is noted locally.
+        away = {k: v for k, v in published.index.items() if k not in rows}
+        if away:
+            rows[ELSEWHERE] = [orjson.dumps(away)]
         hp.store.save(checkpoint, rows)
         hp.published = published
         log.info(
@@ -2012,14 +2017,7 @@ class Worker:
         """The months /metrics shows: the current UTC month and the ``metrics_months - 1``
         before it."""
         now = self.now()
-        month: str | None = f"{now.year:04d}-{now.month:02d}"
-        shown = set()
-        for _ in range(self.config.metrics_months):
-            if month is None:
-                break
-            shown.add(month)
-            month = previous_month(month)
-        return shown
+        return recent(now.year, now.month, self.config.metrics_months)
 
     def _prunable(self, hp: HomePartition, now: datetime) -> set[str]:
         after = self.config.prune_after

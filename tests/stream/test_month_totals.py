@@ -14,7 +14,7 @@ from tests.stream.test_local_state import RATES, Changelog, close, event, recove
 
 
 def metrics_view(hp: HomePartition, months: set[str]) -> tuple[list[object], list[object]]:
-    usage = sorted(r for r in hp.usage_totals(months) if r[2][2])
+    usage = sorted(r for r in hp.usage_totals(months) if r[1][2])
     lic = sorted(r for r in hp.license_totals(months) if r[1][2])
     return usage, lic
 
@@ -50,8 +50,8 @@ def test_a_pruned_month_keeps_its_totals_for_metrics_and_across_a_restart(tmp_pa
     event(again, "t0", "2026-02", "late", RATES[2], 7)
     assert "2026-02" not in again.summaries and "2026-01" in again.summaries
     usage, _ = metrics_view(again, {"2026-02"})
-    was = {r[1]: r[2] for r in before[0] if r[0] == "2026-02"}
-    now = {r[1]: r[2] for r in usage}
+    was = {r[1][0]: r[1] for r in before[0] if r[0] == "2026-02"}
+    now = {r[1][0]: r[1] for r in usage}
     assert now["t0"][2] == was["t0"][2] + 1 and now["t0"][3] == was["t0"][3] + RATES[2][0]
     assert {t: now[t] for t in ("t1", "t2")} == {t: was[t] for t in ("t1", "t2")}
 
