@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,19 @@ def check_sums(doc: bytes, sums: dict[str, tuple[int, int]]) -> None:
         raise SystemExit(f"rows do not match the checkpoint: {sums} != {want}")
 
 
+def checked(doc: bytes, records: Iterable[tuple[str, int, bytes]]) -> Iterator[bytes]:
+    """Each ``(row, crc, raw)``'s raw bytes, its CRC checked as it is read, then the rows'
+    counts and sums checked against the checkpoint ``doc`` (what meter's store does)."""
+    sums: dict[str, tuple[int, int]] = {}
+    for row, crc, raw in records:
+        if zlib.crc32(raw) != crc:
+            raise SystemExit(f"row {row} is corrupt")
+        n, total = sums.get(row, (0, 0))
+        sums[row] = (n + 1, total + crc)
+        yield raw
+    check_sums(doc, sums)
+
+
 # ---------------------------------------------------------------- engines
 
 
@@ -213,14 +226,9 @@ class RawSqlite:
 
     def read_all(self) -> Iterator[bytes]:
         (doc,) = self.db.execute("SELECT v FROM meta WHERE k = 'checkpoint'").fetchone()
-        sums: dict[str, tuple[int, int]] = {}
-        for key, crc, raw in self.db.execute("SELECT key, crc, raw FROM records ORDER BY key, seq"):
-            if zlib.crc32(raw) != crc:
-                raise SystemExit(f"row {key} is corrupt")
-            n, total = sums.get(key, (0, 0))
-            sums[key] = (n + 1, total + crc)
-            yield raw
-        check_sums(doc, sums)
+        yield from checked(
+            doc, self.db.execute("SELECT key, crc, raw FROM records ORDER BY key, seq")
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -256,24 +264,15 @@ class Lmdb:
             txn.put(META, checkpoint_doc(offset, {ROW: (len(crcs), sum(crcs))}))
 
     def read_all(self) -> Iterator[bytes]:
-        sums: dict[str, tuple[int, int]] = {}
         # buffers=True: values are views of the map, copied once into bytes (as meter's
         # read yields bytes).
         with self.env.begin(buffers=True) as txn:
-            doc = bytes(txn.get(META))
-            for key, value in txn.cursor():
-                if bytes(key) == META:
-                    continue
-                view = memoryview(value)
-                crc = int.from_bytes(view[:4], "big")
-                raw = bytes(view[4:])
-                if zlib.crc32(raw) != crc:
-                    raise SystemExit("corrupt record")
-                row = _kv_row(bytes(key))
-                n, total = sums.get(row, (0, 0))
-                sums[row] = (n + 1, total + crc)
-                yield raw
-        check_sums(doc, sums)
+            records = (
+                (_kv_row(bytes(key)), int.from_bytes(value[:4], "big"), bytes(value[4:]))
+                for key, value in txn.cursor()
+                if bytes(key) != META
+            )
+            yield from checked(bytes(txn.get(META)), records)
 
     def close(self) -> None:
         self.env.close()
@@ -303,20 +302,12 @@ class Rocks:
         self.db.write(batch, self.wopt)
 
     def read_all(self) -> Iterator[bytes]:
-        doc = self.db[META]
-        sums: dict[str, tuple[int, int]] = {}
-        for key, value in self.db.items():
-            if key == META:
-                continue
-            crc = int.from_bytes(value[:4], "big")
-            raw = value[4:]
-            if zlib.crc32(raw) != crc:
-                raise SystemExit("corrupt record")
-            row = _kv_row(key)
-            n, total = sums.get(row, (0, 0))
-            sums[row] = (n + 1, total + crc)
-            yield raw
-        check_sums(doc, sums)
+        records = (
+            (_kv_row(key), int.from_bytes(value[:4], "big"), value[4:])
+            for key, value in self.db.items()
+            if key != META
+        )
+        yield from checked(self.db[META], records)
 
     def close(self) -> None:
         self.db.close()

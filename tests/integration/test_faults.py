@@ -173,6 +173,18 @@ async def _group_offsets(bootstrap: str, group: str, topic: str) -> dict[int, in
         await consumer.stop()
 
 
+def _halted_for_lost_data(worker: WorkerProcess) -> dict[str, object]:
+    """The worker says the broker lost data, is not ready, shows ``data_lost``, and stays up
+    (halted, not exited) for 3 s more; returns its /healthz body."""
+    worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
+    status, body = worker.health()
+    assert status == 503, body
+    assert worker.metric('meter_problem{problem="data_lost"}') == 1.0
+    time.sleep(3)
+    assert worker.proc.poll() is None, worker.log()
+    return body
+
+
 def test_a_broker_that_lost_its_data_halts_the_worker(unique: str) -> None:
     """Restart the memory-only broker under a running worker: everything it held is gone.
     The worker must notice, turn not ready with the reason, log one ERROR, and neither
@@ -192,13 +204,8 @@ def test_a_broker_that_lost_its_data_halts_the_worker(unique: str) -> None:
         broker = EmbeddedBroker(port).start()
         # Job systems carry on sending into the new, empty broker.
         send(settings, names.jobs, lines[:500])
-        worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
-        status, body = worker.health()
-        assert status == 503, body
+        body = _halted_for_lost_data(worker)
         assert "lost data" in str(body["reason"])
-        assert worker.metric('meter_problem{problem="data_lost"}') == 1.0
-        time.sleep(3)
-        assert worker.proc.poll() is None, worker.log()
         # Nothing was committed into the void.
         offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
         assert all(o is None for o in offsets.values()), offsets
@@ -263,12 +270,7 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
         send(settings, names.jobs, lines[:500])
 
         # The running worker.
-        worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
-        status, body = worker.health()
-        assert status == 503, body
-        assert worker.metric('meter_problem{problem="data_lost"}') == 1.0
-        time.sleep(3)
-        assert worker.proc.poll() is None, worker.log()
+        _halted_for_lost_data(worker)
         assert _saved_checkpoints(state) == saved
         assert worker.terminate() == 0, worker.log()  # a halted worker stops when told to ...
         assert _saved_checkpoints(state) == saved  # ... without saving its state
@@ -278,13 +280,8 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
 
         # Its restart from the same state directory, against the broker that lost everything.
         again = WorkerProcess(broker.bootstrap, names, "lost-again")
-        again.wait_for_log("the broker lost data meter had read or written", timeout=60)
-        status, body = again.health()
-        assert status == 503, body
+        body = _halted_for_lost_data(again)
         assert "past the changelog's end" in str(body["reason"]), body
-        assert again.metric('meter_problem{problem="data_lost"}') == 1.0
-        time.sleep(3)
-        assert again.proc.poll() is None, again.log()
         offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
         assert all(o is None for o in offsets.values()), offsets
         log = again.log()

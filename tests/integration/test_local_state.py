@@ -12,6 +12,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -216,10 +217,7 @@ def test_a_late_event_for_a_pruned_month_becomes_a_correction_and_the_audit_stil
             for o in ("counted", "duplicate", "not_counted", "rejected")
         ]
         assert sum(outcomes) == len(july) + len(late), outcomes
-        audit = meter("audit", "--broker", bootstrap, "--month", "2026-06",
-                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
-        assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
-        assert b"0 difference(s)" in audit.stdout
+        _audit_agrees(bootstrap, names, "2026-06")
     finally:
         again.close()
 
@@ -513,6 +511,42 @@ def test_a_snapshot_row_this_version_cannot_read_is_rebuilt_from_the_changelog(
         again.close()
 
 
+def _june_closed_and_pruned(
+    settings: KafkaSettings, names: Names, tmp_path: Path, seed: int
+) -> tuple[list[bytes], dict[str, dict[str, Any]]]:
+    """A worker with local state rates June, the clock moves to 3 July (June closes, and
+    with ``--prune-after 0`` leaves memory on every partition), and it stops cleanly.
+    ``names.extra`` is set for every worker after it.  Returns June's events and finals."""
+    clock = tmp_path / "clock"
+    clock.write_text("2026-06-20T00:00:00Z")
+    names.extra = [
+        "--clock", str(clock), "--history-start", "2026-05", "--checkpoint-interval", "0.5",
+        "--snapshot-interval", "0", "--prune-after", "0",
+    ]  # fmt: skip
+    june = list(generate(2000, seed=seed, month="2026-06", tenants=12, workloads=10))
+    a = WorkerProcess(
+        settings.bootstrap, names, "a", extra=["--state-dir", str(tmp_path / "host-a")]
+    )
+    try:
+        a.wait_for_log("took home partitions")
+        send(settings, names.jobs, june)
+        wait_usage(settings, names.usage, expected_usage(june), workers=[a])
+        clock.write_text("2026-07-03T00:00:01Z")
+        wait_until(lambda: a.log().count("2026-06 pruned from memory") == 4, "June pruned")
+        assert a.terminate() == 0
+    finally:
+        a.close()
+    return june, finals(settings, names.usage, "2026-06")
+
+
+def _audit_agrees(bootstrap: str, names: Names, month: str) -> None:
+    """``meter audit`` of ``month``: the published totals equal the events rated afresh."""
+    audit = meter("audit", "--broker", bootstrap, "--month", month,
+                  "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+    assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
+    assert b"0 difference(s)" in audit.stdout
+
+
 def test_a_pruned_month_from_a_snapshot_that_does_not_read_back_is_rebuilt_not_dropped(
     kafka_settings: KafkaSettings, unique: str, tmp_path: Path
 ) -> None:
@@ -521,28 +555,9 @@ def test_a_pruned_month_from_a_snapshot_that_does_not_read_back_is_rebuilt_not_d
     at start).  Late events for that month must still count, as when a local row no longer
     reads back: the partition is rebuilt from the changelog, finals never move, and the audit
     agrees."""
-    clock = tmp_path / "clock"
-    clock.write_text("2026-06-20T00:00:00Z")
     names = Names(unique)
-    names.extra = [
-        "--clock", str(clock), "--history-start", "2026-05", "--checkpoint-interval", "0.5",
-        "--snapshot-interval", "0", "--prune-after", "0",
-    ]  # fmt: skip
-    june = list(generate(2000, seed=761, month="2026-06", tenants=12, workloads=10))
+    june, closed = _june_closed_and_pruned(kafka_settings, names, tmp_path, seed=761)
     late = list(generate(600, seed=762, month="2026-06", tenants=16, workloads=14))
-    a = WorkerProcess(
-        kafka_settings.bootstrap, names, "a", extra=["--state-dir", str(tmp_path / "host-a")]
-    )
-    try:
-        a.wait_for_log("took home partitions")
-        send(kafka_settings, names.jobs, june)
-        wait_usage(kafka_settings, names.usage, expected_usage(june), workers=[a])
-        clock.write_text("2026-07-03T00:00:01Z")
-        wait_until(lambda: a.log().count("2026-06 pruned from memory") == 4, "June pruned")
-        assert a.terminate() == 0
-    finally:
-        a.close()
-    closed = finals(kafka_settings, names.usage, "2026-06")
     topic = f"{names.jobs}.ledger.snapshots"
     s = _last_snapshots(kafka_settings, topic)[0]
     assert "2026-06" in s.checkpoint.pruned, s.checkpoint
@@ -580,10 +595,7 @@ def test_a_pruned_month_from_a_snapshot_that_does_not_read_back_is_rebuilt_not_d
         assert "local state of home partition 0: " in log, log
         assert log.count("rebuilding it from the changelog") == 1, log
         assert finals(kafka_settings, names.usage, "2026-06") == closed
-        audit = meter("audit", "--broker", kafka_settings.bootstrap, "--month", "2026-06",
-                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
-        assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
-        assert b"0 difference(s)" in audit.stdout
+        _audit_agrees(kafka_settings.bootstrap, names, "2026-06")
     finally:
         b.close()
 
@@ -596,29 +608,10 @@ def test_a_new_host_leaves_pruned_months_on_the_topic_and_fetches_one_a_late_eve
     state and counts as a correction, exactly; a restart of the new host (from its own
     directory, which knows where the rest is) and a third host that reads the new host's
     snapshot still find it."""
-    clock = tmp_path / "clock"
-    clock.write_text("2026-06-20T00:00:00Z")
     names = Names(unique)
-    names.extra = [
-        "--clock", str(clock), "--history-start", "2026-05", "--checkpoint-interval", "0.5",
-        "--snapshot-interval", "0", "--prune-after", "0",
-    ]  # fmt: skip
-    june = list(generate(2000, seed=771, month="2026-06", tenants=12, workloads=10))
+    june, closed = _june_closed_and_pruned(kafka_settings, names, tmp_path, seed=771)
     late = list(generate(600, seed=772, month="2026-06", tenants=16, workloads=14))
     more = list(generate(600, seed=773, month="2026-06", tenants=16, workloads=16))
-    a = WorkerProcess(
-        kafka_settings.bootstrap, names, "a", extra=["--state-dir", str(tmp_path / "host-a")]
-    )
-    try:
-        a.wait_for_log("took home partitions")
-        send(kafka_settings, names.jobs, june)
-        wait_usage(kafka_settings, names.usage, expected_usage(june), workers=[a])
-        clock.write_text("2026-07-03T00:00:01Z")
-        wait_until(lambda: a.log().count("2026-06 pruned from memory") == 4, "June pruned")
-        assert a.terminate() == 0
-    finally:
-        a.close()
-    closed = finals(kafka_settings, names.usage, "2026-06")
 
     b = _new_host(kafka_settings, names, tmp_path / "host-b", "b")
     try:
@@ -654,10 +647,7 @@ def test_a_new_host_leaves_pruned_months_on_the_topic_and_fetches_one_a_late_eve
         wait_usage(kafka_settings, names.usage, expected_usage(june + late + more), workers=[c])
         assert "rebuilding" not in c.log(), c.log()
         assert "rows of pruned months left there" in c.log(), c.log()
-        audit = meter("audit", "--broker", kafka_settings.bootstrap, "--month", "2026-06",
-                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
-        assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
-        assert b"0 difference(s)" in audit.stdout
+        _audit_agrees(kafka_settings.bootstrap, names, "2026-06")
     finally:
         c.close()
     assert finals(kafka_settings, names.usage, "2026-06") == closed
