@@ -195,7 +195,7 @@ async def start_http(
     instrument(worker, registry, recent_months(args.metrics_months, worker.now))
     if args.http_port < 0:
         return None
-    app = build_app(registry, view, health=worker.health)
+    app = build_app(registry, view, health=worker.health, now=worker.now)
     try:
         runner, port = await serve(app, args.http_host, args.http_port)
     except OSError as exc:

@@ -33,7 +33,9 @@ def build_app(
     registry: CollectorRegistry,
     view: UsageView | None = None,
     health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> web.Application:
+    """``now``: the worker's clock (``--clock``), which decides the default month."""
     app = web.Application()
 
     async def metrics(_: web.Request) -> web.Response:
@@ -56,7 +58,7 @@ def build_app(
             months = view.months()
             asked = request.query.get("month")
             try:
-                month = parse_month(asked) if asked else default_month(months)
+                month = parse_month(asked) if asked else default_month(months, now())
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
             doc = view.document(month=month, tenant_id=request.query.get("tenant") or None)
@@ -70,15 +72,16 @@ def build_app(
     return app
 
 
-def default_month(months: list[str]) -> str:
-    """This UTC month if it has usage, else the newest month that has."""
-    now = current_month()
-    return now if now in months or not months else months[0]
+def default_month(months: list[str], now: datetime) -> str:
+    """The UTC month of ``now`` if it has usage, else the newest month that has."""
+    this = utc_month(now)
+    return this if this in months or not months else months[0]
 
 
-def current_month() -> str:
-    now = datetime.now(UTC)
-    return f"{now.year:04d}-{now.month:02d}"
+def utc_month(now: datetime) -> str:
+    """``YYYY-MM`` of an aware time, in UTC."""
+    t = now.astimezone(UTC)
+    return f"{t.year:04d}-{t.month:02d}"
 
 
 async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

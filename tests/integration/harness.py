@@ -24,6 +24,24 @@ from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
+#: The time every meter process of the integration tests runs at unless a test sets its own
+#: ``--clock``: mid-November 2026, the month ``meter.sim.fleet.generate`` dates events in by
+#: default, so no month is due to close while a test runs, whatever the date of the run.
+TEST_NOW = "2026-11-20T12:00:00Z"
+
+
+def pinned_clock(args: Iterable[str]) -> list[str]:
+    """``--clock FILE`` at :data:`TEST_NOW` when ``args`` has no ``--clock`` of its own."""
+    if "--clock" in args:
+        return []
+    ARTIFACTS.mkdir(exist_ok=True)
+    clock = ARTIFACTS / "clock-test-now"
+    if not clock.exists() or clock.read_text() != TEST_NOW:  # atomic: a worker may read it
+        part = clock.with_name(f"{clock.name}.{os.getpid()}")
+        part.write_text(TEST_NOW)
+        part.replace(clock)
+    return ["--clock", str(clock)]
+
 
 def report_rows(rows: Iterable[UsageRow]) -> list[dict[str, object]]:
     """Usage rows as ``meter report --format json`` shows their main fields."""
@@ -103,8 +121,9 @@ class WorkerProcess:
             if prelude
             else ["-m", "meter", "worker"]
         )
+        args = [*names.worker_args(), *extra]
         self.proc = subprocess.Popen(
-            [sys.executable, *launcher, "--broker", bootstrap, *names.worker_args(), *extra],
+            [sys.executable, *launcher, "--broker", bootstrap, *args, *pinned_clock(args)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

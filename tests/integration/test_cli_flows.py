@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.integration.harness import ARTIFACTS, expected_usage, report_rows
+from tests.integration.harness import ARTIFACTS, expected_usage, pinned_clock, report_rows
 from tests.integration.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -22,8 +22,10 @@ pytestmark = pytest.mark.integration
 TRICKY = Path(__file__).resolve().parents[1] / "cli" / "tricky.jsonl"
 
 
-def meter(*args: str, **kw: object) -> list[str]:
-    return [sys.executable, "-m", "meter", *args]
+def meter(*args: str) -> list[str]:
+    """A meter command line; the commands that run a worker run at the tests' pinned time."""
+    clock = pinned_clock(args) if args[0] in {"worker", "run", "demo"} else []
+    return [sys.executable, "-m", "meter", *args, *clock]
 
 
 def test_broker_worker_send_report(tmp_path: Path) -> None:

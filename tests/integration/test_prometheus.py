@@ -28,16 +28,11 @@ import pytest
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
-from tests.deploy import (
-    ALERTS,
-    PROMETHEUS_DIR,
-    current_month,
-    dashboard_queries,
-    require_binary,
-)
+from tests.deploy import ALERTS, PROMETHEUS_DIR, dashboard_queries, require_binary
 from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import (
     ARTIFACTS,
+    TEST_NOW,
     Names,
     WorkerProcess,
     send,
@@ -205,7 +200,7 @@ def finite(result: list[dict[str, Any]]) -> bool:
 def test_dashboard_and_rules_against_a_real_prometheus(
     broker: BrokerHandle, names: Names, worker: WorkerProcess, prometheus: Prometheus
 ) -> None:
-    month = current_month()  # usage gauges cover the current and the previous UTC month
+    month = TEST_NOW[:7]  # the worker's clock: its gauges cover this month and the one before
     settings = KafkaSettings(bootstrap=broker.bootstrap)
     prom = prometheus
 
@@ -232,7 +227,10 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     send(settings, names.jobs, lines)
     wait_for_usage(settings, names.usage, expected, workers=[worker])
 
-    # Prometheus catches up: every message has an outcome, and the usage gauges are final.
+    # Prometheus catches up: every message has an outcome, the usage gauges are final, and
+    # the latency of the usage records published has been observed (the worker observes it
+    # once the broker has acknowledged them, which may be just after a reader sees them and
+    # just after a scrape: without it, the latency panel's rate is 0/0, NaN).
     seen: list[float | None] = []
 
     def caught_up() -> bool:
@@ -240,12 +238,14 @@ def test_dashboard_and_rules_against_a_real_prometheus(
             prom.value("sum(meter_events_total)"),
             prom.value(f'sum(meter_points{{month="{month}"}})'),
         ]
-        return seen == [len(lines), want_points]
+        observed = prom.value("sum(meter_event_to_total_latency_seconds_count)") or 0
+        return seen == [len(lines), want_points] and observed > 0
 
     prom.wait_until(
         caught_up,
         60,
-        lambda: f"Prometheus sees {len(lines)} events, {want_points} points, not {seen}",
+        lambda: f"Prometheus sees {len(lines)} events, {want_points} points and latencies, "
+        f"not {seen}",
     )
     assert prom.value('sum(meter_events_total{outcome="rejected"})') == rater.tally.rejected
     assert prom.value('sum(meter_events_total{outcome="not_counted"})') == (rater.tally.not_counted)

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
 from meter.observe.usage_view import UsageView
 from meter.sim.fleet import generate
+from tests.integration.harness import TEST_NOW, pinned_clock
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,8 @@ def _meter(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 def rated(path: Path, month: str) -> dict[str, Any]:
     """What ``meter rate`` says about ``month``: totals and points/workloads per tenant."""
-    doc = json.loads(_meter("rate", str(path), "--month", month, "--format", "json").stdout)
+    rate = ["rate", str(path), "--month", month, "--format", "json", *pinned_clock([])]
+    doc = json.loads(_meter(*rate).stdout)
     tenants: dict[str, dict[str, int]] = defaultdict(lambda: {"workloads": 0, "points": 0})
     for row in doc["usage"]:
         assert row["month"] == month
@@ -101,7 +103,7 @@ class MeterRun:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meter", "run", "--http-port", "0",
-             "--session-timeout-ms", "6000"],
+             "--session-timeout-ms", "6000", *pinned_clock([])],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1"}.items()
@@ -278,8 +280,8 @@ def select_month(page: Any, month: str) -> None:
 
 
 def this_and_next_month() -> tuple[str, str]:
-    """Months that are open whenever the test runs (a past month may be closed)."""
-    now = datetime.now(UTC)
+    """Months that are open at the meter's pinned time (a past month may be closed)."""
+    now = datetime.fromisoformat(TEST_NOW)
     y, m = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
     return f"{now.year:04d}-{now.month:02d}", f"{y:04d}-{m:02d}"
 

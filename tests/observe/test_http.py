@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -17,8 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from meter.domain.month import parse_month
 from meter.kafka import KafkaSettings
-from meter.observe import http
-from meter.observe.http import build_app, default_month
+from meter.observe.http import build_app, default_month, utc_month
 from meter.observe.usage_view import UsageView
 
 
@@ -179,14 +179,15 @@ def test_api_usage_filters_by_month_and_tenant_and_drops_empty_types() -> None:
         assert doc["version"] == 7
 
 
-def test_api_usage_without_month_uses_the_default_month(monkeypatch: Any) -> None:
+def test_api_usage_without_month_uses_the_default_month() -> None:
     view = filled_view()
-    app = build_app(CollectorRegistry(), view)
+    clock = [datetime(2026, 11, 30, 23, 59, tzinfo=UTC)]
+    app = build_app(CollectorRegistry(), view, now=lambda: clock[0])
 
     async def body(client: TestClient) -> list[Any]:
         out = []
-        for now in ("2026-11", "2027-03"):
-            monkeypatch.setattr(http, "current_month", lambda now=now: now)
+        for now in (clock[0], datetime(2027, 3, 1, tzinfo=UTC)):
+            clock[0] = now
             resp = await client.get("/api/usage")
             out.append(await resp.json())
         return out
@@ -217,19 +218,20 @@ def test_api_usage_version_follows_the_view() -> None:
     assert run_with_client(build_app(CollectorRegistry(), view), body) == [7, 8, 97]
 
 
-def test_default_month(monkeypatch: Any) -> None:
-    monkeypatch.setattr(http, "current_month", lambda: "2026-11")
-    assert default_month([]) == "2026-11"
-    assert default_month(["2026-12", "2026-11", "2026-10"]) == "2026-11"
-    assert default_month(["2026-10", "2026-09"]) == "2026-10"
-    assert default_month(["2027-01"]) == "2027-01"
+def test_default_month() -> None:
+    now = datetime(2026, 11, 15, tzinfo=UTC)
+    assert default_month([], now) == "2026-11"
+    assert default_month(["2026-12", "2026-11", "2026-10"], now) == "2026-11"
+    assert default_month(["2026-10", "2026-09"], now) == "2026-10"
+    assert default_month(["2027-01"], now) == "2027-01"
 
 
-def test_current_month_is_utc_year_month() -> None:
-    m = http.current_month()
-    assert len(m) == 7
-    assert m[4] == "-"
-    assert 1 <= int(m[5:]) <= 12
+def test_the_default_month_is_the_utc_month_of_the_clock() -> None:
+    # 23:30 on 30 November in New York is 04:30 on 1 December in UTC.
+    evening = datetime(2026, 11, 30, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
+    assert utc_month(evening) == "2026-12"
+    assert default_month(["2026-12", "2026-11"], evening) == "2026-12"
+    assert utc_month(datetime(1, 1, 1, tzinfo=UTC)) == "0001-01"
 
 
 BAD_MONTHS = [
@@ -279,13 +281,14 @@ def test_api_usage_names_a_long_bad_month_shortened() -> None:
     assert len(doc["error"]) < 200
 
 
-def test_api_usage_with_an_empty_month_uses_the_default_month(monkeypatch: Any) -> None:
-    monkeypatch.setattr(http, "current_month", lambda: "2026-11")
+def test_api_usage_with_an_empty_month_uses_the_default_month() -> None:
+    now = datetime(2026, 11, 2, tzinfo=UTC)
 
     async def body(client: TestClient) -> tuple[int, Any]:
         resp = await client.get("/api/usage?month=")
         return resp.status, await resp.json()
 
-    status, doc = run_with_client(build_app(CollectorRegistry(), filled_view()), body)
+    app = build_app(CollectorRegistry(), filled_view(), now=lambda: now)
+    status, doc = run_with_client(app, body)
     assert status == 200
     assert doc["month"] == "2026-11"
