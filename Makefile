@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install test lint unit integration demo bench bench-stream bench-scale clean
+.PHONY: all install test lint unit integration demo bench bench-stream bench-scale clean soak \
+	soak-load soak-dates
 
 all: test
 
@@ -24,14 +25,31 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check meter
 	$(BIN)/mypy
 
+# Tests run in 4 processes (pytest-xdist; each integration process has its own embedded
+# broker): integration tests mostly wait on brokers and workers, so 4 fit on 2 cores.
+# The slowest 20 are printed at the end.
+PYTEST := $(BIN)/pytest -n 4 --durations=20
+
 unit: $(STAMP)
-	$(BIN)/pytest -m "not integration"
+	$(PYTEST) -m "not integration"
 
 integration: $(STAMP)
-	$(BIN)/pytest -m integration
+	$(PYTEST) -m integration
 
 test: lint $(STAMP)
-	$(BIN)/pytest
+	$(PYTEST)
+
+# Does the suite hold on a busy machine and on any date? The integration tests 10 times
+# beside 2 CPU hogs (stress-ng), then the whole suite at four dates (faketime): about an hour
+# on 2 cores (see the README). soak-load and soak-dates run one half; SOAK_RUNS=3 fewer runs.
+soak: $(STAMP)
+	tests/soak.sh
+
+soak-load: $(STAMP)
+	tests/soak.sh load
+
+soak-dates: $(STAMP)
+	tests/soak.sh dates
 
 demo: $(STAMP)
 	$(BIN)/meter demo
