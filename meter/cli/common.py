@@ -217,7 +217,9 @@ async def start_http(
     return runner
 
 
-def stream_config(args: argparse.Namespace) -> StreamConfig:
+def stream_config(
+    args: argparse.Namespace, license_: ProviderLicense | None = None
+) -> StreamConfig:
     topics = Topics(
         jobs=args.jobs_topic,
         usage=args.usage_topic,
@@ -239,7 +241,7 @@ def stream_config(args: argparse.Namespace) -> StreamConfig:
         idempotence=args.idempotence,
         close_grace=args.close_grace,
         max_event_bytes=args.max_event_bytes,
-        history_start=args.history_start,
+        history_start=history_start(args, license_),
         checkpoint_interval_s=args.checkpoint_interval,
         metrics_months=max(1, getattr(args, "metrics_months", 2)),
         snapshot_interval_s=args.snapshot_interval if args.snapshot_interval >= 0 else None,
@@ -266,13 +268,33 @@ def add_license_arguments(g: argparse._ActionsContainer) -> None:
         "--history-start",
         type=month_arg,
         metavar="YYYY-MM",
-        help="license view: the first month of meter's history, which has no new workloads "
-        "(meter cannot know what ran before it) [the earliest month in the data]",
+        help=HISTORY_START_HELP,
     )
+
+
+#: ``--history-start``, for every command that has it.
+HISTORY_START_HELP = (
+    "license view: the month metering began (or history_start in the --license file); it "
+    "has no new workloads, and earlier months have no license report [none: no workload is "
+    "new, all are billed]"
+)
 
 
 def provider_license(args: argparse.Namespace) -> ProviderLicense | None:
     return None if args.license is None else load_license(args.license)
+
+
+def history_start(args: argparse.Namespace, license_: ProviderLicense | None) -> str | None:
+    """The declared history start: ``--history-start`` or the license file's (the same
+    month when both are given); ``None``: none declared."""
+    flag, declared = args.history_start, None if license_ is None else license_.history_start
+    if flag is not None and declared is not None and flag != declared:
+        raise ConfigError(
+            f"--history-start {flag} but {args.license} declares "
+            f"history_start {declared}: declare the month metering began once"
+        )
+    start: str | None = flag or declared
+    return start
 
 
 def add_max_event_bytes_argument(p: argparse._ActionsContainer, more: str = "") -> None:

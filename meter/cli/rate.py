@@ -31,7 +31,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from meter.cli.common import add_max_event_bytes_argument, clock_from, month_arg
+from meter.cli.common import (
+    HISTORY_START_HELP,
+    add_max_event_bytes_argument,
+    clock_from,
+    history_start,
+    month_arg,
+)
 from meter.domain import Rater, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
@@ -82,8 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--history-start",
         type=month_arg,
         metavar="YYYY-MM",
-        help="first month of meter's history: it has no new workloads (what ran before is "
-        "unknown, so all are billed) [the earliest month in the data]",
+        help=HISTORY_START_HELP,
     )
     p.add_argument(
         "--license",
@@ -377,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(render(report, "csv"))
         return 0
-    view = rater.license_view(args.history_start)
+    view = rater.license_view(history_start(args, license))
     rows = view.rows(month=args.month, tenant_id=args.tenant)
     infos = license_months(view, args, clock_from(args.clock)(), license, rows)
     if args.format == "vspc-csv":

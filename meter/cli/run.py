@@ -95,9 +95,9 @@ async def meter_stack(
 ) -> AsyncIterator[tuple[KafkaSettings, StreamConfig, Worker]]:
     """The broker (embedded unless one is given) and a worker running in this process."""
     settings = settings_from_args(args)
-    config = stream_config(args)
-    cards = load_ratecards(args.ratecard)
     license_ = provider_license(args)  # a bad file is one line before anything starts
+    config = stream_config(args, license_)
+    cards = load_ratecards(args.ratecard)
     embedded: EmbeddedBroker | None = None
     if args.broker is None and not os.environ.get(ENV_BROKER):
         embedded = EmbeddedBroker(args.broker_port).start()

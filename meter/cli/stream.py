@@ -121,8 +121,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def worker(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     cards = load_ratecards(args.ratecard)
-    config = stream_config(args)
     license_ = provider_license(args)
+    config = stream_config(args, license_)
     log.info("Kafka: %s; rate cards %s", settings, ", ".join(cards.versions))
     stop = asyncio.Event()
 

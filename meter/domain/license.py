@@ -21,15 +21,21 @@ with addresses in the README):
 - A *new workload* was processed for the first time in the calendar month; it consumes
   no points in that month (it is listed for information) and is an ordinary workload
   from the next month.  ``first(w)`` is the month of w's earliest counted session meter
-  knows of; ``new(M)`` are the counted workloads with ``first == M``.  The first month
-  of meter's history (``history_start``; default: the earliest month in the data) has
-  no new workloads: meter cannot know what ran before it, and billing them is the safe
-  side.
+  knows of; ``new(M)`` are the counted workloads with ``first == M``.
+- The **history start** is the month metering began, a declared fact (``--history-start``
+  or ``history_start`` in the license file), never a guess from the data: one event
+  dated 2001 must not make every workload of the real first month new (and free).  The
+  history start has no new workloads (meter cannot know what ran before it, and billing
+  them is the safe side); with none declared, **no workload is new**: all are billed.
+  Sessions before the history start count in tenant usage, and in the license view only
+  where the window puts them (the last days of the month before the start reach into the
+  start's window); months before the start have no license report, and such a session
+  still makes its workload not new afterwards (it ran before).
 - Each workload is charged once, at the highest rate of its sessions in the window
   (each session rated by the card in effect at its time).
 
 It is still a join: ``first`` is a minimum, windows are sets, rates a maximum, and the
-history start (when not fixed) a minimum.  :class:`LicenseLedger` keeps per
+history start a constant.  :class:`LicenseLedger` keeps per
 tenant-month totals incrementally, so a change costs O(1), not a rescan.
 """
 
@@ -45,7 +51,7 @@ from typing import Final
 import orjson
 
 from meter.domain.ledger import Cell, Ledger
-from meter.domain.month import days_in_month
+from meter.domain.month import days_in_month, parse_month
 from meter.domain.ratecard import Height, Rate
 from meter.errors import ConfigError
 
@@ -189,20 +195,18 @@ class LicenseLedger:
     and every tail entry (a session in the last days of a month, for the next month's
     window: :func:`tail_month`) through :meth:`add_tail`.
 
-    ``history_start`` fixes the first month of meter's history; ``None`` takes the
-    earliest month in the data (a minimum: a late event for an earlier month moves it,
-    and its report then gains new workloads, as the join says).
+    ``history_start`` is the first month of meter's history (declared, never taken from
+    the data): it has no new workloads and no month before it has a report.  ``None``:
+    none declared, no workload is new in any month.
     """
 
     __slots__ = (
-        "_fixed_start",
-        "_min_month",
+        "_start",
         "calendar",
         "first",
         "height",
         "months",
         "moved_first",
-        "moved_start",
         "tails",
     )
 
@@ -214,12 +218,9 @@ class LicenseLedger:
     ) -> None:
         self.calendar = calendar if calendar is not None else Ledger()
         self.height: Height = height if height is not None else self.calendar.height
-        self._fixed_start = history_start
-        self._min_month: str | None = None
+        self._start = history_start
         #: After :meth:`add`: the workload's first month it moved from, or None.
         self.moved_first: str | None = None
-        #: After :meth:`add`: the history start it moved from (not fixed), or None.
-        self.moved_start: str | None = None
         #: (tenant, report month, type) -> workload -> highest rate of its tail sessions
         self.tails: dict[Cell, dict[str, Rate]] = {}
         #: (tenant, type) -> workload -> month of its earliest counted session
@@ -237,7 +238,8 @@ class LicenseLedger:
 
     @property
     def history_start(self) -> str | None:
-        return self._fixed_start or self._min_month
+        """The declared first month of meter's history; ``None``: none declared."""
+        return self._start
 
     # ------------------------------------------------------------------ joins
 
@@ -258,13 +260,13 @@ class LicenseLedger:
             wid = intern(wid)
         firsts = self.first.get((tenant, wtype))
         first = None if firsts is None else firsts.get(wid)
-        start = self._fixed_start or self._min_month
-        if (first is None or first <= month) and start is not None and month >= start:
-            # The common case: neither the first month nor the history start moves, so
-            # only this month's report changes, and only by this workload's line.
-            self.moved_first = self.moved_start = None
+        start = self._start
+        if (first is None or first <= month) and (start is None or month >= start):
+            # The common case: the first month does not move, so only this month's
+            # report changes, and only by this workload's line.
+            self.moved_first = None
             tail = self._tail(tenant, month, wtype, wid) if self.tails else None
-            new = (first is None or first == month) and month > start
+            new = start is not None and (first is None or first == month) and month > start
             if old is not None:
                 before: Contribution | None = (old if tail is None or old >= tail else tail, new)
             elif tail is not None:
@@ -302,20 +304,12 @@ class LicenseLedger:
         was_first: tuple[str, Contribution | None] | None,
     ) -> None:
         self._note_first(tenant, wtype, wid, month)
-        moved = None
-        if self._min_month is None or month < self._min_month:
-            moved, self._min_month = self._min_month, month
         self._shift(tenant, month, wtype, before, self._contribution(tenant, month, wtype, wid))
         if was_first is not None:
             old_first, old = was_first
             self._shift(
                 tenant, old_first, wtype, old, self._contribution(tenant, old_first, wtype, wid)
             )
-        self.moved_start = None
-        if moved is not None and self._fixed_start is None:
-            # The history start moved earlier: its old month may now have new workloads.
-            self.moved_start = moved
-            self._recount(moved)
 
     def add_tail(self, tenant: str, month: str, wtype: str, wid: str, rate: Rate) -> bool:
         """Join a session from the last days of the month before ``month`` into
@@ -336,8 +330,6 @@ class LicenseLedger:
         on disk, not in memory, still decides which later months a workload is new in.
         Load these before the entries of later months."""
         self._note_first(tenant, wtype, wid, month)
-        if self._min_month is None or month < self._min_month:
-            self._min_month = month
 
     def _note_first(self, tenant: str, wtype: str, wid: str, month: str) -> None:
         firsts = self.first.get((tenant, wtype))
@@ -380,10 +372,10 @@ class LicenseLedger:
         cells = cal.cells
         height = self.height
         no_ids: dict[str, object] = {}
+        start = self._start
         for tenant, wtype, rate, ids in groups:
-            start = self._fixed_start or self._min_month
-            if start is None or month < start or len(set(ids)) != len(ids):
-                # The history start would move, or a workload twice (never saved so).
+            if (start is not None and month < start) or len(set(ids)) != len(ids):
+                # Before the history start (no report), or a workload twice (never saved so).
                 for wid in ids:
                     self.add(tenant, month, wtype, wid, rate)
                 continue
@@ -409,7 +401,7 @@ class LicenseLedger:
             if plain:
                 cal.load(tenant, month, wtype, rate, plain)
                 n = len(plain)
-                new = fresh if month > start else 0
+                new = fresh if start is not None and month > start else 0
                 old = n - new
                 lm = self.months.get((tenant, month))
                 if lm is None:
@@ -427,7 +419,7 @@ class LicenseLedger:
                 lm.revision += h * new + (h + 1) * old
             for wid in other:
                 self.add(tenant, month, wtype, wid, rate)
-        self.moved_first = self.moved_start = None
+        self.moved_first = None
 
     def drop_month(self, month: str) -> int:
         """Forget ``month``'s calendar entries, tail entries and report totals (pruning a
@@ -462,8 +454,8 @@ class LicenseLedger:
                 return None
             return tail, False  # seen the month before: not new
         rate = cal if tail is None or cal >= tail else tail
-        start = self._fixed_start or self._min_month
-        new = self.first_month(tenant, wtype, wid) == month and start is not None and month > start
+        start = self._start
+        new = start is not None and month > start and self.first_month(tenant, wtype, wid) == month
         return rate, new
 
     def workloads(self, month: str) -> Iterator[tuple[str, str, str, Contribution]]:
@@ -482,6 +474,18 @@ class LicenseLedger:
                 c = self._contribution(t, m, w, i)
                 assert c is not None
                 yield t, w, i, c
+
+    def before_start(self, tenant_id: str | None = None) -> int:
+        """Workload-months of the calendar ledger dated before the history start (of
+        ``tenant_id`` only, when given): tenant usage the license view has no month for."""
+        start = self._start
+        if start is None:
+            return 0
+        return sum(
+            len(ids)
+            for (t, m, _), ids in self.calendar.cells.items()
+            if m < start and tenant_id in (None, t)
+        )
 
     def tenant_month(self, tenant: str, month: str) -> LicenseMonth | None:
         return self.months.get((tenant, month))
@@ -522,6 +526,9 @@ class LicenseLedger:
     ) -> None:
         if before == after:
             return
+        start = self._start
+        if start is not None and month < start:
+            return  # before the history start: no license report
         key = (tenant, month)
         lm = self.months.get(key)
         if lm is None:
@@ -554,13 +561,6 @@ class LicenseLedger:
             else:
                 t[3] += rate[0]
                 lm.revision += height(rate) + 1
-
-    def _recount(self, month: str) -> None:
-        """Rebuild ``month``'s totals from its workloads (after the history start moved)."""
-        for key in [k for k in self.months if k[1] == month]:
-            del self.months[key]
-        for tenant, wtype, _, c in list(self.workloads(month)):
-            self._shift(tenant, month, wtype, None, c)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LicenseLedger):
@@ -602,6 +602,8 @@ class ProviderLicense:
     #: The last day the license is valid (UTC); ``None``: no expiry declared.
     expires: date | None = None
     source: str = ""
+    #: The month metering began (``YYYY-MM``): the license view's history start.
+    history_start: str | None = None
 
 
 def over_warning(licensed: int) -> int:
@@ -688,16 +690,26 @@ class LicenseStatus:
 
 
 def parse_license(doc: object, where: str = "<license>") -> ProviderLicense:
-    """Validate a decoded license document: ``{"licensed_points": N, "expires": "YYYY-MM-DD"}``
-    (``expires`` optional).  Raises :class:`~meter.errors.ConfigError` naming the problem."""
+    """Validate a decoded license document: ``{"licensed_points": N, "expires": "YYYY-MM-DD",
+    "history_start": "YYYY-MM"}`` (``expires`` and ``history_start``, the month metering
+    began, optional).  Raises :class:`~meter.errors.ConfigError` naming the problem."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected an object with licensed_points (and expires)")
-    unknown = sorted(set(doc) - {"licensed_points", "expires", "comment"})
+    unknown = sorted(set(doc) - {"licensed_points", "expires", "history_start", "comment"})
     if unknown:
         raise ConfigError(
             f"{where}: unknown keys {', '.join(map(repr, unknown))}; "
-            "expected licensed_points, expires (and comment)"
+            "expected licensed_points, expires, history_start (and comment)"
         )
+    start = doc.get("history_start")
+    if start is not None:
+        try:
+            start = parse_month(start) if isinstance(start, str) else parse_month("")
+        except ValueError:
+            raise ConfigError(
+                f"{where}: history_start must be the month metering began, YYYY-MM, "
+                f"got {start!r:.40}"
+            ) from None
     points = doc.get("licensed_points")
     if not isinstance(points, int) or isinstance(points, bool) or points < 0:
         raise ConfigError(f"{where}: licensed_points must be a whole number >= 0, got {points!r}")
@@ -711,7 +723,7 @@ def parse_license(doc: object, where: str = "<license>") -> ProviderLicense:
                 f"got {expires!r:.40}"
             )
     assert isinstance(points, int)
-    return ProviderLicense(points, day, where)
+    return ProviderLicense(points, day, where, start)
 
 
 def _iso_date(value: object) -> date | None:

@@ -35,7 +35,9 @@ points             points consumed by the billable workloads (new excluded): wha
                    the vendor bills
 new_points         points the new workloads would have consumed (for information)
 ratecards          the rate-card versions that rated the month's workloads, ``;``-separated
-history_start      the first month of meter's history (it has no new workloads)
+history_start      the first month of meter's history, as declared (it has no new
+                   workloads); ``none``: none declared, so no workload is new (all
+                   are billed)
 generated_at       when the report was made, UTC (``2026-11-28T11:20:00Z``)
 =================  ==========================================================
 
@@ -86,6 +88,9 @@ CSV_COLUMNS: Final = (
     "generated_at",
 )
 
+#: The history start column (and table) when none is declared: no workload is new.
+NO_HISTORY_START: Final = "none"
+
 #: The totals of a month, in this order: JSON ``totals`` keys and the table's columns.
 TOTALS: Final = ("workloads", "new", "rental", "billable", "points", "new_points")
 
@@ -101,8 +106,12 @@ class MonthInfo:
     generated_at: datetime
     #: rate-card versions that rated the month's workloads
     ratecards: tuple[str, ...] = ()
-    #: the first month of meter's history (no new workloads in it)
+    #: the declared first month of meter's history (no new workloads in it); ``None``:
+    #: none declared, no workload is new
     history_start: str | None = None
+    #: workload-months of tenant usage dated before the history start (all months): in
+    #: the license view only where a window reaches back to them
+    before_history_start: int = 0
     #: used points against the provider's license; ``None``: not computed
     license: LicenseStatus | None = None
     rules: Mapping[str, object] = field(default_factory=lambda: RULES)
@@ -176,6 +185,7 @@ def month_info(
         generated_at=generated_at,
         ratecards=tuple(cards),
         history_start=view.history_start,
+        before_history_start=view.before_start(tenant_id),
         license=license_status(view, month, license, generated_at.astimezone(UTC).date()),
     )
 
@@ -236,7 +246,7 @@ def render_license_csv(
     for info, mine in _months(rows, infos):
         m = info.month
         head = [m, info.period_start, info.period_end, info.status]
-        tail = [";".join(info.ratecards), info.history_start or "", info.generated]
+        tail = [";".join(info.ratecards), info.history_start or NO_HISTORY_START, info.generated]
         for r in mine:
             w.writerow(
                 [
@@ -285,7 +295,8 @@ def license_section(
 
     {"license_usage": {"view": "license", "rules": RULES,
       "months": [{"month", "period_start", "period_end", "status", "generated_at",
-                  "history_start", "ratecards": [...],
+                  "history_start" (null: none declared, nothing is new),
+                  "before_history_start" (workload-months before it), "ratecards": [...],
                   "rows": [{"tenant_id", "workload_type", "workload", "workloads",
                             "new", "rental", "billable", "points", "new_points"}],
                   "totals": {"workloads", "new", "rental", "billable", "points",
@@ -304,6 +315,7 @@ def license_section(
                 "status": info.status,
                 "generated_at": info.generated,
                 "history_start": info.history_start,
+                "before_history_start": info.before_history_start,
                 "ratecards": list(info.ratecards),
                 "rows": [
                     {
@@ -342,15 +354,32 @@ def license_table(rows: Sequence[LicenseRow], infos: Iterable[MonthInfo]) -> str
         )
         parts += _type_table(mine)
         parts.append(license_line(info.license))
+        parts.append(history_line(info))
         parts.append(
-            f"generated {info.generated}; history from {info.history_start or '-'}; "
-            f"rate cards {', '.join(info.ratecards) or '-'}; new workloads are free in "
-            f"their first month; a workload counts with a success or warning session "
-            f"in the window"
+            f"generated {info.generated}; rate cards {', '.join(info.ratecards) or '-'}; "
+            f"new workloads are free in their first month; a workload counts with a "
+            f"success or warning session in the window"
         )
     if not parts:
         return "LICENSE USAGE (vendor rules): no month with counted workloads\n"
     return "\n".join(parts) + "\n"
+
+
+def history_line(info: MonthInfo) -> str:
+    """What the history start is, and what lies before it."""
+    start = info.history_start
+    if start is None:
+        return (
+            "history start: none declared, so no workload is new: all are billed (declare "
+            "the month metering began: --history-start or history_start in the license file)"
+        )
+    line = f"history start: {start} (declared; no new workloads in it)"
+    if info.before_history_start:
+        line += (
+            f"; {info.before_history_start} workload-months dated before it count in tenant "
+            "usage only"
+        )
+    return line
 
 
 def _type_table(rows: Sequence[LicenseRow]) -> list[str]:

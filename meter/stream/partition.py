@@ -436,10 +436,6 @@ class HomePartition:
         self._touch_license(tenant, month, wtype, wid)
         if lic.moved_first is not None:
             self._touch_license(tenant, lic.moved_first, wtype, wid)  # no longer new there
-        start = lic.moved_start
-        if start is not None:
-            for t, w, i, _ in list(lic.workloads(start)):  # the history start moved earlier
-                self._touch_license(t, start, w, i)
         batch.entries.append((tenant, month, wtype, wid, rate))
         if month in self.close.closed:
             # Late: the final record stays; the difference becomes a correction.
@@ -651,9 +647,6 @@ class HomePartition:
         first = lic.first_month(tenant, wtype, wid)
         if first is not None and month < first and first in pruned:
             need.add(first)
-        start = lic.history_start
-        if start is not None and month < start and start in pruned:
-            need.add(start)
         if need:
             self.load_months(need)
 

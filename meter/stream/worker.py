@@ -444,11 +444,16 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then publish, commit and leave the group."""
         if self.config.history_start is None:
+            log.warning(
+                "license view: no history start declared, so no workload is new: all are "
+                "billed (the safe side); declare the month metering began with "
+                "--history-start YYYY-MM or history_start in the --license file"
+            )
+        else:
             log.info(
-                "license view: no --history-start: each home partition takes the earliest "
-                "month in its own data as the first month of history (no new workloads in "
-                "it); set --history-start YYYY-MM to the month metering began, so every "
-                "partition agrees with meter rate"
+                "license view: history from %s (declared): no new workloads in it, no "
+                "license report before it",
+                self.config.history_start,
             )
         if not await self._connect(stop):
             return

@@ -72,7 +72,7 @@ def totals(rows: list[dict[str, str]]) -> dict[str, tuple[int, ...]]:
 
 
 def test_seven_plus_two_machines_the_two_are_new_and_free_in_december(tmp_path: Path) -> None:
-    rows = vspc(tmp_path, seven_plus_two())
+    rows = vspc(tmp_path, seven_plus_two(), "--history-start", "2026-11")
     assert list(rows[0]) == [
         "month", "period_start", "period_end", "status", "tenant_id", "workload", "count",
         "new_count", "rental_count", "billable_count", "points_per_unit", "points",
@@ -115,9 +115,15 @@ def test_history_start_makes_the_first_months_machines_new(tmp_path: Path) -> No
     # November is no longer the first month of history: its 7 are new there, and free.
     assert totals(rows) == {"2026-11": (7, 7, 0, 0, 0, 35), "2026-12": (9, 2, 0, 7, 35, 10)}
     assert {r["history_start"] for r in rows} == {"2026-10"}
-    # A history start after the data: nothing is new anywhere.
-    rows = vspc(tmp_path, seven_plus_two(), "--history-start", "2027-01")
+    # December is the first month: November has no license report, nothing is new.
+    rows = vspc(tmp_path, seven_plus_two(), "--history-start", "2026-12")
+    assert totals(rows) == {"2026-12": (9, 0, 0, 9, 45, 0)}
+    # A history start after the data: no license report at all.
+    assert vspc(tmp_path, seven_plus_two(), "--history-start", "2027-01") == []
+    # None declared: nothing is new anywhere, and every row says so.
+    rows = vspc(tmp_path, seven_plus_two())
     assert totals(rows) == {"2026-11": (7, 0, 0, 7, 35, 0), "2026-12": (9, 0, 0, 9, 45, 0)}
+    assert {r["history_start"] for r in rows} == {"none"}
 
 
 def test_february_window_reaches_into_january(tmp_path: Path) -> None:
@@ -129,7 +135,8 @@ def test_february_window_reaches_into_january(tmp_path: Path) -> None:
         vm(5, "2026-02-28T23:59:59Z"),  # new in February, last second of the window
         vm(6, "2026-03-01T00:00:00Z"),  # March
     ]
-    rows = vspc(tmp_path, lines, now="2026-03-02T00:00:00Z")
+    start = ("--history-start", "2026-01")
+    rows = vspc(tmp_path, lines, *start, now="2026-03-02T00:00:00Z")
     feb = [r for r in rows if r["month"] == "2026-02"]
     assert {(r["period_start"], r["period_end"]) for r in feb} == {
         ("2026-01-29T00:00:00Z", "2026-03-01T00:00:00Z")
@@ -144,7 +151,7 @@ def test_february_window_reaches_into_january(tmp_path: Path) -> None:
         "2026-03": "running",
     }
     # --month keeps the window: February alone still reaches into January.
-    only = vspc(tmp_path, lines, "--month", "2026-02", now="2026-03-02T00:00:00Z")
+    only = vspc(tmp_path, lines, *start, "--month", "2026-02", now="2026-03-02T00:00:00Z")
     assert only == feb
 
 
@@ -159,7 +166,7 @@ def test_an_empty_month_is_reported_with_a_zero_total(tmp_path: Path) -> None:
 
 def test_tenant_filter_keeps_only_its_rows(tmp_path: Path) -> None:
     lines = [*seven_plus_two(), vm(1, "2026-12-11T00:00:00Z", tenant="globex")]
-    rows = vspc(tmp_path, lines, "--tenant", "globex")
+    rows = vspc(tmp_path, lines, "--tenant", "globex", "--history-start", "2026-11")
     assert [(r["month"], r["tenant_id"], r["workload"]) for r in rows] == [
         ("2026-12", "globex", "CC_VM_Backup"),
         ("2026-12", "*", "CC_VM_Backup"),
@@ -279,16 +286,16 @@ def test_license_status_against_a_license_file(tmp_path: Path) -> None:
 
 
 def test_no_license_declared_is_said(tmp_path: Path) -> None:
-    doc = license_doc(tmp_path)
+    doc = license_doc(tmp_path, "--history-start", "2026-11")
     dec = doc["license_usage"]["months"][1]["license"]
     assert (dec["declared"], dec["state"], dec["used_points"]) == (False, "undeclared", 35)
-    text = rate(tmp_path, seven_plus_two())
+    text = rate(tmp_path, seven_plus_two(), "--history-start", "2026-11")
     assert "license: used 35 points; no license declared (--license FILE)" in text
 
 
 def test_table_shows_the_license_section_after_the_tenant_usage(tmp_path: Path) -> None:
     lic = tmp_path / "license.json"
-    lic.write_bytes(b'{"licensed_points": 100}')
+    lic.write_bytes(b'{"licensed_points": 100, "history_start": "2026-11"}')
     text = rate(tmp_path, seven_plus_two(), "--license", str(lic), now="2026-12-20T00:00:00Z")
     calendar, _, license = text.partition("\nLICENSE USAGE (vendor rules) 2026-11")
     assert calendar.startswith("TENANT USAGE (calendar month)\n\nMONTH ")
@@ -307,7 +314,8 @@ def test_table_shows_the_license_section_after_the_tenant_usage(tmp_path: Path) 
         "license: used 35 of licensed 100 points; warning at 110; allowed 120 "
         "(incl. 0 new points of the month before); ok" in dec
     )
-    assert "generated 2026-12-20T00:00:00Z; history from 2026-11; rate cards vcsp-2026" in dec
+    assert "history start: 2026-11 (declared; no new workloads in it)\n" in dec
+    assert "generated 2026-12-20T00:00:00Z; rate cards vcsp-2026" in dec
     # The one TOTAL line is the tenant usage's.
     assert [ln.split() for ln in text.splitlines() if "TOTAL" in ln] == [["TOTAL", "16", "80"]]
 
@@ -375,3 +383,84 @@ def test_tenant_usage_outputs_are_unchanged(tmp_path: Path) -> None:
         22,
         "running",
     )
+
+
+# ------------------------------------------------------------------ the history start
+
+
+def provider_months() -> list[bytes]:
+    """Issue 18's case: 400 events of 60 VMs of one subscription tenant, 30 of them in
+    October 2026 and all 60 in November."""
+    lines = []
+    for n in range(400):
+        if n < 150:
+            lines.append(vm(n % 30, f"2026-10-{1 + n % 28:02d}T10:{n % 60:02d}:00Z"))
+        else:
+            lines.append(vm(n % 60, f"2026-11-{1 + n % 28:02d}T10:{n % 60:02d}:00Z"))
+    return lines
+
+
+STRAY = vm(7, "2001-01-01T00:00:00Z")  # a tenant server whose clock was reset
+
+
+def test_one_event_dated_2001_moves_no_bill(tmp_path: Path) -> None:
+    lic = tmp_path / "license.json"
+    lic.write_bytes(b'{"licensed_points": 500, "history_start": "2026-10"}')
+    now = "2026-12-05T00:00:00Z"
+    want = vspc(tmp_path, provider_months(), "--license", str(lic), now=now)
+    assert totals(want)["2026-10"] == (30, 0, 0, 30, 150, 0)
+    got = vspc(tmp_path, [*provider_months(), STRAY], "--license", str(lic), now=now)
+    assert got == want  # 2001 has no license report, October still bills 30 VMs
+    # The same with the flag instead of the license file; both: they must agree.
+    flag = ("--history-start", "2026-10")
+    assert vspc(tmp_path, [*provider_months(), STRAY], *flag, now=now) == want
+    both = vspc(tmp_path, [*provider_months(), STRAY], *flag, "--license", str(lic), now=now)
+    assert both == want
+    # JSON counts what lies before the history start; tenant usage has it.
+    doc = orjson.loads(rate(tmp_path, [*provider_months(), STRAY], "--format", "json", *flag))
+    months = doc["license_usage"]["months"]
+    assert [(m["month"], m["history_start"], m["before_history_start"]) for m in months] == [
+        ("2026-10", "2026-10", 1),
+        ("2026-11", "2026-10", 1),
+    ]
+    assert "2001-01" in {r["month"] for r in doc["usage"]}
+    text = rate(tmp_path, [*provider_months(), STRAY], *flag)
+    assert (
+        "history start: 2026-10 (declared; no new workloads in it); 1 workload-months dated "
+        "before it count in tenant usage only" in text
+    )
+
+
+def test_without_a_history_start_nothing_is_new_and_every_report_says_so(tmp_path: Path) -> None:
+    rows = vspc(tmp_path, [*provider_months(), STRAY], now="2026-12-05T00:00:00Z")
+    assert totals(rows) == {
+        "2001-01": (1, 0, 0, 1, 5, 0),
+        "2026-10": (30, 0, 0, 30, 150, 0),
+        "2026-11": (60, 0, 0, 60, 300, 0),
+    }
+    assert {r["history_start"] for r in rows} == {"none"}
+    doc = orjson.loads(rate(tmp_path, provider_months(), "--format", "json"))
+    assert {m["history_start"] for m in doc["license_usage"]["months"]} == {None}
+    assert "history start: none declared, so no workload is new: all are billed" in rate(
+        tmp_path, provider_months()
+    )
+
+
+def test_the_history_start_is_declared_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(provider_months()) + b"\n")
+    lic = tmp_path / "license.json"
+    lic.write_bytes(b'{"licensed_points": 500, "history_start": "2026-10"}')
+    code, out, err = run_meter(
+        capsys, "rate", str(events), "--license", str(lic), "--history-start", "2026-09"
+    )
+    assert (code, out) == (2, "")
+    assert "--history-start 2026-09 but" in err
+    assert "declares history_start 2026-10" in err
+    for bad in (b'"2026-13"', b'"oct"', b"202610", b'""'):
+        lic.write_bytes(b'{"licensed_points": 500, "history_start": ' + bad + b"}")
+        code, out, err = run_meter(capsys, "rate", str(events), "--license", str(lic))
+        assert (code, out) == (2, ""), bad
+        assert "history_start must be the month metering began, YYYY-MM" in err, err

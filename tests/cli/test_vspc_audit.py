@@ -92,8 +92,8 @@ def test_license_csv_from_rows_and_month_info() -> None:
         f"{head},*,CC_VM_Replica,1,0,1,1,10,10,0,{tail}",
         f"{head},*,PC_VM_Backup,1,1,0,0,11,0,11,{tail}",
         f"{head},*,TOTAL,5,2,2,3,,15,16,{tail}",
-        "9999-12,9999-12-01T00:00:00Z,10000-01-01T00:00:00Z,running,*,TOTAL,0,0,0,0,,0,0,,,"
-        "2026-03-05T12:00:07Z",
+        "9999-12,9999-12-01T00:00:00Z,10000-01-01T00:00:00Z,running,*,TOTAL,0,0,0,0,,0,0,,none,"
+        "2026-03-05T12:00:07Z",  # no history start declared: "none", nothing is new
     ]
     feb = license_section(rows, infos)["license_usage"]["months"][0]
     assert (feb["status"], feb["license"], feb["totals"]["points"]) == (

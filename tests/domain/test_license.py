@@ -78,7 +78,7 @@ def test_vendor_example_7_machines_in_november_then_2_new_in_december() -> None:
     nov = [ev(f"vm-{i}", "2026-11-10T10:00:00Z") for i in range(7)]
     dec = [ev(f"vm-{i}", "2026-12-10T10:00:00Z") for i in range(9)]
     jan = [ev(f"vm-{i}", "2027-01-10T10:00:00Z") for i in range(9)]
-    view = rated(*nov, *dec, *jan).license_view()
+    view = rated(*nov, *dec, *jan).license_view("2026-11")  # metering began in November
     assert table(view) == [
         ("2026-11", "acme", "vm", 7, 0, 0, 35, 0),  # the history start: nothing is new
         ("2026-12", "acme", "vm", 9, 2, 0, 35, 10),  # 2 new: listed, not billed
@@ -99,7 +99,7 @@ def test_vendor_example_a_machine_first_backed_up_on_15_february_is_new_in_febru
         ev("old", "2022-01-20T10:00:00Z"),
         ev("old", "2022-02-03T10:00:00Z"),
         ev("vm-new", "2022-02-15T10:00:00Z"),
-    ).license_view()
+    ).license_view("2022-01")
     assert table(view, "2022-02") == [("2022-02", "acme", "vm", 2, 1, 0, 5, 5)]
 
 
@@ -165,7 +165,7 @@ def test_month_boundary_last_second_and_first_second() -> None:
     view = rated(
         ev("last-second", "2026-11-30T23:59:59Z"),
         ev("first-second", "2026-12-01T00:00:00Z"),
-    ).license_view()
+    ).license_view("2026-11")
     assert table(view) == [
         ("2026-11", "acme", "vm", 1, 0, 0, 5, 0),  # last-second: November only (Dec has 31)
         ("2026-12", "acme", "vm", 1, 1, 0, 0, 5),  # first-second: December, new there
@@ -261,39 +261,75 @@ def test_a_late_event_turns_a_new_workload_into_an_existing_one() -> None:
     assert (view.points("2026-12"), view.new_points("2026-12")) == (5, 0)
 
 
-def test_a_late_event_before_the_history_start_moves_the_default_start() -> None:
-    """Without a fixed start, the start is the earliest month in the data (a minimum):
-    a late event for an earlier month moves it, and the old first month gains new ones."""
-    view = LicenseLedger()
-    view.add("acme", "2026-11", "vm", "vm-1", R5)
-    view.add("acme", "2026-12", "vm", "vm-1", R5)
-    view.add("acme", "2026-12", "vm", "vm-2", R5)
-    assert view.history_start == "2026-11"
+def test_one_stray_event_dated_2001_moves_no_bill() -> None:
+    """Issue 18: 60 VMs of a subscription tenant in October and November, then one event
+    of a tenant server whose clock was reset to 2001.  The history start is declared, so
+    the stray event counts in tenant usage and nowhere in the license view."""
+    raws = [ev(f"vm-{i}", f"2026-10-{1 + i % 28:02d}T10:00:00Z") for i in range(30)]
+    raws += [ev(f"vm-{i}", f"2026-11-{1 + i % 28:02d}T10:00:00Z") for i in range(60)]
+    before = rated(*raws)
+    after = rated(*raws, ev("vm-0", "2001-01-01T00:00:00Z"))
+    view = after.license_view("2026-10")
+    assert table(view) == table(before.license_view("2026-10"))
+    assert view.report_months() == ["2026-10", "2026-11"]  # none for 2001: before the start
+    assert view.history_start == "2026-10"
+    # None declared: every workload billed, the stray one in a month of its own (2001).
+    for month in ("2026-10", "2026-11"):
+        assert table(after.license_view(), month) == table(before.license_view(), month)
+    assert table(after.license_view(), "2026-11") == [("2026-11", "acme", "vm", 60, 0, 0, 300, 0)]
+    # October is the first month: nothing new, all 30 billed; November: 30 new (free).
+    assert table(before.license_view("2026-10")) == [
+        ("2026-10", "acme", "vm", 30, 0, 0, 150, 0),
+        ("2026-11", "acme", "vm", 60, 30, 0, 150, 150),
+    ]
+    # Tenant usage has the stray month: it is usage, only not the provider's license.
+    assert [u.month for u in after.ledger.usage()] == ["2001-01", "2026-10", "2026-11"]
+
+
+def test_with_no_history_start_declared_no_workload_is_new() -> None:
+    """Nothing to go on: every counted workload is billed (the safe side), in any order."""
+    raws = [ev("vm-1", "2026-11-05T10:00:00Z"), ev("vm-2", "2026-12-05T10:00:00Z"),
+            ev("vm-3", "2001-01-01T10:00:00Z")]  # fmt: skip
+    for order in itertools.permutations(raws):
+        view = rated(*order).license_view()
+        assert view.history_start is None
+        assert table(view) == [
+            ("2001-01", "acme", "vm", 1, 0, 0, 5, 0),
+            ("2026-11", "acme", "vm", 1, 0, 0, 5, 0),
+            ("2026-12", "acme", "vm", 1, 0, 0, 5, 0),
+        ]
+
+
+def test_a_session_before_the_history_start_counts_only_where_the_window_puts_it() -> None:
+    """History from November: an October 31 session reaches into November's window (the
+    rules' 31 days reach back), October itself has no license report, and the workload
+    is not new in December (it ran before)."""
+    view = LicenseLedger(history_start="2026-11")
+    view.add("acme", "2026-10", "vm", "vm-old", R5)
+    view.add_tail("acme", "2026-11", "vm", "vm-old", R5)  # its session on 31 October
+    view.add("acme", "2026-10", "vm", "vm-gone", R5)  # mid-October: no window reaches it
+    view.add("acme", "2026-12", "vm", "vm-old", R5)
+    view.add("acme", "2026-12", "vm", "vm-new", R5)
+    assert view.report_months() == ["2026-11", "2026-12"]
     assert table(view) == [
         ("2026-11", "acme", "vm", 1, 0, 0, 5, 0),
-        ("2026-12", "acme", "vm", 2, 1, 0, 5, 5),
+        ("2026-12", "acme", "vm", 2, 1, 0, 5, 5),  # vm-old not new, vm-new new
     ]
-    view.add("acme", "2026-10", "vm", "vm-0", R5)
-    assert view.history_start == "2026-10"
-    assert table(view) == [
-        ("2026-10", "acme", "vm", 1, 0, 0, 5, 0),
-        ("2026-11", "acme", "vm", 1, 1, 0, 0, 5),  # vm-1 is now new in November
-        ("2026-12", "acme", "vm", 2, 1, 0, 5, 5),
-    ]
+    assert view.history_start == "2026-11"  # never earlier, whatever the data
 
 
 @pytest.mark.parametrize(
     ("start", "nov", "dec"),
     [
-        (None, (2, 0, 10, 0), (3, 1, 10, 5)),  # default: the earliest month, November
+        (None, (2, 0, 10, 0), (3, 0, 15, 0)),  # none declared: nothing is new
         ("2026-10", (2, 2, 0, 10), (3, 1, 10, 5)),  # history began before: all new in Nov
-        ("2026-11", (2, 0, 10, 0), (3, 1, 10, 5)),  # the same as the default here
-        ("2026-12", (2, 0, 10, 0), (3, 0, 15, 0)),  # December is the first month: none new
-        ("2027-01", (2, 0, 10, 0), (3, 0, 15, 0)),
+        ("2026-11", (2, 0, 10, 0), (3, 1, 10, 5)),  # November is the first month
+        ("2026-12", None, (3, 0, 15, 0)),  # December is: November has no license report
+        ("2027-01", None, None),
     ],
 )
-def test_history_start_fixed_or_default(
-    start: str | None, nov: tuple[int, ...], dec: tuple[int, ...]
+def test_history_start_declared_or_not(
+    start: str | None, nov: tuple[int, ...] | None, dec: tuple[int, ...] | None
 ) -> None:
     r = rated(
         ev("vm-1", "2026-11-05T10:00:00Z"),
@@ -303,10 +339,10 @@ def test_history_start_fixed_or_default(
         ev("vm-3", "2026-12-07T10:00:00Z"),
     )
     view = r.license_view(start)
-    assert view.history_start == (start or "2026-11")
-    [n], [d] = view.rows("2026-11"), view.rows("2026-12")
-    assert (n.workloads, n.new, n.points, n.new_points) == nov
-    assert (d.workloads, d.new, d.points, d.new_points) == dec
+    assert view.history_start == start
+    for month, want in (("2026-11", nov), ("2026-12", dec)):
+        got = [(x.workloads, x.new, x.points, x.new_points) for x in view.rows(month)]
+        assert got == ([] if want is None else [want]), month
 
 
 # ------------------------------------------------------------ licenses and rates
