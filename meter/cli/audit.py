@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from meter.cli.common import add_max_event_bytes_argument
+from meter.cli.common import add_max_event_bytes_argument, month_arg
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings, add_kafka_arguments, iter_to_end, settings_from_args
 from meter.report.audit import compare
@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "compare the month with the usage topic plus its corrections. Prints every "
         "difference; exits 1 if there is one.",
     )
-    p.add_argument("--month", required=True, help="the month to audit (YYYY-MM)")
+    p.add_argument(
+        "--month", required=True, type=month_arg, help="the month to audit (YYYY-MM)"
+    )
     p.add_argument(
         "--jobs-topic", default=DEFAULTS.jobs, help="topic of the raw job events [%(default)s]"
     )

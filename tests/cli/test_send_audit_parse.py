@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.cli import build_parser
+from meter.cli import build_parser, main
 from meter.domain import Event, parse
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.stream.send import tenant_key
@@ -37,3 +38,18 @@ def test_audit_and_rate_take_the_event_size_limit() -> None:
         DEFAULT_MAX_EVENT_BYTES
     )
     assert parser.parse_args(["rate", "-"]).max_event_bytes == DEFAULT_MAX_EVENT_BYTES
+
+
+@pytest.mark.parametrize("value", ["nov", "2026-13", "2026-1", "2026-00", "0000-01", ""])
+def test_audit_of_an_invalid_month_exits_2_before_reading_anything(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "0 difference(s)" and exited 0: nothing is published for a month that
+    cannot exist.  The broker is never asked (none listens on port 1)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "--month", value, "--broker", "127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2
+    assert out == ""
+    assert "argument --month: " in err
+    assert "expected YYYY-MM" in err
