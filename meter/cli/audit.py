@@ -25,9 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "compare the month with the usage topic plus its corrections. Prints every "
         "difference; exits 1 if there is one.",
     )
-    p.add_argument(
-        "--month", required=True, type=month_arg, help="the month to audit (YYYY-MM)"
-    )
+    p.add_argument("--month", required=True, type=month_arg, help="the month to audit (YYYY-MM)")
     p.add_argument(
         "--jobs-topic", default=DEFAULTS.jobs, help="topic of the raw job events [%(default)s]"
     )
