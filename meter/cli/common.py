@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
 from meter.domain.license import ProviderLicense, load_license
-from meter.domain.month import parse_month
+from meter.domain.month import hour_stamp, parse_month
 from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
@@ -89,6 +89,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "its corrections go to its .corrections [%(default)s]",
     )
     add_license_arguments(g)
+    add_clock_skew_argument(g, "its Kafka record's timestamp")
     add_max_event_bytes_argument(
         g,
         "; dead letters keep at most this many bytes of the original (keep it below the "
@@ -242,6 +243,7 @@ def stream_config(
         close_grace=args.close_grace,
         max_event_bytes=args.max_event_bytes,
         history_start=history_start(args, license_),
+        clock_skew_ms=skew_ms(args.clock_skew),
         checkpoint_interval_s=args.checkpoint_interval,
         metrics_months=max(1, getattr(args, "metrics_months", 2)),
         snapshot_interval_s=args.snapshot_interval if args.snapshot_interval >= 0 else None,
@@ -295,6 +297,37 @@ def history_start(args: argparse.Namespace, license_: ProviderLicense | None) ->
         )
     start: str | None = flag or declared
     return start
+
+
+#: An event dated more than this after its record's timestamp (or ``meter rate``'s clock)
+#: is rejected as future_time.
+DEFAULT_CLOCK_SKEW: Final = timedelta(hours=1)
+
+
+def add_clock_skew_argument(p: argparse._ActionsContainer, against: str) -> None:
+    p.add_argument(
+        "--clock-skew",
+        type=parse_grace,
+        default=DEFAULT_CLOCK_SKEW,
+        metavar="DURATION",
+        help=f"reject events dated after the end of the UTC hour of {against} plus this, as "
+        "future_time (a clock running ahead; e.g. 2099) [1h; off: accept any time]",
+    )
+
+
+def not_after(at: datetime, skew: timedelta | None) -> int | None:
+    """The last UTC hour (``YYYYMMDDHH``) an event may be dated in at ``at``; ``None``: any."""
+    if skew is None:
+        return None
+    return hour_stamp(int((at - _EPOCH) / timedelta(milliseconds=1)) + int(skew / _MS))
+
+
+def skew_ms(skew: timedelta | None) -> int | None:
+    return None if skew is None else int(skew / _MS)
+
+
+_MS: Final = timedelta(milliseconds=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def add_max_event_bytes_argument(p: argparse._ActionsContainer, more: str = "") -> None:

@@ -33,16 +33,17 @@ from typing import BinaryIO
 
 from meter.cli.common import (
     HISTORY_START_HELP,
+    add_clock_skew_argument,
     add_max_event_bytes_argument,
     clock_from,
     history_start,
     month_arg,
+    not_after,
 )
 from meter.domain import Rater, load_ratecards
 from meter.domain.close import is_closed
 from meter.domain.event import too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
-from meter.domain.ratecard import RateCards
 from meter.domain.rating import Rated
 from meter.errors import InputError
 from meter.report import FORMATS, UsageReport, render
@@ -110,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rate a file in N processes, one part of it each, and join them (the output is "
         "the same for any N; standard input and files under 8 MiB take one) [all cores]",
     )
+    add_clock_skew_argument(p, "the clock (--clock)")
     add_max_event_bytes_argument(p)
     p.set_defaults(func=run)
 
@@ -311,7 +313,7 @@ def rate_parts(
     context = multiprocessing.get_context("fork" if "fork" in _METHODS else None)
     with ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
         later: list[Future[tuple[Rated, Rejections, int]]] = [
-            pool.submit(_rate_range, name, start, stop, rater.cards, rater.max_bytes, max_rejected)
+            pool.submit(_rate_range, name, start, stop, rater, max_rejected)
             for start, stop in ranges[1:]
         ]
         rejections, lines = rate_stream(stream, rater, max_rejected, ranges[0][1])
@@ -327,11 +329,12 @@ _METHODS = multiprocessing.get_all_start_methods()
 
 
 def _rate_range(
-    name: str, start: int, stop: int, cards: RateCards, max_bytes: int, max_rejected: int
+    name: str, start: int, stop: int, like: Rater, max_rejected: int
 ) -> tuple[Rated, Rejections, int]:
-    """In a worker process: rate bytes ``start`` to ``stop`` of the file ``name``."""
+    """In a worker process: rate bytes ``start`` to ``stop`` of the file ``name`` with the
+    settings of ``like`` (its cards and limits; sent before it rated anything)."""
     gc.disable()
-    rater = Rater(cards, max_bytes=max_bytes, raised={})
+    rater = Rater(like.cards, max_bytes=like.max_bytes, raised={}, not_after=like.not_after)
     with Path(name).open("rb") as stream:
         stream.seek(start)
         rejections, lines = rate_stream(stream, rater, max_rejected, stop - start, bom=False)
@@ -360,7 +363,8 @@ def rest_of_line(first: bytes, stream: BinaryIO, limit: int) -> tuple[int, bool]
 def run(args: argparse.Namespace) -> int:
     cards = load_ratecards(args.ratecard)
     license = load_license(args.license) if args.license else None
-    rater = Rater(cards, max_bytes=args.max_event_bytes)
+    now = clock_from(args.clock)()
+    rater = Rater(cards, max_bytes=args.max_event_bytes, not_after=not_after(now, args.clock_skew))
     # The ledger holds millions of tuples and makes no cycles: a collector pass over it
     # every few thousand allocations would cost more than the rating.
     gc.disable()
@@ -384,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     view = rater.license_view(history_start(args, license))
     rows = view.rows(month=args.month, tenant_id=args.tenant)
-    infos = license_months(view, args, clock_from(args.clock)(), license, rows)
+    infos = license_months(view, args, now, license, rows)
     if args.format == "vspc-csv":
         sys.stdout.write(render_license_csv(rows, infos, cards))
     elif args.format == "json":

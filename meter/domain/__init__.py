@@ -13,6 +13,7 @@ from meter.domain.event import (
     WORKLOAD_TYPES,
     Event,
     Rejected,
+    future_time,
     parse,
     parse_message,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "Tally",
     "TenantMonth",
     "UsageRow",
+    "future_time",
     "load_ratecards",
     "parse",
     "parse_message",

@@ -21,7 +21,7 @@ from typing import Annotated, Final, Literal, get_args
 
 import msgspec
 
-from meter.domain.month import TimeError, utc_month
+from meter.domain.month import TimeError, stamp_text, utc_hour, utc_month
 
 WorkloadType = Literal[
     "vm",
@@ -146,6 +146,7 @@ REJECTION_CODES: Final = (
     "invalid_time",
     "no_ratecard",
     "too_large",
+    "future_time",
     "internal_error",
 )
 
@@ -614,3 +615,23 @@ def _unrepr(text: str) -> str:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return excerpt(text)
     return excerpt(value) if isinstance(value, str) else excerpt(text)
+
+
+def future_time(event: Event, not_after: int) -> Rejected | None:
+    """``Rejected("future_time")`` when ``event`` is dated after the UTC hour ``not_after``
+    (``YYYYMMDDHH``: the hour of its Kafka record's timestamp, or of ``meter rate``'s clock,
+    plus the clock-skew tolerance); else ``None``.
+
+    A restore point from 2099 is a broken clock, not usage: such an event is held out of
+    both views.  The rule compares whole UTC hours, so an event is kept up to the end of
+    the hour its limit falls in, and it decides the same way at every replay (the record's
+    timestamp travels with it)."""
+    day = not_after // 100
+    if event.date < day or (event.date == day and utc_hour(event.time, event.date) <= not_after):
+        return None
+    return Rejected(
+        "future_time",
+        f"time: {excerpt(event.time)} is after {stamp_text(not_after)}, the end of the hour "
+        "of the record's timestamp plus the clock-skew tolerance (a clock running ahead? "
+        "fix it, then send the event again)",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 # Only ASCII digits: Python's \d would also match other scripts' digits.
@@ -72,6 +73,44 @@ def utc_date(value: str) -> tuple[int, int, int]:
                 year += 1  # year 10000 in UTC: valid RFC 3339; see utc_month
                 month = 1
     return year, month, day
+
+
+def utc_hour(value: str, date: int) -> int:
+    """``YYYYMMDDHH``: the UTC hour of a valid RFC 3339 time whose UTC date is ``date``
+    (``YYYYMMDD``, as :func:`utc_month` gives it)."""
+    if value[-1] in "Zz":
+        return date * 100 + int(value[11:13])
+    local = int(value[11:13]) * 60 + int(value[14:16])
+    offset = int(value[-5:-3]) * 60 + int(value[-2:])
+    minutes = local - offset if value[-6] == "+" else local + offset
+    return date * 100 + (minutes % 1440) // 60
+
+
+_STAMPS: dict[int, int] = {}
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def hour_stamp(ms: int) -> int:
+    """``YYYYMMDDHH``: the UTC hour of a POSIX time in milliseconds (a Kafka record's
+    timestamp); cached per hour.  Beyond the years 0001..9999 it is clamped to their ends."""
+    hour = ms // 3_600_000
+    stamp = _STAMPS.get(hour)
+    if stamp is None:
+        try:
+            t = _EPOCH + timedelta(hours=hour)
+            stamp = t.year * 1_000_000 + t.month * 10_000 + t.day * 100 + t.hour
+        except OverflowError:
+            stamp = 9999_12_31_23 if hour > 0 else 1_01_01_00  # 9999-12-31T23, 0001-01-01T00
+        if len(_STAMPS) >= 10_000:
+            _STAMPS.clear()
+        _STAMPS[hour] = stamp
+    return stamp
+
+
+def stamp_text(stamp: int) -> str:
+    """``YYYY-MM-DDTHH:59:59Z``: the last second of the UTC hour ``stamp`` (``YYYYMMDDHH``)."""
+    s = f"{stamp:010d}"
+    return f"{s[:4]}-{s[4:6]}-{s[6:8]}T{s[8:10]}:59:59Z"
 
 
 def parse_month(value: str) -> str:

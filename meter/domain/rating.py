@@ -23,6 +23,7 @@ from meter.domain.event import (
     Rejected,
     decode_lines,
     excerpt,
+    future_time,
     parse,
     parse_message,
     too_large,
@@ -38,6 +39,8 @@ from meter.domain.ratecard import Rate, RateCards
 BATCH_BYTES: Final = 16 * 1024
 #: Never a card's date: :meth:`Rater.feed_block` then asks the cards for every event.
 _NO_DATE: Final = 10**9
+#: No ``not_after``: a day after every date.
+_NO_LIMIT: Final = 10**9
 #: :func:`~meter.domain.month.utc_month`'s cache with the next month whose 31-day window
 #: the date reaches (:func:`~meter.domain.license.tail_month`): (month, date, next or None),
 #: by the same key (date, hour, zone).
@@ -132,6 +135,10 @@ class Rater:
     #: kept.  :meth:`join_after` needs them to tell which of the part's counted events the
     #: parts before it had already counted.
     raised: dict[Key, list[Rate]] | None = None
+    #: Events dated after this UTC hour (``YYYYMMDDHH``: ``meter rate``'s clock plus the
+    #: clock-skew tolerance) are rejected as ``future_time`` (:func:`future_time`);
+    #: ``None``: no limit.
+    not_after: int | None = None
     _fast_table: tuple[object, dict[tuple[str, object], Rate]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -160,6 +167,11 @@ class Rater:
         if rate is None:
             tally.rejected += 1
             return no_ratecard(event, self.cards)
+        if self.not_after is not None:
+            ahead = future_time(event, self.not_after)
+            if ahead is not None:
+                tally.rejected += 1
+                return ahead
         if event.result == "failed":
             tally.not_counted += 1
             return event
@@ -304,6 +316,8 @@ class Rater:
         # JSON allows none raw): without a backslash, no workload id holds one.
         plain = batch.find(b"\\") == -1
         raised = self.raised
+        # Events from the limit's day on are judged alone (future_time, in feed).
+        limit_day = _NO_LIMIT if self.not_after is None else self.not_after // 100
         # New entries are put into their ledger cells at once (later events look them up)
         # and into their tenant-months' totals once a batch (Ledger.index_new), or before
         # any line is fed alone.
@@ -321,6 +335,9 @@ class Rater:
                     self._alone(event, events, batch, number, rejected, new)
                     continue
             month, date, nxt = hit
+            if date >= limit_day:
+                self._alone(event, events, batch, number, rejected, new)
+                continue
             data = event.data
             lic = data.license
             wtype = data.workload_type

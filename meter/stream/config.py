@@ -64,9 +64,12 @@ class StreamConfig:
     close_grace: timedelta | None = DEFAULT_GRACE
     #: Events larger than this are rejected as ``too_large`` (never forwarded or copied whole).
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-    #: License view: the first month of meter's history (it has no new workloads);
-    #: None: each home partition's earliest month.
+    #: License view: the declared first month of meter's history (it has no new
+    #: workloads); None: none declared, no workload is new.
     history_start: str | None = None
+    #: Events dated after the end of the UTC hour of their record's timestamp plus this
+    #: many milliseconds are rejected as ``future_time``; None: any time is accepted.
+    clock_skew_ms: int | None = 3_600_000
     #: With local state (``--state-dir``): save changed state at most this often.
     checkpoint_interval_s: float = 60.0
     #: With local state: a closed month leaves memory this long after it closed (None: never);

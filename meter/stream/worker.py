@@ -65,10 +65,18 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
-from meter.domain import Event, RateCards, Rejected, Tally, parse, parse_message
+from meter.domain import (
+    Event,
+    RateCards,
+    Rejected,
+    Tally,
+    future_time,
+    parse,
+    parse_message,
+)
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
-from meter.domain.month import recent
+from meter.domain.month import hour_stamp, recent
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
@@ -789,6 +797,7 @@ class Worker:
         homes = self.homes
         tally = self.stats.tally
         max_bytes = self.config.max_event_bytes
+        skew = self.config.clock_skew_ms
         known = self._homes
         n_home = self._n_home
         forwards: list[tuple[int, bytes, bytes, Any]] = []
@@ -839,6 +848,16 @@ class Worker:
                     if rate is None:
                         rejects.append((rec, value, no_ratecard(result, cards), ""))
                         continue
+                    if skew is not None and rec.timestamp >= 0:
+                        # Dated after its record's hour plus the skew: a clock ahead.  The
+                        # record's timestamp travels with it (forwards keep it): a replay
+                        # and the home partition decide the same way.
+                        limit = hour_stamp(rec.timestamp + skew)
+                        if result.date >= limit // 100:
+                            ahead = future_time(result, limit)
+                            if ahead is not None:
+                                rejects.append((rec, value, ahead, ""))
+                                continue
                     last_time = result.time
                     if result.result == "failed":
                         not_counted += 1
@@ -1061,6 +1080,7 @@ class Worker:
                 raw,
                 key=key,
                 partition=home,
+                timestamp_ms=rec.timestamp if rec.timestamp >= 0 else None,
                 headers=list(rec.headers) if rec.headers else None,
             )
             writes.append((flight.sending, fut))

@@ -7,6 +7,7 @@ import contextlib
 import io
 from pathlib import Path
 
+import orjson
 import pytest
 
 import meter.cli.rate as rate_cli
@@ -59,7 +60,38 @@ FILES = {
     "crlf-long-blank": (TRICKY.replace(b"\n", b"\r\n") + b"\n \n" + b"x" * 70_000 + b"\n") * 3
     + TRICKY.rstrip(),
     "month-ends": month_ends() * 2 + b"{not json",
+    # Ahead of the tests' clock (2026-12-05T00:00Z, + 1 h): 2099, and either side of the end
+    # of the hour the limit falls in; each part's process must apply the same limit.
+    "ahead": b"\n".join(
+        line(time=t, workload=f"a{n % 4}", id=f"a{n}")
+        for n, t in enumerate(
+            [
+                "2026-12-05T01:59:59Z",
+                "2099-01-01T00:00:00Z",
+                "2026-12-05T02:00:00Z",
+                "2026-12-05T02:59:59+01:00",
+                "2026-11-30T10:00:00Z",
+            ]
+            * 40
+        )
+    )
+    + b"\n",
 }
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_every_part_holds_out_the_events_ahead_of_the_clock(tmp_path: Path) -> None:
+    path = tmp_path / "ahead.jsonl"
+    path.write_bytes(FILES["ahead"])
+    (tmp_path / "clock").write_text("2026-12-05T00:00:00Z")
+    for jobs in ("1", "3"):
+        args = ["--format", "json", "--clock", str(tmp_path / "clock"), "--jobs", jobs]
+        doc = orjson.loads(rate(path, *args, "--max-rejected", "1000"))
+        assert doc["events"]["rejected"] == 80, jobs
+        assert all("plus the clock-skew tolerance" in r["reason"] for r in doc["rejected"])
+        assert {r["line"] % 5 for r in doc["rejected"]} == {2, 3}  # 2099 and 02:00Z
+        off = orjson.loads(rate(path, *args, "--clock-skew", "off"))
+        assert off["events"]["rejected"] == 0
 
 
 @pytest.mark.usefixtures("small_parts")

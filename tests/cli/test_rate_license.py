@@ -103,10 +103,12 @@ def test_seven_plus_two_machines_the_two_are_new_and_free_in_december(tmp_path: 
 
 
 def test_a_month_is_running_until_it_closes(tmp_path: Path) -> None:
-    # 2 December: November has ended but closes on the 3rd; December is under way.
-    rows = vspc(tmp_path, seven_plus_two(), now="2026-12-02T23:59:59Z")
+    # 2 December: November has ended but closes on the 3rd; December is under way (its
+    # events of the 10th are ahead of this clock: accepted, --clock-skew off).
+    early = ("--clock-skew", "off")
+    rows = vspc(tmp_path, seven_plus_two(), *early, now="2026-12-02T23:59:59Z")
     assert {r["month"]: r["status"] for r in rows} == {"2026-11": "running", "2026-12": "running"}
-    rows = vspc(tmp_path, seven_plus_two(), now="2026-12-03T00:00:00+00:00")
+    rows = vspc(tmp_path, seven_plus_two(), *early, now="2026-12-03T00:00:00+00:00")
     assert {r["month"]: r["status"] for r in rows} == {"2026-11": "final", "2026-12": "running"}
 
 

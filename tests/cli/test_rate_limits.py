@@ -163,19 +163,23 @@ def rss_kib(pid: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_dev_zero_runs_in_bounded_memory() -> None:
     # One endless line: meter rate reads it in pieces and never holds it (it grew to
-    # 2.8 GB in 8 s before).  It can never end, so it is stopped after a while.
+    # 2.8 GB in 8 s before).  It can never end, so it is stopped after a while.  Its memory
+    # is sampled as it passes amounts read, not at times: on a busy machine it reads slower.
     proc = subprocess.Popen(
         [sys.executable, "-m", "meter", "rate", "/dev/zero"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    stats = Path(f"/proc/{proc.pid}/io")
     try:
         samples = []
-        for _ in range(12):
-            time.sleep(0.25)
-            assert proc.poll() is None, f"meter rate /dev/zero exited {proc.returncode}"
+        deadline = time.monotonic() + 300
+        for mark in (20_000_000, 40_000_000, 60_000_000, 80_000_000, 100_000_000):
+            while int(stats.read_text().split()[1]) < mark:  # rchar
+                assert proc.poll() is None, f"meter rate /dev/zero exited {proc.returncode}"
+                assert time.monotonic() < deadline, f"read {stats.read_text().split()[1]} bytes"
+                time.sleep(0.05)
             samples.append(rss_kib(proc.pid))
-        read = int(Path(f"/proc/{proc.pid}/io").read_text().split()[1])  # rchar
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -183,9 +187,8 @@ def test_dev_zero_runs_in_bounded_memory() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert read > 50_000_000, f"read only {read} bytes"
     assert max(samples) < 150_000, samples
-    assert max(samples[4:]) - min(samples[4:]) < 10_000, samples  # no growth
+    assert max(samples[1:]) - min(samples[1:]) < 10_000, samples  # no growth
 
 
 def test_a_huge_line_on_stdin(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from functools import partial
 
 import orjson
@@ -31,7 +30,7 @@ from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
 from meter.stream.send import tenant_key
 from tests.integration.conftest import BrokerHandle
-from tests.integration.harness import Names, WorkerProcess, send, wait_for_usage
+from tests.integration.harness import TEST_NOW, Names, WorkerProcess, send, wait_for_usage
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +40,14 @@ SESSION_TIMEOUT_MS = 6000
 
 
 def this_month_fleet(n: int, seed: int) -> list[bytes]:
-    """A simulated fleet's events of the current UTC month, and its broken lines.
+    """A simulated fleet's events of the worker's month (its pinned clock, which is in the
+    past: no event is dated after its record), and its broken lines.
 
     The fleet's time zones put a few events into the previous month, which the worker may
     already have closed (its late events become corrections, which a plain reader of
     ``meter.usage`` does not see); they are left out.
     """
-    month = datetime.now(UTC).strftime("%Y-%m")
+    month = TEST_NOW[:7]
     lines = []
     for line in generate(n, seed=seed, month=month, tenants=30, workloads=20):
         event = parse(line)

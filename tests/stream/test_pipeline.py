@@ -80,10 +80,15 @@ def worker() -> tuple[Worker, Producer, Consumer]:
     return w, producer, consumer
 
 
+#: The records' timestamp: after the events' time (an event dated after its record's hour
+#: plus the clock skew is rejected as future_time).
+APPENDED = 1_795_000_000_000  # 2026-11-18T09:46:40Z
+
+
 def batch(tenant: str, offset: int, *workloads: str) -> dict[TopicPartition, list[Any]]:
     p = home_of(tenant)
     records = [
-        ConsumerRecord(JOBS, p, offset + k, 0, 0, tenant.encode(),
+        ConsumerRecord(JOBS, p, offset + k, APPENDED, 0, tenant.encode(),
                        line(tenant=tenant, workload=wid, id=f"{tenant}-{wid}"), None, 0, 0, ())
         for k, wid in enumerate(workloads)
     ]  # fmt: skip
