@@ -1,4 +1,4 @@
-"""Compare what the raw events say with what the meter published.  Pure."""
+"""Compare what the raw events say with what the meter published, in both views.  Pure."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meter.domain import UsageRow
+from meter.domain.license import LicenseRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,4 +32,54 @@ def compare(expected: Iterable[UsageRow], published: Iterable[UsageRow]) -> list
         Difference(*key, want.get(key, (0, 0)), got.get(key, (0, 0)))
         for key in sorted(set(want) | set(got))
         if want.get(key, (0, 0)) != got.get(key, (0, 0))
+    ]
+
+
+#: What a license row says, in this order: workloads, new, rental, points, new points.
+LICENSE_FIELDS = ("workloads", "new", "rental", "points", "new_points")
+_NONE = (0, 0, 0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseDifference:
+    month: str
+    tenant_id: str
+    workload_type: str
+    expected: tuple[int, int, int, int, int]  # per the raw events, by the vendor's rules
+    published: tuple[int, int, int, int, int]  # per the license topic and its corrections
+
+    def __str__(self) -> str:
+        def say(t: tuple[int, ...]) -> str:
+            return ", ".join(
+                f"{v} {k.replace('_', ' ')}" for k, v in zip(LICENSE_FIELDS, t, strict=True)
+            )
+
+        return (
+            f"license {self.month} {self.tenant_id} {self.workload_type}: events say "
+            f"{say(self.expected)}; published {say(self.published)}"
+        )
+
+
+def compare_license(
+    expected: Iterable[LicenseRow], published: Iterable[LicenseRow]
+) -> list[LicenseDifference]:
+    """Every (month, tenant, type) whose license row differs, missing rows as zeros."""
+
+    def keyed(rows: Iterable[LicenseRow]) -> dict[tuple[str, str, str], tuple[int, ...]]:
+        return {
+            (r.month, r.tenant_id, r.workload_type): (
+                r.workloads,
+                r.new,
+                r.rental,
+                r.points,
+                r.new_points,
+            )
+            for r in rows
+        }
+
+    want, got = keyed(expected), keyed(published)
+    return [
+        LicenseDifference(*key, want.get(key, _NONE), got.get(key, _NONE))  # type: ignore[arg-type]
+        for key in sorted(set(want) | set(got))
+        if want.get(key, _NONE) != got.get(key, _NONE)
     ]

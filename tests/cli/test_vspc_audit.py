@@ -6,7 +6,7 @@ import pytest
 
 from meter.domain import UsageRow, load_ratecards
 from meter.domain.license import LicenseRow
-from meter.report.audit import compare
+from meter.report.audit import compare, compare_license
 from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
 from meter.report.vspc import render_vspc
 
@@ -43,6 +43,24 @@ def test_audit_names_every_difference() -> None:
     ]
     assert "events say 3 workloads / 15 points, published 3 / 10" in str(diffs[0])
     assert compare(want, want) == []
+
+
+def test_the_license_audit_names_forged_lost_and_invented_rows() -> None:
+    want = [LicenseRow("2026-10", "acme", "vm", 3, 1, 0, 10, 5),
+            LicenseRow("2026-10", "b", "replica", 1, 0, 1, 10, 0)]  # fmt: skip
+    got = [LicenseRow("2026-10", "acme", "vm", 3, 0, 0, 15, 0),  # its new one billed
+           LicenseRow("2026-10", "c", "vm", 1, 0, 0, 5, 0)]  # fmt: skip
+    diffs = compare_license(want, got)
+    assert [(d.tenant_id, d.expected, d.published) for d in diffs] == [
+        ("acme", (3, 1, 0, 10, 5), (3, 0, 0, 15, 0)),
+        ("b", (1, 0, 1, 10, 0), (0, 0, 0, 0, 0)),  # lost
+        ("c", (0, 0, 0, 0, 0), (1, 0, 0, 5, 0)),  # invented
+    ]
+    assert str(diffs[0]) == (
+        "license 2026-10 acme vm: events say 3 workloads, 1 new, 0 rental, 10 points, 5 new "
+        "points; published 3 workloads, 0 new, 0 rental, 15 points, 0 new points"
+    )
+    assert compare_license(want, want) == []
 
 
 def test_table_shows_a_final_report_and_its_corrections() -> None:

@@ -100,6 +100,25 @@ class Names:
         ]  # fmt: skip
 
 
+def audit_args(names: Names) -> list[str]:
+    """``meter audit``'s topics of one test, and the history start its workers declared."""
+    args = ["--jobs-topic", names.jobs, "--usage-topic", names.usage,
+            "--license-topic", names.license]  # fmt: skip
+    if "--history-start" in names.extra:
+        at = names.extra.index("--history-start")
+        args += names.extra[at : at + 2]
+    return args
+
+
+def audit_clean(out: bytes, names: Names) -> bool:
+    """Whether ``meter audit`` found both views equal to the raw events."""
+    return (
+        f"0 difference(s) between the raw events and {names.usage} + corrections".encode() in out
+        and f"0 difference(s) between the raw events and {names.license} + corrections".encode()
+        in out
+    )
+
+
 class WorkerProcess:
     """``meter worker`` as a child process, logging to tests/artifacts/."""
 

@@ -19,12 +19,15 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from meter.domain import Rater, load_ratecards
 from meter.kafka import KafkaSettings
+from meter.kafka.topics import read_to_end
 from meter.sim.fleet import generate
 from meter.stream.usage import read_usage
 from tests.domain.events import line
 from tests.integration.harness import (
     Names,
     WorkerProcess,
+    audit_args,
+    audit_clean,
     expected_usage,
     read_all,
     send,
@@ -177,11 +180,11 @@ def test_close_late_events_restart_two_workers_and_audit(
         assert int(total["count"]) == sum(r.workloads for r in closed_view)
         assert int(total["points"]) == sum(r.points for r in closed_view)
 
-        # The audit recomputes October from the raw topic: no difference.
-        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10",
-                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+        # The audit recomputes October from the raw topic, in both views: no difference.
+        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10", *audit_args(names))
         assert audit.returncode == 0, audit.stdout.decode() + audit.stderr.decode()
-        assert b"0 difference(s)" in audit.stdout
+        assert audit_clean(audit.stdout, names), audit.stdout.decode()
+        assert b"license view with history start 2026-09" in audit.stdout
 
         # Corrupt one usage record by hand: the audit finds it.
         victim = next(iter(closed.values()))
@@ -199,11 +202,41 @@ def test_close_late_events_restart_two_workers_and_audit(
                 await p.stop()
 
         asyncio.run(corrupt())
-        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10",
-                      "--jobs-topic", names.jobs, "--usage-topic", names.usage)  # fmt: skip
+        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10", *audit_args(names))
         assert audit.returncode == 1
-        assert f"2026-10 {victim['tenant_id']} ".encode() in audit.stdout
-        assert b"DIFFERENCE" in audit.stdout
+        assert f"DIFFERENCE 2026-10 {victim['tenant_id']} ".encode() in audit.stdout
+        assert b"DIFFERENCE license" not in audit.stdout
+
+        # Forge one license record (points a tenant never used) and lose another (a record of
+        # zeros for a tenant-month with usage, newer than the final one): the audit finds both.
+        lic = asyncio.run(read_to_end(kafka_settings, names.license))
+        finals_lic = {r.key: orjson.loads(r.value) for r in lic
+                      if orjson.loads(r.value).get("month") == "2026-10"}  # fmt: skip
+        (k1, forged_lic), (k2, lost) = sorted(finals_lic.items())[:2]
+        forged_lic = {**forged_lic, "revision": forged_lic["revision"] + 1000,
+                      "usage": {w: {**u, "points": u["points"] + 5}
+                                for w, u in forged_lic["usage"].items()}}  # fmt: skip
+        lost = {**lost, "revision": lost["revision"] + 1000,
+                "usage": {w: dict.fromkeys(u, 0) for w, u in lost["usage"].items()}}  # fmt: skip
+
+        async def corrupt_license() -> None:
+            p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+            await p.start()
+            try:
+                await p.send_and_wait(names.license, orjson.dumps(forged_lic), key=k1)
+                await p.send_and_wait(names.license, orjson.dumps(lost), key=k2)
+            finally:
+                await p.stop()
+
+        asyncio.run(corrupt_license())
+        audit = meter("audit", "--broker", bootstrap, "--month", "2026-10", *audit_args(names))
+        assert audit.returncode == 1
+        out = audit.stdout.decode()
+        for record in (forged_lic, lost):
+            assert f"DIFFERENCE license 2026-10 {record['tenant_id']} " in out, out
+        changed = len(forged_lic["usage"]) + len(lost["usage"])  # every type of both
+        assert out.count("DIFFERENCE license ") == changed, out
+        assert f"{changed} difference(s) between the raw events and {names.license}" in out
     finally:
         for w in (a, b):
             w.terminate()
