@@ -277,6 +277,7 @@ def report(args: argparse.Namespace) -> int:
             ratecards=_ratecards(records, m, tenant),
             history_start=_history_start(lic_shown, m),
             license=_license_status(lic_now, m, license_, now),
+            tenant_id=tenant,
         )
         for m in months
     ]

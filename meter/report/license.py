@@ -22,7 +22,9 @@ period_end         end of the window, exclusive: 00:00 UTC on the first day of
 status             ``running`` (the month is not closed yet: it can still
                    change), ``final`` (as closed) or ``final+corrections``
                    (as closed, with late events folded in)
-tenant_id          the tenant; ``*`` on the provider rows
+tenant_id          the tenant; ``*`` on the provider rows, or the one tenant of a
+                   report filtered to it (``--tenant``): its sums are never labelled
+                   as the provider's
 workload           the vendor's workload name (:data:`~meter.report.vspc.WORKLOAD_NAMES`),
                    ``TOTAL`` on the provider's grand total
 count              protected workloads: a success or warning session in the window
@@ -114,6 +116,8 @@ class MonthInfo:
     before_history_start: int = 0
     #: used points against the provider's license; ``None``: not computed
     license: LicenseStatus | None = None
+    #: the one tenant the report was filtered to (``--tenant``); ``None``: the provider
+    tenant_id: str | None = None
     rules: Mapping[str, object] = field(default_factory=lambda: RULES)
 
     def __post_init__(self) -> None:
@@ -186,6 +190,7 @@ def month_info(
         ratecards=tuple(cards),
         history_start=view.history_start,
         before_history_start=view.before_start(tenant_id),
+        tenant_id=tenant_id,
         license=license_status(view, month, license, generated_at.astimezone(UTC).date()),
     )
 
@@ -246,6 +251,7 @@ def render_license_csv(
     for info, mine in _months(rows, infos):
         m = info.month
         head = [m, info.period_start, info.period_end, info.status]
+        whole = info.tenant_id or "*"  # the sums' label: the filter's tenant, or everyone
         tail = [";".join(info.ratecards), info.history_start or NO_HISTORY_START, info.generated]
         for r in mine:
             w.writerow(
@@ -267,7 +273,7 @@ def render_license_csv(
             w.writerow(
                 [
                     *head,
-                    "*",
+                    whole,
                     WORKLOAD_NAMES.get(wtype, wtype),
                     *_counts(t),
                     per_unit(cards, m, wtype),
@@ -277,7 +283,7 @@ def render_license_csv(
                 ]
             )
         t = totals(mine)
-        w.writerow([*head, "*", "TOTAL", *_counts(t), "", t["points"], t["new_points"], *tail])
+        w.writerow([*head, whole, "TOTAL", *_counts(t), "", t["points"], t["new_points"], *tail])
     return out.getvalue()
 
 
@@ -316,6 +322,7 @@ def license_section(
                 "generated_at": info.generated,
                 "history_start": info.history_start,
                 "before_history_start": info.before_history_start,
+                "tenant_id": info.tenant_id,
                 "ratecards": list(info.ratecards),
                 "rows": [
                     {
@@ -348,12 +355,16 @@ def license_table(rows: Sequence[LicenseRow], infos: Iterable[MonthInfo]) -> str
     for info, mine in _months(rows, infos):
         if parts:
             parts.append("")
+        only = f" — tenant {info.tenant_id} only" if info.tenant_id else ""
         parts.append(
             f"LICENSE USAGE (vendor rules) {info.month} — {info.status} — "
-            f"window {info.period_start}..{info.period_end}"
+            f"window {info.period_start}..{info.period_end}{only}"
         )
         parts += _type_table(mine)
-        parts.append(license_line(info.license))
+        line = license_line(info.license)
+        if info.tenant_id:
+            line = line.replace("license: ", "license (the whole provider's, all tenants): ", 1)
+        parts.append(line)
         parts.append(history_line(info))
         parts.append(
             f"generated {info.generated}; rate cards {', '.join(info.ratecards) or '-'}; "

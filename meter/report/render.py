@@ -83,10 +83,20 @@ def _table(report: UsageReport) -> str:
         (r.month, r.tenant_id, r.workload_type, str(r.workloads), str(r.points))
         for r in report.usage
     ]
-    total_w = sum(r.workloads for r in report.usage)
-    total_p = sum(r.points for r in report.usage)
-    footer = ("", "TOTAL", "", str(total_w), str(total_p))
-    widths = [max(len(x[i]) for x in [head, footer, *rows]) for i in range(5)]
+    # One TOTAL per month: a month's points are what is charged for it; months do not add
+    # into one bill.  A report of one month (or none) keeps the month column of TOTAL empty.
+    months = sorted({r.month for r in report.usage})
+    footers = [
+        (
+            m if len(months) > 1 else "",
+            "TOTAL",
+            "",
+            str(sum(r.workloads for r in report.usage if r.month == m)),
+            str(sum(r.points for r in report.usage if r.month == m)),
+        )
+        for m in months or [""]
+    ]
+    widths = [max(len(x[i]) for x in [head, *footers, *rows]) for i in range(5)]
 
     def line(cells: Sequence[str]) -> str:
         left = "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells[:3]))
@@ -102,7 +112,7 @@ def _table(report: UsageReport) -> str:
     parts += [line(head), rule, *(line(r) for r in rows)]
     if not rows:
         parts.append("(no counted workloads)")
-    parts += [rule, line(footer)]
+    parts += [rule, *(line(f) for f in footers)]
     if report.tally is not None:
         t = report.tally
         parts.append("")

@@ -74,8 +74,16 @@ def test_stdin_csv_and_table() -> None:
     assert rows[1:] == [",".join(map(str, r)) for r in EXPECTED_USAGE]
     table = run_meter("rate", str(TRICKY))
     text = table.stdout.decode()
-    [total] = [ln for ln in text.splitlines() if "TOTAL" in ln]
-    assert total.split() == ["TOTAL", "14", "78"]
+    # One TOTAL per month, derived from the rows above: months are not added into one.
+    totals = [ln.split() for ln in text.splitlines() if " TOTAL " in ln]
+    months = sorted({r[0] for r in EXPECTED_USAGE})
+    assert totals == [
+        [m, "TOTAL",
+         str(sum(r[3] for r in EXPECTED_USAGE if r[0] == m)),
+         str(sum(r[4] for r in EXPECTED_USAGE if r[0] == m))]
+        for m in months
+    ]  # fmt: skip
+    assert [t[2:] for t in totals] == [["1", "0"], ["12", "68"], ["1", "10"]]
     assert "rejected line 24: data.license: missing" in text
 
 

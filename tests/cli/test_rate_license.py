@@ -169,13 +169,27 @@ def test_an_empty_month_is_reported_with_a_zero_total(tmp_path: Path) -> None:
 def test_tenant_filter_keeps_only_its_rows(tmp_path: Path) -> None:
     lines = [*seven_plus_two(), vm(1, "2026-12-11T00:00:00Z", tenant="globex")]
     rows = vspc(tmp_path, lines, "--tenant", "globex", "--history-start", "2026-11")
+    # The sums are labelled with the tenant, never "*": they are not the provider's.
     assert [(r["month"], r["tenant_id"], r["workload"]) for r in rows] == [
         ("2026-12", "globex", "CC_VM_Backup"),
-        ("2026-12", "*", "CC_VM_Backup"),
-        ("2026-12", "*", "TOTAL"),
+        ("2026-12", "globex", "CC_VM_Backup"),
+        ("2026-12", "globex", "TOTAL"),
     ]
     # globex's first month is December, after the history start: new.
     assert counts(rows[-1]) == (1, 1, 0, 0, 0, 5)
+    # The table says it is filtered, and that the license line is the whole provider's.
+    lic = tmp_path / "license.json"
+    lic.write_bytes(b'{"licensed_points": 100}')
+    start = ("--history-start", "2026-11", "--license", str(lic))
+    text = rate(tmp_path, lines, "--tenant", "globex", *start)
+    assert "LICENSE USAGE (vendor rules) 2026-12 — final — window " in text
+    assert "2027-01-01T00:00:00Z — tenant globex only\n" in text
+    # acme's 7 old VMs (35) are the provider's points beside globex's new one (0).
+    assert "license (the whole provider's, all tenants): used 35 of licensed 100 points" in text
+    doc = orjson.loads(rate(tmp_path, lines, "--tenant", "globex", *start, "--format", "json"))
+    assert [m["tenant_id"] for m in doc["license_usage"]["months"]] == ["globex"]
+    whole = orjson.loads(rate(tmp_path, lines, *start, "--format", "json"))
+    assert {m["tenant_id"] for m in whole["license_usage"]["months"]} == {None}
 
 
 # ------------------------------------------------------------------ flags
@@ -318,8 +332,11 @@ def test_table_shows_the_license_section_after_the_tenant_usage(tmp_path: Path) 
     )
     assert "history start: 2026-11 (declared; no new workloads in it)\n" in dec
     assert "generated 2026-12-20T00:00:00Z; rate cards vcsp-2026" in dec
-    # The one TOTAL line is the tenant usage's.
-    assert [ln.split() for ln in text.splitlines() if "TOTAL" in ln] == [["TOTAL", "16", "80"]]
+    # The TOTAL lines are the tenant usage's, one per month.
+    assert [ln.split() for ln in text.splitlines() if "TOTAL" in ln] == [
+        ["2026-11", "TOTAL", "7", "35"],
+        ["2026-12", "TOTAL", "9", "45"],
+    ]
 
 
 # ------------------------------------------------------------------ nothing else changed

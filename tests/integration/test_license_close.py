@@ -153,6 +153,14 @@ def test_two_months_close_by_the_vendor_rules_as_meter_rate_counts_them(
             assert key_rows(got, month) == key_rows(want, month)
             total = next(r for r in got if r["workload"] == "TOTAL")
             assert int(total["new_count"]) == (new_in_nov if month == "2026-11" else 0)
+            # Filtered to one tenant: its own rows, and sums labelled with it, not "*".
+            tenant = sorted({r["tenant_id"] for r in got} - {"*"})[0]
+            mine = vspc(bootstrap, names, "--month", month, "--tenant", tenant)
+            assert {r["tenant_id"] for r in mine} == {tenant}
+            theirs = [r for r in key_rows(got, month) if r[0] == tenant]
+            assert {r for r in key_rows(mine, month) if r[1] != "TOTAL"} == set(theirs)
+            (mine_total,) = [r for r in mine if r["workload"] == "TOTAL"]
+            assert int(mine_total["points"]) == sum(int(r[6]) for r in theirs)
         # December's allowance: licensed + max(20, 20%) + November's new points.
         wait_until(
             lambda: gauge("previous_new_points", "2026-12") == view.new_points("2026-11"),
