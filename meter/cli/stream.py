@@ -249,15 +249,19 @@ def report(args: argparse.Namespace) -> int:
     if as_closed:
         rows = usage_rows(records, month=month, tenant_id=tenant)
         extra = {"month": month, "final": True, "closed_at": finals[0].get("closed_at")}
+        mine = sorted(
+            (c for c in corrections.values()
+             if c.get("month") == month and tenant in (None, c.get("tenant_id"))),
+            key=lambda c: (c["tenant_id"], c["workload_type"], c["workload_id"]),
+        )  # fmt: skip
+        corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
         if args.with_corrections:
-            mine = sorted(
-                (c for c in corrections.values()
-                 if c.get("month") == month and tenant in (None, c.get("tenant_id"))),
-                key=lambda c: (c["tenant_id"], c["workload_type"], c["workload_id"]),
-            )  # fmt: skip
             extra["corrections"] = mine
-            corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
             extra["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
+        elif mine:
+            # As closed, and it says that corrections exist and how to see them.
+            extra["corrections_since_close"] = len(mine)
+            extra["corrected_points"] = sum(r.points for r in corrected)
     else:
         rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
         if month is not None:

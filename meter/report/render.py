@@ -124,6 +124,13 @@ def _table(report: UsageReport) -> str:
             parts.append(f"  rejected line {rej['line']}: {rej['reason']}")
         if report.rejected_not_listed:
             parts.append(f"  ... and {report.rejected_not_listed} more rejected lines not listed")
+    if extra.get("corrections_since_close"):
+        parts.append("")
+        parts.append(
+            f"{extra['corrections_since_close']} correction(s) since the close (late events): "
+            f"{extra.get('corrected_points')} points with them; see them with "
+            f"meter report --month {extra.get('month')} --with-corrections"
+        )
     if "corrections" in extra:
         parts.append("")
         parts.append(f"corrections after the close ({len(extra['corrections'])}):")

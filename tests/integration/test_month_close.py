@@ -164,6 +164,18 @@ def test_close_late_events_restart_two_workers_and_audit(
                 for r in doc["corrected_usage"]] == [
             (r.tenant_id, r.workload_type, r.workloads, r.points) for r in want
         ]  # fmt: skip
+        # Without --with-corrections: the final totals, and a line that corrections exist.
+        out = meter("report", "--broker", bootstrap, "--topic", names.usage,
+                    "--month", "2026-10")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        text = out.stdout.decode()
+        assert text.startswith("TENANT USAGE (calendar month)\nFINAL report for 2026-10"), text
+        assert (
+            f"{len({(c['tenant_id'], c['workload_type'], c['workload_id']) for c in corrections})}"
+            " correction(s) since the "
+            f"close (late events): {sum(r.points for r in want)} points with them; see them "
+            "with meter report --month 2026-10 --with-corrections"
+        ) in text
         vspc = meter("report", "--broker", bootstrap, "--topic", names.usage,
                      "--license-topic", names.license,
                      "--month", "2026-10", "--format", "vspc-csv")  # fmt: skip
