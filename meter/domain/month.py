@@ -77,13 +77,30 @@ def utc_date(value: str) -> tuple[int, int, int]:
 
 def utc_hour(value: str, date: int) -> int:
     """``YYYYMMDDHH``: the UTC hour of a valid RFC 3339 time whose UTC date is ``date``
-    (``YYYYMMDD``, as :func:`utc_month` gives it)."""
+    (``YYYYMMDD``, as :func:`utc_month` gives it).
+
+    Cached on :func:`utc_month`'s key (date, hour, zone and, for a zone with minutes, the
+    side of the minute where the UTC hour changes), which decides the UTC hour too."""
+    tail = _TAILS.get(value[13:])
+    if tail is not None:
+        hit = _HOURS.get(value[:13] + tail)
+        if hit is not None:
+            return hit
     if value[-1] in "Zz":
-        return date * 100 + int(value[11:13])
-    local = int(value[11:13]) * 60 + int(value[14:16])
-    offset = int(value[-5:-3]) * 60 + int(value[-2:])
-    minutes = local - offset if value[-6] == "+" else local + offset
-    return date * 100 + (minutes % 1440) // 60
+        hour = date * 100 + int(value[11:13])
+    else:
+        local = int(value[11:13]) * 60 + int(value[14:16])
+        offset = int(value[-5:-3]) * 60 + int(value[-2:])
+        minutes = local - offset if value[-6] == "+" else local + offset
+        hour = date * 100 + (minutes % 1440) // 60
+    if tail is not None:
+        if len(_HOURS) >= _CACHE_MAX:
+            _HOURS.clear()
+        _HOURS[value[:13] + tail] = hour
+    return hour
+
+
+_HOURS: dict[str, int] = {}
 
 
 _STAMPS: dict[int, int] = {}

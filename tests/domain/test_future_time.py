@@ -78,7 +78,14 @@ def test_the_utc_hour_of_any_zone(when: datetime, offset: int) -> None:
     time = rfc3339(when, offset, False)
     _, date = utc_month(time)
     u = when.astimezone(UTC)
-    assert utc_hour(time, date) == u.year * 1_000_000 + u.month * 10_000 + u.day * 100 + u.hour
+    want = u.year * 1_000_000 + u.month * 10_000 + u.day * 100 + u.hour
+    assert utc_hour(time, date) == want
+    assert utc_hour(time, date) == want  # again, from the cache
+    # Another second of the same hour, and the first and last minute of it, in that zone.
+    for minute in (0, 59):
+        other = u.replace(minute=minute, second=7).astimezone(when.tzinfo)
+        again = rfc3339(other, offset, False)
+        assert utc_hour(again, utc_month(again)[1]) == want, (time, again)
 
 
 def test_hour_stamps_of_record_timestamps() -> None:
