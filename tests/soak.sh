@@ -64,12 +64,20 @@ load_runs() {
     trap - EXIT
 }
 
+# librdkafka (confluent-kafka's C client, in tests/integration/test_clients.py) runs its own
+# threads on timed condition waits that libfaketime intercepts: under faketime one of its
+# producers never delivered (seen once in four), a fault of the shifted clock, not of meter.
+# Those tests run in every load run and in make test; the dated runs leave them out, and say so.
+DATE_DESELECT=(--deselect tests/integration/test_clients.py)
+
 date_runs() {
     need faketime faketime
+    echo "soak: dated runs leave out ${DATE_DESELECT[*]#--deselect} (librdkafka under faketime)"
     for when in "${DATES[@]}"; do
         local log="$OUT/date-${when//[: ]/-}.log" start=$SECONDS
         echo "soak: the whole suite at $when UTC ($log)"
-        TZ=UTC faketime "$when" "$BIN/pytest" "${PYTEST_ARGS[@]}" -rfE >"$log" 2>&1
+        TZ=UTC faketime "$when" "$BIN/pytest" "${PYTEST_ARGS[@]}" -rfE "${DATE_DESELECT[@]}" \
+            >"$log" 2>&1
         record "at $when" "$log" $? $((SECONDS - start))
     done
 }
