@@ -313,8 +313,9 @@ class Rater:
         names = _NAMES
         names_get = names.get
         # A control character reaches a decoded string only escaped (the batch is ASCII, and
-        # JSON allows none raw): without a backslash, no workload id holds one.
-        plain = batch.find(b"\\") == -1
+        # JSON allows none of U+0000..U+001F raw) or as a raw DEL (0x7F, which JSON allows):
+        # without a backslash and a DEL byte, no workload id holds one.
+        plain = batch.find(b"\\") == -1 and batch.find(b"\x7f") == -1
         raised = self.raised
         # Events from the limit's day on are judged alone (future_time, in feed).
         limit_day = _NO_LIMIT if self.not_after is None else self.not_after // 100

@@ -171,3 +171,21 @@ def test_a_part_that_raised_a_rate_the_part_before_had_counted() -> None:
     first.join_after(part.rated())
     assert state(first) == state(whole)
     assert first.tally.counted == 1
+
+
+def test_a_raw_del_in_a_workload_id_is_rejected_in_a_block_as_alone() -> None:
+    """JSON allows DEL (0x7F) raw in a string; parse rejects it as a control character, and
+    the block's fast path must too (found by make soak's dated run: a block counted it)."""
+    good = line(workload="ok", id="e-1")
+    bad = line(workload="\x7f1", id="e-2")
+    assert b"\x7f" in bad  # raw, not escaped
+    for failed in (False, True):
+        lines = [good, bad] if not failed else [good, line(workload="\x7f2", result="failed")]
+        block, alone = Rater(CARDS), Rater(CARDS)
+        rejected, _ = block.feed_block(b"\n".join(lines) + b"\n")
+        for raw in lines:
+            alone.feed(raw)
+        assert block.tally == alone.tally
+        assert block.tally.rejected == 1
+        assert [n for n, _ in rejected] == [2]
+        assert block.ledger.usage() == alone.ledger.usage()
