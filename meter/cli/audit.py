@@ -15,10 +15,9 @@ from meter.cli.common import (
     history_start,
     month_arg,
     provider_license,
-    skew_ms,
 )
 from meter.domain import Rater, load_ratecards
-from meter.domain.month import hour_stamp
+from meter.domain.event import not_after, skew_ms
 from meter.kafka import KafkaSettings, add_kafka_arguments, iter_to_end, settings_from_args
 from meter.report.audit import compare, compare_license
 from meter.stream.config import Topics
@@ -82,8 +81,7 @@ async def audit(
         raw += 1
         if rec.value is not None and rec.value.strip():
             # The workers' time rule: each event against its own record's timestamp.
-            has_time = skew is not None and rec.timestamp >= 0
-            rater.not_after = hour_stamp(rec.timestamp + skew) if has_time else None
+            rater.not_after = not_after(rec.timestamp, skew)
             rater.feed(rec.value, rec.headers)  # either CloudEvents content mode
     usage = args.usage_topic
     published = fold(

@@ -11,15 +11,15 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meter.domain.close import DEFAULT_GRACE
-from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
+from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
 from meter.domain.license import ProviderLicense, load_license
-from meter.domain.month import hour_stamp, parse_month
+from meter.domain.month import parse_month
 from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
@@ -299,11 +299,6 @@ def history_start(args: argparse.Namespace, license_: ProviderLicense | None) ->
     return start
 
 
-#: An event dated more than this after its record's timestamp (or ``meter rate``'s clock)
-#: is rejected as future_time.
-DEFAULT_CLOCK_SKEW: Final = timedelta(hours=1)
-
-
 def add_clock_skew_argument(p: argparse._ActionsContainer, against: str) -> None:
     p.add_argument(
         "--clock-skew",
@@ -313,21 +308,6 @@ def add_clock_skew_argument(p: argparse._ActionsContainer, against: str) -> None
         help=f"reject events dated after the end of the UTC hour of {against} plus this, as "
         "future_time (a clock running ahead; e.g. 2099) [1h; off: accept any time]",
     )
-
-
-def not_after(at: datetime, skew: timedelta | None) -> int | None:
-    """The last UTC hour (``YYYYMMDDHH``) an event may be dated in at ``at``; ``None``: any."""
-    if skew is None:
-        return None
-    return hour_stamp(int((at - _EPOCH) / timedelta(milliseconds=1)) + int(skew / _MS))
-
-
-def skew_ms(skew: timedelta | None) -> int | None:
-    return None if skew is None else int(skew / _MS)
-
-
-_MS: Final = timedelta(milliseconds=1)
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def add_max_event_bytes_argument(p: argparse._ActionsContainer, more: str = "") -> None:

@@ -38,11 +38,10 @@ from meter.cli.common import (
     clock_from,
     history_start,
     month_arg,
-    not_after,
 )
 from meter.domain import Rater, load_ratecards
 from meter.domain.close import is_closed
-from meter.domain.event import too_large
+from meter.domain.event import not_after, skew_ms, too_large
 from meter.domain.license import LicenseLedger, LicenseRow, ProviderLicense, load_license
 from meter.domain.rating import Rated
 from meter.errors import InputError
@@ -364,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
     cards = load_ratecards(args.ratecard)
     license = load_license(args.license) if args.license else None
     now = clock_from(args.clock)()
-    rater = Rater(cards, max_bytes=args.max_event_bytes, not_after=not_after(now, args.clock_skew))
+    limit = not_after(int(now.timestamp() * 1000), skew_ms(args.clock_skew))
+    rater = Rater(cards, max_bytes=args.max_event_bytes, not_after=limit)
     # The ledger holds millions of tuples and makes no cycles: a collector pass over it
     # every few thousand allocations would cost more than the rating.
     gc.disable()

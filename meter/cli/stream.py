@@ -254,14 +254,15 @@ def report(args: argparse.Namespace) -> int:
              if c.get("month") == month and tenant in (None, c.get("tenant_id"))),
             key=lambda c: (c["tenant_id"], c["workload_type"], c["workload_id"]),
         )  # fmt: skip
-        corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
-        if args.with_corrections:
-            extra["corrections"] = mine
-            extra["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
-        elif mine:
-            # As closed, and it says that corrections exist and how to see them.
-            extra["corrections_since_close"] = len(mine)
-            extra["corrected_points"] = sum(r.points for r in corrected)
+        if args.with_corrections or mine:
+            corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
+            if args.with_corrections:
+                extra["corrections"] = mine
+                extra["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
+            else:
+                # As closed, and it says that corrections exist and how to see them.
+                extra["corrections_since_close"] = len(mine)
+                extra["corrected_points"] = sum(r.points for r in corrected)
     else:
         rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant)
         if month is not None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterable
+from datetime import timedelta
 from itertools import accumulate
 from typing import Annotated, Final, Literal, get_args
 
 import msgspec
 
-from meter.domain.month import TimeError, stamp_text, utc_hour, utc_month
+from meter.domain.month import TimeError, hour_stamp, stamp_text, utc_hour, utc_month
 
 WorkloadType = Literal[
     "vm",
@@ -615,6 +616,31 @@ def _unrepr(text: str) -> str:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return excerpt(text)
     return excerpt(value) if isinstance(value, str) else excerpt(text)
+
+
+#: The clock-skew tolerance: an event dated after the end of the UTC hour of its record's
+#: timestamp (``meter rate``: its clock) plus this is rejected as ``future_time``.
+DEFAULT_CLOCK_SKEW: Final = timedelta(hours=1)
+_MS: Final = timedelta(milliseconds=1)
+
+
+def skew_ms(skew: timedelta | None) -> int | None:
+    """A tolerance in whole milliseconds; ``None`` (off) stays ``None``."""
+    return None if skew is None else int(skew / _MS)
+
+
+#: Kafka's timestamp of a record that has none (``RecordBatch.NO_TIMESTAMP``); the broker
+#: refuses any other negative timestamp.
+NO_TIMESTAMP: Final = -1
+
+
+def not_after(timestamp_ms: int, skew: int | None) -> int | None:
+    """The last UTC hour (``YYYYMMDDHH``) an event may be dated in, for a record (or a clock)
+    at ``timestamp_ms`` and a tolerance of ``skew`` milliseconds; ``None``: any time (no
+    tolerance set, or a record without a timestamp)."""
+    if skew is None or timestamp_ms == NO_TIMESTAMP:
+        return None
+    return hour_stamp(timestamp_ms + skew)
 
 
 def future_time(event: Event, not_after: int) -> Rejected | None:

@@ -30,7 +30,7 @@ from meter.domain.event import (
 )
 from meter.domain.ledger import Cell, Ledger
 from meter.domain.license import Key, LicenseLedger, license_ledger, tail_month
-from meter.domain.month import _TAILS, TimeError, utc_month
+from meter.domain.month import _TAILS, TimeError, utc_hour, utc_month
 from meter.domain.ratecard import Rate, RateCards
 
 #: Bytes of JSON lines decoded in one call by :meth:`Rater.feed_block`: small enough that a
@@ -39,8 +39,8 @@ from meter.domain.ratecard import Rate, RateCards
 BATCH_BYTES: Final = 16 * 1024
 #: Never a card's date: :meth:`Rater.feed_block` then asks the cards for every event.
 _NO_DATE: Final = 10**9
-#: No ``not_after``: a day after every date.
-_NO_LIMIT: Final = 10**9
+#: No ``not_after`` (``YYYYMMDDHH``): an hour of a day after every date.
+_NO_LIMIT: Final = 10**11
 #: :func:`~meter.domain.month.utc_month`'s cache with the next month whose 31-day window
 #: the date reaches (:func:`~meter.domain.license.tail_month`): (month, date, next or None),
 #: by the same key (date, hour, zone).
@@ -317,8 +317,10 @@ class Rater:
         # without a backslash and a DEL byte, no workload id holds one.
         plain = batch.find(b"\\") == -1 and batch.find(b"\x7f") == -1
         raised = self.raised
-        # Events from the limit's day on are judged alone (future_time, in feed).
-        limit_day = _NO_LIMIT if self.not_after is None else self.not_after // 100
+        # Events dated after the limit's hour are judged alone (future_time, in feed); only
+        # those on the limit's day need their hour.
+        limit = _NO_LIMIT if self.not_after is None else self.not_after
+        limit_day = limit // 100
         # New entries are put into their ledger cells at once (later events look them up)
         # and into their tenant-months' totals once a batch (Ledger.index_new), or before
         # any line is fed alone.
@@ -336,7 +338,7 @@ class Rater:
                     self._alone(event, events, batch, number, rejected, new)
                     continue
             month, date, nxt = hit
-            if date >= limit_day:
+            if date >= limit_day and (date > limit_day or utc_hour(t, date) > limit):
                 self._alone(event, events, batch, number, rejected, new)
                 continue
             data = event.data

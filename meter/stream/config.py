@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Final
 
 from meter.domain.close import DEFAULT_GRACE
-from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
+from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
 from meter.kafka.topics import TopicSpec
 
 #: Kafka retention.ms meaning "keep forever".
@@ -69,7 +69,7 @@ class StreamConfig:
     history_start: str | None = None
     #: Events dated after the end of the UTC hour of their record's timestamp plus this
     #: many milliseconds are rejected as ``future_time``; None: any time is accepted.
-    clock_skew_ms: int | None = 3_600_000
+    clock_skew_ms: int | None = skew_ms(DEFAULT_CLOCK_SKEW)
     #: With local state (``--state-dir``): save changed state at most this often.
     checkpoint_interval_s: float = 60.0
     #: With local state: a closed month leaves memory this long after it closed (None: never);

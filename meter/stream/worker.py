@@ -70,13 +70,13 @@ from meter.domain import (
     RateCards,
     Rejected,
     Tally,
-    future_time,
     parse,
     parse_message,
 )
 from meter.domain.close import closes_at, correction_for, months_to_close
+from meter.domain.event import future_time, not_after
 from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
-from meter.domain.month import hour_stamp, recent
+from meter.domain.month import recent
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
 from meter.kafka import (
@@ -848,16 +848,15 @@ class Worker:
                     if rate is None:
                         rejects.append((rec, value, no_ratecard(result, cards), ""))
                         continue
-                    if skew is not None and rec.timestamp >= 0:
+                    limit = not_after(rec.timestamp, skew)
+                    if limit is not None:
                         # Dated after its record's hour plus the skew: a clock ahead.  The
                         # record's timestamp travels with it (forwards keep it): a replay
                         # and the home partition decide the same way.
-                        limit = hour_stamp(rec.timestamp + skew)
-                        if result.date >= limit // 100:
-                            ahead = future_time(result, limit)
-                            if ahead is not None:
-                                rejects.append((rec, value, ahead, ""))
-                                continue
+                        ahead = future_time(result, limit)
+                        if ahead is not None:
+                            rejects.append((rec, value, ahead, ""))
+                            continue
                     last_time = result.time
                     if result.result == "failed":
                         not_counted += 1
