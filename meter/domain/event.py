@@ -209,8 +209,9 @@ def decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
     Each line is wrapped as a one-element array, ``[[line],[line],...]``, and decoded as
     ``list[tuple[BatchEvent]]``: the ``],[`` put in place of each newline is valid only
     between whole values when the lines hold no ``[`` (inside an object a ``]`` closes
-    nothing), and a one-tuple takes exactly one value, so a line that holds two values,
-    none or part of one is refused.  Every byte must be ASCII (then UTF-8 and byte order
+    nothing) or inside a string (a raw newline in a string: then fewer values than lines
+    come back, and the block is refused), and a one-tuple takes exactly one value, so a
+    line that holds two values, none or part of one is refused.  Every byte must be ASCII (then UTF-8 and byte order
     marks need no look) and every line short enough that it cannot nest deeper than
     :data:`MAX_DEPTH`.  A block with ``[`` is checked another way (:func:`_decode_lines`).
     """
@@ -229,7 +230,7 @@ def decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
     body = block[:-1] if block.endswith(b"\n") else block
     wrapped = b"[[" + body.replace(b"\n", b"],[") + b"]]"
     try:
-        return _wrapped_decoder.decode(wrapped)
+        events = _wrapped_decoder.decode(wrapped)
     except msgspec.ValidationError as exc:
         m = _LINE.search(str(exc))
         raise BatchRefused(None if m is None else int(m["index"])) from None
@@ -238,6 +239,12 @@ def decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
         raise BatchRefused(None if m is None else wrapped.count(b"],[", 0, int(m["at"]))) from None
     except (RecursionError, MemoryError):
         raise BatchRefused(None) from None
+    # A ``],[`` inside a string is a raw newline inside a string in the input (which no
+    # line alone decodes): two lines read as one value.  Every other ``],[`` is between
+    # two one-tuples, so one value per line is exactly as many values as lines.
+    if len(events) != body.count(b"\n") + 1:
+        raise BatchRefused(None)
+    return events
 
 
 def _decode_lines(block: bytes) -> list[tuple[BatchEvent]]:

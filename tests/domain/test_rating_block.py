@@ -23,6 +23,7 @@ EVENT = line()
 #: Lines that only a whole-block decoder could get wrong.
 TRICKS = [
     EVENT[:60] + b"\n" + EVENT[60:],  # one event over two lines
+    EVENT[:70] + b"\n" + EVENT[70:],  # ... split inside a string: "],[" is a string there
     EVENT + b" " + EVENT,  # two on one line
     EVENT + b"," + EVENT,
     b"[" + EVENT + b"]",
@@ -189,3 +190,16 @@ def test_a_raw_del_in_a_workload_id_is_rejected_in_a_block_as_alone() -> None:
         assert block.tally.rejected == 1
         assert [n for n, _ in rejected] == [2]
         assert block.ledger.usage() == alone.ledger.usage()
+
+
+def test_a_newline_inside_a_string_is_two_lines_in_a_block_too() -> None:
+    """A raw newline inside a string: each half is a bad line alone, so in a block too
+    (the batch decoder once read the halves as one event and counted one line fewer)."""
+    cut = EVENT.index(b"vbr://")
+    data = b"\n".join([EVENT, b"not json", EVENT[:cut] + b"\n" + EVENT[cut:], EVENT])
+    whole, alone = Rater(CARDS), Rater(CARDS)
+    got = whole.feed_block(data)
+    assert got == one_by_one(alone, data)
+    assert got[1] == 5
+    assert [n for n, _ in got[0]] == [2, 3, 4]
+    assert state(whole) == state(alone)
