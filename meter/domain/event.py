@@ -213,7 +213,8 @@ def decode_lines(block: bytes) -> list[tuple[BatchEvent]]:
     come back, and the block is refused), and a one-tuple takes exactly one value, so a
     line that holds two values, none or part of one is refused.  Every byte must be ASCII
     (then UTF-8 and byte order marks need no look) and every line short enough that it
-    cannot nest deeper than :data:`MAX_DEPTH`.  A block with ``[`` is checked another way (:func:`_decode_lines`).
+    cannot nest deeper than :data:`MAX_DEPTH`.  A block with ``[`` is checked another
+    way (:func:`_decode_lines`).
     """
     if not block.isascii():
         where = _NOT_ASCII.search(block)
