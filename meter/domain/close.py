@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from meter.domain.ledger import TenantMonth
-from meter.domain.ratecard import Rate
+from meter.domain.ratecard import Rate, rental_machine
 
 DEFAULT_GRACE = timedelta(days=2)
 
@@ -104,13 +104,13 @@ def correction_for(
     tenant_id: str, month: str, wtype: str, wid: str, rate: Rate, before: Rate | None
 ) -> Iterator[Correction]:
     """The correction for one workload now at ``rate`` and ``before`` at close."""
-    rental = int(rate[2] == "rental")
+    rental = rental_machine(rate)
     if before is None:
         yield Correction(tenant_id, month, wtype, wid, 1, rate[0], rate[1], rental)
     elif rate != before:
         yield Correction(
             tenant_id, month, wtype, wid, 0, rate[0] - before[0], rate[1],
-            rental - int(before[2] == "rental"),
+            rental - rental_machine(before),
         )  # fmt: skip
 
 
@@ -121,5 +121,5 @@ def snapshot_totals(final: Snapshot) -> dict[str, list[int]]:
         t = totals.setdefault(wtype, [0, 0, 0])
         t[0] += 1
         t[1] += rate[0]
-        t[2] += 1 if rate[2] == "rental" else 0
+        t[2] += rental_machine(rate)
     return totals

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from meter.domain.ratecard import Height, Rate, points_height
+from meter.domain.ratecard import Height, Rate, points_height, rental_machine
 
 COUNTED: Final = "counted"
 DUPLICATE: Final = "duplicate"
@@ -71,7 +71,7 @@ class TenantMonth:
         cards = self.card_counts
         if old is None:
             t = self.totals.get(workload_type)
-            rental = 1 if rate[2] == "rental" else 0
+            rental = rental_machine(rate)
             if t is None:
                 self.totals[workload_type] = [1, rate[0], rental]
             else:
@@ -83,7 +83,7 @@ class TenantMonth:
             return
         t = self.totals[workload_type]
         t[1] += rate[0] - old[0]
-        t[2] += (rate[2] == "rental") - (old[2] == "rental")
+        t[2] += rental_machine(rate) - rental_machine(old)
         self.revision += self.height(rate) - self.height(old)
         if rate[1] != old[1]:
             cards[rate[1]] = cards.get(rate[1], 0) + 1
@@ -131,7 +131,8 @@ class UsageRow:
     workload_type: str
     workloads: int
     points: int
-    #: Of ``workloads``, those charged at their tenant's rental license.
+    #: Of ``workloads``, rental machines: free because their tenant is on rental
+    #: (:func:`~meter.domain.ratecard.rental_machine`).
     rental: int = 0
 
 
@@ -196,7 +197,7 @@ class Ledger:
             if tm is None or tm.tenant_id is not tenant_id or tm.month != month:
                 tm = months[(tenant_id, month)]
             t = tm.totals.get(workload_type)
-            rental = 1 if rate[2] == "rental" else 0
+            rental = rental_machine(rate)
             if t is None:
                 tm.totals[workload_type] = [1, rate[0], rental]
             else:
@@ -217,7 +218,7 @@ class Ledger:
             return
         self.cell(tenant_id, month, workload_type).update(dict.fromkeys(ids, rate))
         tm = self._months[(tenant_id, month)]
-        rental = n if rate[2] == "rental" else 0
+        rental = n * rental_machine(rate)
         t = tm.totals.get(workload_type)
         if t is None:
             tm.totals[workload_type] = [n, rate[0] * n, rental]

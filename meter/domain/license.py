@@ -52,7 +52,7 @@ import orjson
 
 from meter.domain.ledger import Cell, Ledger
 from meter.domain.month import days_in_month, parse_month
-from meter.domain.ratecard import Height, Rate
+from meter.domain.ratecard import Height, Rate, rental_machine
 from meter.errors import ConfigError
 
 #: A workload is protected with a restore point in the past this many days.
@@ -64,7 +64,8 @@ RULES: Final = {
     "counted": "success or warning session in [B - 31 days, B), B = 00:00 UTC on the "
     "first day of the next month",
     "new_workloads": "first counted session in the month; free in that month",
-    "rental": "backups of rental tenants consume 0 points; replicas always consume",
+    "rental": "backups of rental tenants consume 0 points (rental machines: counted in "
+    "rental); replicas always consume",
     "rate": "highest rate of the window's sessions, each by the card in effect then",
 }
 
@@ -140,7 +141,7 @@ class LicenseRow:
     workloads: int
     #: of ``workloads``, new this month: free this month
     new: int
-    #: of ``workloads``, charged at their tenant's rental license
+    #: of ``workloads``, rental machines (:func:`~meter.domain.ratecard.rental_machine`)
     rental: int
     #: points of the workloads that are not new: what the vendor bills
     points: int
@@ -410,8 +411,7 @@ class LicenseLedger:
                 if t is None:
                     t = lm.totals[wtype] = [0, 0, 0, 0, 0]
                 t[0] += n
-                if rate[2] == "rental":
-                    t[2] += n
+                t[2] += n * rental_machine(rate)
                 t[1] += new
                 t[4] += rate[0] * new
                 t[3] += rate[0] * old
@@ -540,8 +540,7 @@ class LicenseLedger:
         if before is not None:
             rate, new = before
             t[0] -= 1
-            if rate[2] == "rental":
-                t[2] -= 1
+            t[2] -= rental_machine(rate)
             if new:
                 t[1] -= 1
                 t[4] -= rate[0]
@@ -552,8 +551,7 @@ class LicenseLedger:
         if after is not None:
             rate, new = after
             t[0] += 1
-            if rate[2] == "rental":
-                t[2] += 1
+            t[2] += rental_machine(rate)
             if new:
                 t[1] += 1
                 t[4] += rate[0]

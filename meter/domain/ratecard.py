@@ -28,6 +28,17 @@ from meter.errors import RateCardError
 #: the "highest rate" rule; ties are broken by card version, then license.
 Rate = tuple[int, str, str]
 
+
+def rental_machine(rate: Rate) -> int:
+    """1 if ``rate`` makes a workload a *rental machine*, else 0: charged at its tenant's
+    rental license and consuming no points for it (a rental tenant's VM, workstation or
+    server backup on the built-in card).  The vendor's license usage report "does not
+    include rental machines"; meter counts them (``rental``) beside the others.  A rental
+    tenant's replica costs what anyone's does, so it is not one; nor is a cloud type
+    (rated without a license)."""
+    return 1 if rate[0] == 0 and rate[2] == "rental" else 0
+
+
 #: A strictly increasing map from the rate order into positive integers: a
 #: usage record's ``revision`` is the sum of its workloads' heights, so it grows
 #: whenever any workload's rate climbs (points, card version or license).

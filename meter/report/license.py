@@ -29,7 +29,9 @@ workload           the vendor's workload name (:data:`~meter.report.vspc.WORKLOA
                    ``TOTAL`` on the provider's grand total
 count              protected workloads: a success or warning session in the window
 new_count          of ``count``, new this month (first session in this month): free
-rental_count       of ``count``, charged at their tenant's rental license
+rental_count       of ``count``, rental machines: free because their tenant is on
+                   rental (:func:`~meter.domain.ratecard.rental_machine`); a
+                   rental tenant's replica or cloud workload pays, so is not one
 billable_count     ``count - new_count``
 points_per_unit    the rate card's points for one workload of a tenant *not* on
                    rental (:func:`~meter.report.vspc.per_unit`); empty on ``TOTAL``

@@ -16,7 +16,8 @@ month              the UTC calendar month, YYYY-MM
 tenant_id          the tenant; ``*`` on the provider total rows
 workload           the vendor's workload name (see ``WORKLOAD_NAMES``)
 count              distinct protected workloads
-rental_count       of ``count``, workloads charged at their tenant's rental license
+rental_count       of ``count``, rental machines: free because their tenant is on
+                   rental (:func:`~meter.domain.ratecard.rental_machine`)
 points_per_unit    the rate card's points for one workload of a tenant *not* on rental
                    (a rental workload of a backup type is charged 0; a replica is
                    charged the same either way)

@@ -17,6 +17,7 @@ import orjson
 from meter.domain import Height, Ledger, Rate, TenantMonth, points_height
 from meter.domain.close import Correction, closes_at, corrections
 from meter.domain.license import Contribution, LicenseLedger, LicenseMonth, window
+from meter.domain.ratecard import rental_machine
 from meter.stream.records import changelog_slices, encode_license_final_chunk
 
 FINAL = "final"
@@ -67,7 +68,7 @@ class HomeClose:
             t = lm.totals.setdefault(wtype, [0, 0, 0, 0, 0])
             t[0] += 1
             t[1] += new
-            t[2] += rate[2] == "rental"
+            t[2] += rental_machine(rate)
             t[3 + new] += rate[0]
             lm.revision += self.height(rate) + (not new)
         return lm
@@ -372,7 +373,7 @@ def license_correction_record(
         if c is None:
             return 0, 0, 0, 0, 0
         rate, new = c
-        return 1, int(new), int(rate[2] == "rental"), 0 if new else rate[0], rate[0] if new else 0
+        return 1, int(new), rental_machine(rate), 0 if new else rate[0], rate[0] if new else 0
 
     a, b = parts(now), parts(before)
     return {

@@ -349,17 +349,30 @@ def test_history_start_declared_or_not(
 
 
 def test_rental_backups_cost_nothing_and_replicas_always_cost() -> None:
-    view = rated(
+    """``rental`` counts rental machines, the ones the vendor's report leaves out: free
+    because their tenant is on rental.  A rental tenant's replica or cloud VM pays the
+    same points as anyone's, so it is not one (in tenant usage too)."""
+    rater = rated(
         ev("vm-1", license="rental"),
         ev("vm-1", wtype="replica", license="rental"),
         ev("ws-1", wtype="workstation", license="rental"),
         ev("srv-1", wtype="server", license="rental"),
         ev("srv-2", wtype="server", license="perpetual"),
         ev("cvm-1", wtype="cloud_vm", license=None),
-    ).license_view()
+        ev("cvm-2", wtype="cloud_vm", license="rental"),
+    )
+    usage = {r.workload_type: (r.workloads, r.points, r.rental) for r in rater.ledger.usage()}
+    assert usage == {
+        "cloud_vm": (2, 22, 0),
+        "replica": (1, 10, 0),
+        "server": (2, 7, 1),
+        "vm": (1, 0, 1),
+        "workstation": (1, 0, 1),
+    }
+    view = rater.license_view()
     assert table(view) == [
-        ("2026-11", "acme", "cloud_vm", 1, 0, 0, 11, 0),
-        ("2026-11", "acme", "replica", 1, 0, 1, 10, 0),  # a rental tenant's replica pays
+        ("2026-11", "acme", "cloud_vm", 2, 0, 0, 22, 0),  # rated without the license
+        ("2026-11", "acme", "replica", 1, 0, 0, 10, 0),  # a rental tenant's replica pays
         ("2026-11", "acme", "server", 2, 0, 1, 7, 0),
         ("2026-11", "acme", "vm", 1, 0, 1, 0, 0),
         ("2026-11", "acme", "workstation", 1, 0, 1, 0, 0),

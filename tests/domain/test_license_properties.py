@@ -117,7 +117,7 @@ def reference(sessions: list[Session], history_start: str | None = None) -> list
             g = groups.setdefault((t, w), [0, 0, 0, 0, 0])
             g[0] += 1
             g[1] += new
-            g[2] += r[2] == "rental"
+            g[2] += r[2] == "rental" and r[0] == 0  # a rental machine: free for rental
             g[3] += 0 if new else r[0]
             g[4] += r[0] if new else 0
         rows += [LicenseRow(month, t, w, *g) for (t, w), g in sorted(groups.items())]

@@ -159,9 +159,7 @@ LICENSE = {"licensed_points": 1_000_000, "expires": "9999-12-31"}
 def worker(broker: BrokerHandle, names: Names, tmp_path: Path) -> Iterator[WorkerProcess]:
     license_file = tmp_path / "license.json"
     license_file.write_text(json.dumps(LICENSE), encoding="utf-8")
-    w = WorkerProcess(
-        broker.bootstrap, names, "prometheus", extra=["--license", str(license_file)]
-    )
+    w = WorkerProcess(broker.bootstrap, names, "prometheus", extra=["--license", str(license_file)])
     try:
         yield w
     finally:
@@ -244,8 +242,9 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     prom.wait_until(
         caught_up,
         60,
-        lambda: f"Prometheus sees {len(lines)} events, {want_points} points and latencies, "
-        f"not {seen}",
+        lambda: (
+            f"Prometheus sees {len(lines)} events, {want_points} points and latencies, not {seen}"
+        ),
     )
     assert prom.value('sum(meter_events_total{outcome="rejected"})') == rater.tally.rejected
     assert prom.value('sum(meter_events_total{outcome="not_counted"})') == (rater.tally.not_counted)
