@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
@@ -99,7 +99,7 @@ class UsageView:
                     for tp, records in batch.items():
                         into = self.records if tp.topic == self.topic else self.corrections
                         for rec in records:
-                            self._take(rec.key, rec.value, into)
+                            self._take(rec.key, rec.value, into, rec.timestamp)
             except (KafkaError, OSError) as exc:
                 log.warning("usage view: %s; retrying", exc)
                 await _sleep(stop, 1.0)
@@ -108,7 +108,11 @@ class UsageView:
                     await close_consumer(consumer, max_seconds=5.0)
 
     def _take(
-        self, key: bytes | None, value: bytes | None, into: dict[str, dict[str, Any]]
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        into: dict[str, dict[str, Any]],
+        timestamp_ms: int = -1,
     ) -> None:
         if key is None or value is None:
             return
@@ -123,8 +127,15 @@ class UsageView:
                 self.keep_record(into, k, record)
             else:
                 self.keep_fix(into, k, record)
-            if into.get(k) is not before:
+            after = into.get(k)
+            if after is not before:
                 self.version += 1
+                self.changed(before, after, timestamp_ms)
+
+    def changed(
+        self, before: dict[str, Any] | None, after: dict[str, Any] | None, timestamp_ms: int
+    ) -> None:
+        """A key's record went from ``before`` to ``after``, published at ``timestamp_ms``."""
 
 
 class LicenseView(UsageView):
@@ -133,6 +144,26 @@ class LicenseView(UsageView):
 
     keep_record = staticmethod(keep_license)
     keep_fix = staticmethod(keep_license_correction)
+
+    def __init__(self, settings: KafkaSettings, topic: str, corrections: str | None = None) -> None:
+        super().__init__(settings, topic, corrections)
+        #: month -> the provider's used points now, records and corrections together
+        self._used: dict[str, int] = {}
+        #: month -> UTC day -> used points after the last record published that day: the
+        #: trend, from the records' own timestamps (a replay draws the same line)
+        self.trend: dict[str, dict[str, int]] = {}
+
+    def changed(
+        self, before: dict[str, Any] | None, after: dict[str, Any] | None, timestamp_ms: int
+    ) -> None:
+        month = (after or before or {}).get("month")
+        if not isinstance(month, str):
+            return
+        change = _points(after) - _points(before)
+        used = self._used[month] = self._used.get(month, 0) + change
+        if timestamp_ms >= 0 and (change or month not in self.trend):
+            day = datetime.fromtimestamp(timestamp_ms / 1000, UTC).date().isoformat()
+            self.trend.setdefault(month, {})[day] = used
 
     def status(
         self, month: str, license_: ProviderLicense | None, today: date
@@ -152,7 +183,25 @@ class LicenseView(UsageView):
             today=today,
         ).as_dict()
         doc["status"] = license_month_state(fold_license(self.records, self.corrections), month)
+        doc["trend"] = [[day, points] for day, points in sorted(self.trend.get(month, {}).items())]
         return doc
+
+
+def _points(record: dict[str, Any] | None) -> int:
+    """The billable points a license record or correction adds to its month."""
+    if record is None:
+        return 0
+    if "points_added" in record:
+        points = record.get("points_added")
+        return points if isinstance(points, int) else 0
+    usage = record.get("usage")
+    if not isinstance(usage, dict):
+        return 0
+    return sum(
+        u["points"]
+        for u in usage.values()
+        if isinstance(u, dict) and isinstance(u.get("points"), int)
+    )
 
 
 def month_document(

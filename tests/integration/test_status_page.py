@@ -388,6 +388,7 @@ LICENSE = {
     "declared": True, "licensed_points": 500, "expires": "2027-06-30", "days_to_expiry": 214,
     "month": "2026-11", "used_points": 430, "new_points": 12, "previous_new_points": 8,
     "warning_points": 550, "allowed_points": 608, "state": "ok",
+    "trend": [["2026-11-01", 200], ["2026-11-15", 380], ["2026-11-30", 430]],
 }  # fmt: skip
 UNDECLARED = {
     "declared": False, "licensed_points": None, "expires": None, "days_to_expiry": None,
@@ -475,6 +476,40 @@ def read_license(page: Any) -> dict[str, Any]:
     )
 
 
+def corrected_points(page: Any) -> dict[str, tuple[str, str]]:
+    """Tenant (``""``: the total row) -> (final points, corrected points) in the table."""
+    rows = page.evaluate(
+        """() => [...document.querySelectorAll('[data-testid="tenant-row"]')].map((r) => [
+              r.dataset.tenant, r.querySelector('[data-testid="tenant-points"]').innerText,
+              r.querySelector('[data-testid="tenant-corrected-points"]').dataset.value])
+            .concat([["", document.querySelector('[data-testid="footer-points"]').dataset.value,
+              document.querySelector('[data-testid="footer-corrected-points"]').dataset.value]])"""
+    )
+    return {t: (final, fixed) for t, final, fixed in rows}
+
+
+def read_trend(page: Any) -> dict[str, Any]:
+    return page.evaluate(
+        """() => { const f = document.querySelector('[data-testid="license-trend"]');
+                   return {shown: !f.hidden && f.offsetParent !== null, ...f.dataset,
+                           caption: f.querySelector("figcaption").innerText,
+                           limits: [...f.querySelectorAll("line")].map(
+                             (l) => l.dataset.testid.replace("trend-", ""))}; }"""
+    )
+
+
+def first_screen(page: Any) -> dict[str, bool]:
+    """Whether each part of the license panel is wholly in the first screen (no scroll)."""
+    page.evaluate("() => window.scrollTo(0, 0)")
+    return page.evaluate(
+        """() => Object.fromEntries([["state", "license-state"], ["gauge", "license-gauge"],
+              ["trend", "license-trend"]].map(([k, id]) => {
+                const r = document.querySelector(`[data-testid="${id}"]`).getBoundingClientRect();
+                return [k, r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight];
+              }))"""
+    )
+
+
 def open_month(page: Any, url: str, month: str) -> None:
     page.goto(f"{url}?month={month}")
     page.wait_for_function(
@@ -507,8 +542,9 @@ def test_status_page_shows_final_months_corrections_license_and_fits_a_phone(
     assert (fixes["workloads"], fixes["points"]) == ("8", "47")
     assert "2 corrections after the close" in fixes["text"]
     assert "8 workloads, 47 points" in fixes["text"]
-    # The figures above are the month as closed.
+    # The figures above are the month as closed; each tenant's corrected value beside it.
     assert read_page(page)["points"] == 32
+    assert corrected_points(page) == {"acme": ("25", "40"), "globex": ("7", "7"), "": ("32", "47")}
 
     lic = read_license(page)
     assert lic["shown"]
@@ -526,13 +562,26 @@ def test_status_page_shows_final_months_corrections_license_and_fits_a_phone(
     assert 0 < lic["fill"] < marks["licensed"] < marks["warning"] < marks["allowed"] < 100
     assert lic["fill"] / marks["licensed"] == pytest.approx(430 / 500, rel=0.01)
     assert marks["allowed"] / marks["licensed"] == pytest.approx(608 / 500, rel=0.01)
+    # The trend: used points per day against the allowance.
+    trend = read_trend(page)
+    assert trend["shown"]
+    assert (trend["days"], trend["last"]) == ("3", "430")
+    assert "430 on 2026-11-30 (+50 points since 2026-11-15)" in trend["caption"]
+    assert "+8 points/day on average" in trend["caption"]  # (430 - 200) / 29 days
+    assert "the allowance (608) in about 23 days" in trend["caption"]
+    assert trend["limits"] == ["licensed", "warning", "allowed"]
     ARTIFACTS.mkdir(exist_ok=True)
+    # The license state is in the first screen, on a desktop and on a phone.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    assert first_screen(page) == {"state": True, "gauge": True, "trend": True}
     page.screenshot(path=str(ARTIFACTS / "status-page-final.png"), full_page=True)
 
     for width in PHONES:
         narrow = assert_fits(page, width)
         assert "Final \u2014 closed 2026-12-03 00:00:00 UTC" in narrow["text"]
         assert read_license(page)["gaugeShown"]
+        seen = first_screen(page)
+        assert (seen["state"], seen["gauge"]) == (True, True), width
         # The usage table may scroll, inside its own panel only.
         assert page.evaluate(
             """() => { const t = document.querySelector('.table-scroll');
@@ -551,6 +600,8 @@ def test_status_page_shows_final_months_corrections_license_and_fits_a_phone(
     assert lic["state"] == "undeclared"
     assert lic["stateText"] == "No license declared (set --license FILE)"
     assert not lic["gaugeShown"]
+    assert not read_trend(page)["shown"]
+    assert page.locator('[data-testid="tenant-corrected-points"]').count() == 0
     assert "40 points" in lic["text"]
 
     # No license key in the API document: no license section, the rest as before.

@@ -5,10 +5,13 @@ Pure: the view's records and corrections are filled by hand, as the topics would
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Any
 
+import orjson
+
 from meter.kafka import KafkaSettings
-from meter.observe.usage_view import UsageView, month_document
+from meter.observe.usage_view import LicenseView, UsageView, month_document
 from tests.observe.test_http import record
 
 CLOSED_AT = "2026-12-03T00:00:00Z"
@@ -138,3 +141,50 @@ def test_the_license_source_adds_license_to_a_month_when_it_has_one() -> None:
     # All months at once: no month, no status, no license.
     doc = view.document()
     assert set(doc) == {"usage"}
+
+
+def license_record(tenant: str, month: str, revision: int, points: int) -> bytes:
+    usage = {"vm": {"workloads": 1, "new_workloads": 0, "rental_workloads": 0,
+                    "points": points, "new_points": 0}}  # fmt: skip
+    return orjson.dumps(
+        {
+            "view": "license",
+            "tenant_id": tenant,
+            "month": month,
+            "status": "running",
+            "revision": revision,
+            "usage": usage,
+        }  # fmt: skip
+    )
+
+
+def ms(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_the_license_trend_is_used_points_at_the_end_of_each_day_of_records() -> None:
+    """The trend follows the records' own timestamps: the provider's used points after the
+    last record of each UTC day, replaced records and corrections counted once."""
+    view = LicenseView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.license")
+    take = view._take
+    take(b"acme/2026-11", license_record("acme", "2026-11", 1, 5), view.records,
+         ms("2026-11-02T10:00:00+00:00"))  # fmt: skip
+    take(b"globex/2026-11", license_record("globex", "2026-11", 1, 7), view.records,
+         ms("2026-11-02T23:59:59+00:00"))  # fmt: skip
+    take(b"acme/2026-11", license_record("acme", "2026-11", 3, 15), view.records,
+         ms("2026-11-05T00:00:00+00:00"))  # fmt: skip
+    # An older revision arriving late changes nothing, on no day.
+    take(b"acme/2026-11", license_record("acme", "2026-11", 2, 10), view.records,
+         ms("2026-11-06T00:00:00+00:00"))  # fmt: skip
+    take(b"acme/2026-12", license_record("acme", "2026-12", 1, 99), view.records,
+         ms("2026-12-01T00:00:00+00:00"))  # fmt: skip
+    fix = orjson.dumps({**correction("acme", "vm", "vm-9", 1, 5), "new_added": 0,
+                        "rental_added": 0, "new_points_added": 0})  # fmt: skip
+    take(b"acme/2026-11/vm/vm-9", fix, view.corrections, ms("2026-12-05T10:00:00+00:00"))
+    take(b"acme/2026-11/vm/vm-9", fix, view.corrections, ms("2026-12-06T10:00:00+00:00"))
+    doc = view.status("2026-11", None, date(2026, 12, 6))
+    assert doc is not None
+    assert doc["used_points"] == 27
+    assert doc["trend"] == [["2026-11-02", 12], ["2026-11-05", 22], ["2026-12-05", 27]]
+    assert view.status("2026-12", None, date(2026, 12, 6))["trend"] == [["2026-12-01", 99]]  # type: ignore[index]
+    assert view.status("2026-10", None, date(2026, 12, 6))["trend"] == []  # type: ignore[index]
