@@ -154,7 +154,7 @@ def license_record(tenant: str, month: str, revision: int, points: int) -> bytes
             "status": "running",
             "revision": revision,
             "usage": usage,
-        }  # fmt: skip
+        }
     )
 
 
