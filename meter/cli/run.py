@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -20,6 +26,7 @@ from meter.cli.common import (
     add_http_arguments,
     add_stream_arguments,
     clock_from,
+    history_start,
     provider_license,
     run_until_signalled,
     start_http,
@@ -27,9 +34,10 @@ from meter.cli.common import (
     stream_config,
 )
 from meter.domain import Rater, UsageRow, load_ratecards
-from meter.domain.license import LicenseRow
+from meter.domain.license import LicenseRow, previous_month
 from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args, start_client
 from meter.kafka.settings import ENV_BROKER
+from meter.observe.http import utc_month
 from meter.report import UsageReport, render
 from meter.report.license import license_table, month_info
 from meter.sim.fleet import generate
@@ -179,17 +187,18 @@ def demo(args: argparse.Namespace) -> int:
     stats = WorkerStats()
 
     async def main() -> int:
-        lines = list(generate(args.events, seed=42, tenants=args.tenants, workloads=15))
+        lines, this, before = demo_events(args)
         rater = Rater(load_ratecards(args.ratecard))
         for line in lines:
             rater.feed(line)
         expected = rater.ledger.usage()
-        # The license view's first month of history: the earliest month in the demo's data,
-        # on every partition (the same rule meter rate applies to the whole file).
-        args.history_start = args.history_start or min(
-            (tm.month for tm in rater.ledger.tenant_months()), default=None
-        )
-        license_view = rater.license_view(args.history_start)
+        if args.license is None:
+            # The demo provider's license: metering began the month before, and this
+            # month's used points are ~85% of it, so the gauge has something to show.
+            args.history_start = args.history_start or before
+            used = sum(r.points for r in rater.license_view(args.history_start).rows(this))
+            args.license = write_demo_license(args, used)
+        license_view = rater.license_view(history_start(args, provider_license(args)))
         expected_license = license_view.rows()
         async with meter_stack(args, stop, stats) as (settings, config, worker):
             say("waiting for the worker to join its consumer group ...")
@@ -270,6 +279,57 @@ def demo(args: argparse.Namespace) -> int:
         return 0 if same else 1
 
     return run_until_signalled(main(), stop)
+
+
+def demo_events(args: argparse.Namespace) -> tuple[list[bytes], str, str]:
+    """The demo's fleet: a third of the events in the month before the worker's clock,
+    the rest in its month up to now (none in the future: that is ``future_time``).  The
+    month before stays open for the demo (its close grace is stretched, and said so):
+    its events are usage, not late corrections of a month that closed mid-stream."""
+    now = clock_from(args.clock)()
+    this = utc_month(now)
+    before = previous_month(this)
+    assert before is not None
+    begin = datetime.fromisoformat(f"{this}-01T00:00:00+00:00")
+    grace = now - begin + timedelta(days=1)
+    if args.close_grace is not None and args.close_grace < grace:
+        say(
+            f"{before} stays open during the demo (close grace {grace.days} days instead of "
+            f"{args.close_grace.days}): its events are sent now, not late"
+        )
+        args.close_grace = grace
+    first = args.events // 3
+    common = {"seed": 42, "tenants": args.tenants, "workloads": 15}
+    lines = [
+        # A fifth of the workloads are new this month: they begin in it.
+        *generate(first, month=before, id_prefix=f"{before}-", active=0.8, until=begin, **common),
+        *generate(
+            args.events - first,
+            month=this,
+            id_prefix=f"{this}-",
+            event_seed=43,
+            until=now,
+            **common,
+        ),
+    ]
+    return lines, this, before
+
+
+def write_demo_license(args: argparse.Namespace, used: int) -> str:
+    """A license file for the demo's provider, in a directory removed at exit; its path."""
+    folder = Path(tempfile.mkdtemp(prefix="meter-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    licensed = max(50, -(-used * 100 // 85) // 50 * 50 + 50)
+    expires = (clock_from(args.clock)() + timedelta(days=365)).date().isoformat()
+    doc = {"licensed_points": licensed, "expires": expires,
+           "comment": "meter demo: a simulated provider's license"}  # fmt: skip
+    if args.history_start:
+        doc["history_start"] = args.history_start
+    path = folder / "license.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    say(f"license: {licensed} points, expires {expires}, history start "
+        f"{args.history_start or 'none'} ({path}; yours: --license FILE)")  # fmt: skip
+    return str(path)
 
 
 async def _license_rows_when(

@@ -443,7 +443,10 @@ class LicenseLedger:
     # ------------------------------------------------------------------ reading
 
     def contribution(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
-        """The workload's rate and new-ness in ``month``'s report; ``None``: not counted."""
+        """The workload's rate and new-ness in ``month``'s report; ``None``: not counted
+        (nor in any month before the history start: those have no report)."""
+        if self._start is not None and month < self._start:
+            return None
         return self._contribution(tenant, month, wtype, wid)
 
     def _contribution(self, tenant: str, month: str, wtype: str, wid: str) -> Contribution | None:
@@ -459,7 +462,10 @@ class LicenseLedger:
         return rate, new
 
     def workloads(self, month: str) -> Iterator[tuple[str, str, str, Contribution]]:
-        """``(tenant, type, workload, contribution)`` of every workload counted in ``month``."""
+        """``(tenant, type, workload, contribution)`` of every workload counted in ``month``
+        (none before the history start)."""
+        if self._start is not None and month < self._start:
+            return
         seen: set[tuple[str, str, str]] = set()
         for tm in self.calendar.tenant_months():
             if tm.month != month:

@@ -15,6 +15,7 @@ import argparse
 import random
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 
@@ -46,7 +47,17 @@ def generate(
     workloads: int = 50,
     bad_share: float = 0.002,
     dup_share: float = 0.02,
+    event_seed: int | None = None,
+    until: datetime | None = None,
+    id_prefix: str | None = None,
+    active: float = 1.0,
 ) -> Iterator[bytes]:
+    """``n`` events of ``month`` from a fleet drawn by ``seed``.  ``event_seed``: draw the
+    events by another seed (the same fleet, other sessions: another month of it);
+    ``active``: the share of each tenant's workloads that have sessions (the first ones:
+    a month before the rest were added);
+    ``until``: no event dated after it (a month still under way); ``id_prefix``: event ids
+    ``<prefix><i>`` (default ``<seed>-``), unique across the months of one fleet."""
     rnd = random.Random(seed)  # noqa: S311 - simulation, not security
     types = [t for t, w in TYPES for _ in range(w)]
     fleet = []
@@ -59,7 +70,13 @@ def generate(
                 [(f"wl-{t:04d}-{w:03d}", rnd.choice(types)) for w in range(workloads)],
             )
         )
+    if event_seed is not None:
+        rnd = random.Random(event_seed)  # noqa: S311 - simulation, not security
     year, mon = int(month[:4]), int(month[5:7])
+    begin = datetime(year, mon, 1, tzinfo=UTC)
+    if until is not None and until <= begin:
+        raise ValueError(f"until {until.isoformat()} is before {month} begins")
+    prefix = f"{seed}-" if id_prefix is None else id_prefix
     last = None
     for i in range(n):
         if last is not None and rnd.random() < dup_share:
@@ -67,7 +84,7 @@ def generate(
             continue
         r = rnd.random()
         tenant, lic, wls = fleet[rnd.randrange(tenants)]
-        wid, wtype = wls[rnd.randrange(len(wls))]
+        wid, wtype = wls[rnd.randrange(max(1, round(len(wls) * active)))]
         if rnd.random() < 0.01:
             lic = rnd.choice(LICENSES)  # license changed this month
         day = rnd.randint(1, 28)
@@ -82,13 +99,18 @@ def generate(
             "operation": "replication" if wtype == "replica" else "backup",
             "job_id": f"job-{rnd.randint(1, 500)}",
         }
+        time = (
+            f"{year:04d}-{mon:02d}-{day:02d}T{hour:02d}:{rnd.randint(0, 59):02d}:"
+            f"{rnd.randint(0, 59):02d}{zone}"
+        )
+        if until is not None:
+            time = _not_after(time, begin, until)
         ev = {
             "specversion": "1.0",
-            "id": f"{seed}-{i}",
+            "id": f"{prefix}{i}",
             "source": f"vbr://{tenant}/vbr-01",
             "type": "meter.job.workload",
-            "time": f"{year:04d}-{mon:02d}-{day:02d}T{hour:02d}:{rnd.randint(0, 59):02d}:"
-            f"{rnd.randint(0, 59):02d}{zone}",
+            "time": time,
             "data": data,
         }
         if rnd.random() < bad_share:
@@ -107,6 +129,18 @@ def generate(
                 continue
         last = orjson.dumps(ev)
         yield last
+
+
+def _not_after(time: str, begin: datetime, until: datetime) -> str:
+    """``time`` (ISO 8601 with its zone), or if it is after ``until``, the same offset
+    into ``[begin, until)`` in the same zone (never before ``begin``)."""
+    at = datetime.fromisoformat(time.replace("Z", "+00:00"))
+    if at <= until and at >= begin:
+        return time
+    folded = begin + (at - begin) % (until - begin)
+    zone = time[19:]
+    local = folded.astimezone(at.tzinfo).strftime("%Y-%m-%dT%H:%M:%S")
+    return local + zone
 
 
 def main() -> None:

@@ -316,6 +316,11 @@ def test_a_session_before_the_history_start_counts_only_where_the_window_puts_it
         ("2026-12", "acme", "vm", 2, 1, 0, 5, 5),  # vm-old not new, vm-new new
     ]
     assert view.history_start == "2026-11"  # never earlier, whatever the data
+    # What a close and its late corrections read: nothing for October either.
+    assert view.contribution("acme", "2026-10", "vm", "vm-gone") is None
+    assert view.contribution("acme", "2026-10", "vm", "vm-old") is None
+    assert list(view.workloads("2026-10")) == []
+    assert view.contribution("acme", "2026-11", "vm", "vm-old") == (R5, False)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.integration.harness import ARTIFACTS, expected_usage, pinned_clock, report_rows
+from tests.integration.harness import ARTIFACTS, TEST_NOW, expected_usage, pinned_clock, report_rows
 from tests.integration.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -127,7 +128,16 @@ def test_demo_runs_and_agrees_with_rate() -> None:
     assert out.returncode == 0, out.stderr.decode()[-3000:]
     assert "TOTAL" in text
     assert "equal `meter rate` over the same events" in text
+    assert "equals `meter rate --format vspc-csv` over the same events" in text
     assert b"MEMORY ONLY" in out.stderr
+    # The pinned clock's month, and the one before for new workloads, with a license.
+    now = datetime.fromisoformat(TEST_NOW)
+    this = f"{now.year:04d}-{now.month:02d}"
+    assert f"LICENSE USAGE (vendor rules) {this} \u2014 running" in text
+    lines = text[text.index(f"LICENSE USAGE (vendor rules) {this}") :].splitlines()
+    new = int(next(x for x in lines if x.startswith("ALL TYPES")).split()[3])
+    assert new > 0, "no new workloads in the demo's month"
+    assert re.search(r"license: used \d+ of licensed \d+ points", text)
 
 
 def test_demo_keeps_its_status_page_up_until_sigterm(tmp_path: Path) -> None:
