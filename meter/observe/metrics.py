@@ -176,6 +176,18 @@ class WorkerCollector(Collector):
             self.worker.now().date(),
             _license_totals(self.worker, months),
         )
+        before = GaugeMetricFamily(
+            "meter_license_before_history_start_workload_months",
+            "Workload-months of tenant usage dated before the declared history start: counted "
+            "in tenant usage, in the license view only where a 31-day window reaches back to "
+            "them; 0 with no history start declared" + _SHARE,
+        )
+        before.add_metric(
+            [],
+            sum(hp.license.before_start() for hp in getattr(self.worker, "homes", {}).values()
+                if hp.active),
+        )  # fmt: skip
+        yield before
 
 
 def usage_families(totals: Iterable[tuple[str, str, str, int, int]]) -> Iterator[Metric]:

@@ -200,3 +200,25 @@ def test_a_worker_without_license_state_exports_empty_license_families() -> None
     assert registry.get_sample_value("meter_license_used_points", NOV) is None
     # a worker that offers no license view at all reads as no state
     assert _license_totals(SimpleNamespace(), {"2026-11"}) == {}  # type: ignore[arg-type]
+
+
+def test_workload_months_before_the_history_start_are_a_gauge() -> None:
+    """Tenant usage dated before the declared history start (a tenant's reset clock, a
+    replayed archive): counted, and visible on /metrics, summed over active partitions."""
+    w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), StreamConfig(), load_ratecards())
+    rate = (5, "vcsp-2026", "subscription")
+    for n, active in ((0, True), (1, True), (2, False)):
+        home = HomePartition(n, history_start="2026-11")
+        home.recovered(0)
+        if not active:
+            home.fence("revoked")
+        home.ledger.add("acme", "2001-01", "vm", f"old-{n}", rate)
+        home.ledger.add("acme", "2026-10", "vm", f"oct-{n}", rate)
+        home.ledger.add("acme", "2026-11", "vm", f"nov-{n}", rate)
+        w.homes[n] = home
+    registry = CollectorRegistry()
+    instrument(w, registry)
+    name = "meter_license_before_history_start_workload_months"
+    assert registry.get_sample_value(name) == 4  # 2 partitions x (2001-01, 2026-10)
+    w.homes[0].license = HomePartition(0).license  # no history start declared: none before
+    assert registry.get_sample_value(name) == 2
