@@ -11,7 +11,7 @@ The license row shows license usage (the vendor's rules: what the provider is bi
 on) against the declared license; the usage row shows tenant usage (calendar months).
 
 Queries use two Grafana variables: ``$month`` (the dashboard's month, YYYY-MM, from the
-``month`` label of ``meter_points``, newest first, so it defaults to the current month)
+``month`` label of ``meter_provider_points``, newest first, so it defaults to the current month)
 and Grafana's ``$__rate_interval``.
 """
 
@@ -101,9 +101,12 @@ def row(title: str) -> Panel:
 def usage_panels() -> list[Panel]:
     per_tenant = panel(
         "table",
-        "Points and workloads per tenant ($month)",
+        "Points and workloads per tenant ($month): the top tenants",
         "What each tenant is billed on so far this month: distinct counted workloads and "
-        "the points they consume, from the workers' ledgers at scrape time.",
+        "the points they consume, from the workers' ledgers at scrape time. Only the "
+        "--metrics-tenants tenants with the most points on each worker have series (100 by "
+        "default); the totals panels sum every tenant (meter_provider_*), and /api/usage "
+        "and meter report have every tenant.",
         [
             target(f"sum by (tenant_id) (meter_points{{{MONTH}}})", ref="A", instant=True),
             target(f"sum by (tenant_id) (meter_workloads{{{MONTH}}})", ref="B", instant=True),
@@ -132,7 +135,7 @@ def usage_panels() -> list[Panel]:
         "Points this month per workload type, all tenants.",
         [
             target(
-                f"sum by (workload_type) (meter_points{{{MONTH}}})",
+                f"sum by (workload_type) (meter_provider_points{{{MONTH}}})",
                 "{{workload_type}}",
                 instant=True,
             )
@@ -149,18 +152,18 @@ def usage_panels() -> list[Panel]:
         "Total points of the month as they accumulate (the panel shows this month so "
         "far). A dip is a worker's series going stale while its partitions move.",
         [
-            target(f"sum(meter_points{{{MONTH}}})", "total", "A"),
-            target(f"sum by (workload_type) (meter_points{{{MONTH}}})", "{{workload_type}}", "B"),
+            target(f"sum(meter_provider_points{{{MONTH}}})", "total", "A"),
+            target(f"sum by (workload_type) (meter_provider_points{{{MONTH}}})", "{{workload_type}}", "B"),
         ],
         timeFrom="now/M",
     )
     return [
         stat("Points ($month)", "Points of all tenants this month so far.",
-             f"sum(meter_points{{{MONTH}}})"),
+             f"sum(meter_provider_points{{{MONTH}}})"),
         stat("Workloads ($month)", "Distinct counted workloads of all tenants this month.",
-             f"sum(meter_workloads{{{MONTH}}})"),
+             f"sum(meter_provider_workloads{{{MONTH}}})"),
         stat("Tenants ($month)", "Tenants with at least one counted workload this month.",
-             f"count(count by (tenant_id) (meter_workloads{{{MONTH}}}))"),
+             f"sum(meter_tenants{{{MONTH}}})"),
         stat("Newest event age",
              "Now minus the time field of the newest job event processed. Grows when no "
              "events arrive; negative if a job system's clock runs ahead.",
@@ -515,8 +518,8 @@ def build() -> dict[str, Any]:
         "label": "Month",
         "description": "UTC month (YYYY-MM); workers export the current and previous month.",
         "datasource": DATASOURCE,
-        "definition": "label_values(meter_points, month)",
-        "query": {"query": "label_values(meter_points, month)", "refId": "month"},
+        "definition": "label_values(meter_provider_points, month)",
+        "query": {"query": "label_values(meter_provider_points, month)", "refId": "month"},
         "refresh": 2,  # on time range change
         "sort": 2,  # alphabetical, descending: the current month first
         "current": {},  # none saved: Grafana selects the first, the current month

@@ -24,6 +24,7 @@ from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
 from meter.observe.metrics import instrument, recent_months
+from meter.observe.snapshot import DEFAULT_TOP_TENANTS
 from meter.observe.usage_view import LicenseView, UsageView
 from meter.stream.config import StreamConfig, Topics
 from meter.stream.worker import Worker
@@ -166,6 +167,25 @@ def add_http_arguments(
         metavar="N",
         help="export usage gauges for the current and N-1 previous UTC months [2]",
     )
+    g.add_argument(
+        "--metrics-tenants",
+        type=_non_negative,
+        default=DEFAULT_TOP_TENANTS,
+        metavar="N",
+        help="per-tenant series (meter_points, meter_workloads) for the N tenants with the most "
+        "points each month; every tenant is always in meter_provider_* (exact sums), "
+        f"/api/usage and meter report [{DEFAULT_TOP_TENANTS}; 0: none]",
+    )
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def status_views(
@@ -193,10 +213,18 @@ async def start_http(
     view: UsageView | None = None,
 ) -> web.AppRunner | None:
     """Serve /metrics (and the status page when ``view`` is given) if enabled."""
-    instrument(worker, registry, recent_months(args.metrics_months, worker.now))
+    collector = instrument(
+        worker, registry, recent_months(args.metrics_months, worker.now), args.metrics_tenants
+    )
     if args.http_port < 0:
         return None
-    app = build_app(registry, view, health=worker.health, now=worker.now)
+    app = build_app(
+        registry,
+        view,
+        health=worker.health,
+        now=worker.now,
+        exposition=lambda: collector.exposition(registry),
+    )
     try:
         runner, port = await serve(app, args.http_host, args.http_port)
     except OSError as exc:

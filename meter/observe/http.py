@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meter.domain.month import parse_month
+from meter.observe.snapshot import Coalesced
 from meter.observe.usage_view import UsageView
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,22 @@ def build_app(
     view: UsageView | None = None,
     health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    exposition: Callable[[], Awaitable[bytes]] | None = None,
+    metrics_max_age: float = 1.0,
 ) -> web.Application:
-    """``now``: the worker's clock (``--clock``), which decides the default month."""
+    """``now``: the worker's clock (``--clock``), which decides the default month.
+    ``exposition``: builds the scrape body without stalling the event loop (the worker's
+    ledgers walked in slices); concurrent scrapes share one build, and a body is served
+    again for ``metrics_max_age`` seconds."""
     app = web.Application()
 
+    async def build() -> bytes:
+        return generate_latest(registry) if exposition is None else await exposition()
+
+    body_cache = Coalesced(build, metrics_max_age)
+
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(registry)
+        body = await body_cache.get()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:

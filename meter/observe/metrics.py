@@ -18,7 +18,7 @@ import platform
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,6 +26,12 @@ from meter import __version__
 from meter.domain import OUTCOMES, REJECTION_CODES
 from meter.domain.license import ProviderLicense
 from meter.domain.month import recent
+from meter.observe.snapshot import (
+    DEFAULT_TOP_TENANTS,
+    UsageSnapshot,
+    build_snapshot,
+    snapshot_now,
+)
 from meter.stream.worker import Worker
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -44,9 +50,25 @@ def recent_months(
 
 
 class WorkerCollector(Collector):
-    def __init__(self, worker: Worker, months: Callable[[], set[str]]) -> None:
+    def __init__(
+        self, worker: Worker, months: Callable[[], set[str]], top_tenants: int = DEFAULT_TOP_TENANTS
+    ) -> None:
         self.worker = worker
         self.months = months
+        self.top_tenants = top_tenants
+        #: set by :meth:`exposition` for the one collect it runs (built in slices)
+        self.snapshot: UsageSnapshot | None = None
+
+    async def exposition(self, registry: CollectorRegistry) -> bytes:
+        """The scrape body, with the ledgers walked in slices between which the event
+        loop runs (never in one go: that stalled polling and heartbeats)."""
+        self.snapshot = await build_snapshot(
+            self.worker.homes.values(), self.months(), self.top_tenants
+        )
+        try:
+            return generate_latest(registry)
+        finally:
+            self.snapshot = None
 
     def collect(self) -> Iterator[Metric]:
         s = self.worker.stats
@@ -169,12 +191,15 @@ class WorkerCollector(Collector):
         for (topic, partition), value in sorted(self.worker.lag().items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
-        months = self.months()
-        yield from usage_families(self.worker.usage_totals(months))
+        snap = self.snapshot
+        if snap is None:
+            snap = snapshot_now(self.worker.homes.values(), self.months(), self.top_tenants)
+        yield from usage_families(snap.top)
+        yield from provider_families(snap)
         yield from license_families(
             getattr(self.worker, "provider_license", None),
             self.worker.now().date(),
-            _license_totals(self.worker, months),
+            snap.license,
         )
         before = GaugeMetricFamily(
             "meter_license_before_history_start_workload_months",
@@ -182,24 +207,57 @@ class WorkerCollector(Collector):
             "in tenant usage, in the license view only where a 31-day window reaches back to "
             "them; 0 with no history start declared" + _SHARE,
         )
-        before.add_metric(
-            [],
-            sum(hp.license.before_start() for hp in getattr(self.worker, "homes", {}).values()
-                if hp.active),
-        )  # fmt: skip
+        before.add_metric([], snap.before_history_start)
         yield before
 
 
+def provider_families(snap: UsageSnapshot) -> Iterator[Metric]:
+    """Exact sums over every tenant (this worker's share): what dashboards total."""
+    workloads = GaugeMetricFamily(
+        "meter_provider_workloads",
+        "Distinct counted workloads of all tenants, per month and workload type" + _SHARE,
+        labels=["month", "workload_type"],
+    )
+    points = GaugeMetricFamily(
+        "meter_provider_points",
+        "Points of all tenants' counted workloads, per month and workload type (tenant "
+        "usage, calendar month)" + _SHARE,
+        labels=["month", "workload_type"],
+    )
+    for (month, wtype), (n, p) in sorted(snap.provider.items()):
+        workloads.add_metric([month, wtype], n)
+        points.add_metric([month, wtype], p)
+    yield workloads
+    yield points
+    tenants = GaugeMetricFamily(
+        "meter_tenants", "Tenants with usage in the month" + _SHARE, labels=["month"]
+    )
+    omitted = GaugeMetricFamily(
+        "meter_tenants_without_series",
+        "Tenants with usage in the month that have no meter_points/meter_workloads series "
+        "(beyond --metrics-tenants, by points): they are in meter_provider_* and in "
+        "/api/usage and meter report" + _SHARE,
+        labels=["month"],
+    )
+    for month, n in sorted(snap.tenants.items()):
+        tenants.add_metric([month], n)
+        omitted.add_metric([month], snap.omitted.get(month, 0))
+    yield tenants
+    yield omitted
+
+
 def usage_families(totals: Iterable[tuple[str, str, str, int, int]]) -> Iterator[Metric]:
-    """The usage gauges of ``(tenant, month, type, workloads, points)`` rows."""
+    """The per-tenant usage gauges of ``(tenant, month, type, workloads, points)`` rows."""
     workloads = GaugeMetricFamily(
         "meter_workloads",
-        "Distinct counted workloads this month so far.",
+        "Distinct counted workloads this month so far, per tenant (the --metrics-tenants "
+        "tenants with the most points; all tenants: meter_provider_workloads).",
         labels=["tenant_id", "month", "workload_type"],
     )
     points = GaugeMetricFamily(
         "meter_points",
-        "Points the counted workloads consume this month so far.",
+        "Points the counted workloads consume this month so far, per tenant (the "
+        "--metrics-tenants tenants with the most points; all tenants: meter_provider_points).",
         labels=["tenant_id", "month", "workload_type"],
     )
     for tenant, month, wtype, n, p in sorted(totals):
@@ -227,14 +285,6 @@ _LICENSE_MONTH_GAUGES = (
      "month"),
 )  # fmt: skip
 _SHARE = ". This worker's home partitions only: the provider's figure is the sum over all workers."
-
-
-def _license_totals(worker: Worker, months: set[str]) -> dict[str, dict[str, int]]:
-    totals = getattr(worker, "license_totals", None)
-    if totals is None:
-        return {}
-    out: dict[str, dict[str, int]] = totals(months)
-    return out
 
 
 def license_families(
@@ -285,10 +335,14 @@ class BuildInfo(Collector):
 
 
 def instrument(
-    worker: Worker, registry: CollectorRegistry, months: Callable[[], set[str]] | None = None
-) -> None:
+    worker: Worker,
+    registry: CollectorRegistry,
+    months: Callable[[], set[str]] | None = None,
+    top_tenants: int = DEFAULT_TOP_TENANTS,
+) -> WorkerCollector:
     """Register a worker's metrics in ``registry`` (passed in, so tests use their own)."""
-    registry.register(WorkerCollector(worker, months or recent_months()))
+    collector = WorkerCollector(worker, months or recent_months(), top_tenants)
+    registry.register(collector)
     registry.register(BuildInfo())
     latency = Histogram(
         "meter_event_to_total_latency_seconds",
@@ -298,3 +352,4 @@ def instrument(
         registry=registry,
     )
     worker.on_latency = latency.observe
+    return collector

@@ -23,7 +23,7 @@ from tests.deploy import (
 )
 
 PANELS = {
-    "Points and workloads per tenant ($month)",
+    "Points and workloads per tenant ($month): the top tenants",
     "Points by workload type ($month)",
     "Month-to-date points",
     "Events by outcome",
@@ -140,7 +140,7 @@ def test_dashboard_shape() -> None:
     assert d["uid"] == "meter"
     (month,) = d["templating"]["list"]
     assert month["name"] == "month"
-    assert month["query"]["query"] == "label_values(meter_points, month)"
+    assert month["query"]["query"] == "label_values(meter_provider_points, month)"
     assert month["sort"] == 2  # descending: the current month is the first, the default
     assert not month["current"]
     titles = {p["title"] for p in d["panels"]}

@@ -234,7 +234,7 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     def caught_up() -> bool:
         seen[:] = [
             prom.value("sum(meter_events_total)"),
-            prom.value(f'sum(meter_points{{month="{month}"}})'),
+            prom.value(f'sum(meter_provider_points{{month="{month}"}})'),
         ]
         observed = prom.value("sum(meter_event_to_total_latency_seconds_count)") or 0
         return seen == [len(lines), want_points] and observed > 0
@@ -259,8 +259,8 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     # lands on its home partition, and the forwarded-share panel says so
     (share,) = [q for t, q in dashboard_queries(month, RATE_INTERVAL) if t == "Forwarded share"]
     assert prom.value(share) == 0
-    # the month variable's query, label_values(meter_points, month): newest first is ours
-    months = prom.get("/api/v1/label/month/values", **{"match[]": "meter_points"})["data"]
+    # the month variable's query, label_values(meter_provider_points, month): newest first is ours
+    months = prom.get("/api/v1/label/month/values", **{"match[]": "meter_provider_points"})["data"]
     assert sorted(months, reverse=True)[0] == month, months
     # the per-tenant table has every tenant the meter billed this month
     per_tenant = prom.query(f'sum by (tenant_id) (meter_points{{month="{month}"}})')
@@ -333,5 +333,5 @@ def test_dashboard_and_rules_against_a_real_prometheus(
     report_points = sum(r["points"] for r in rows)
     report_workloads = sum(r["workloads"] for r in rows)
     assert report_points == want_points
-    assert prom.value(f'sum(meter_points{{month="{month}"}})') == report_points
+    assert prom.value(f'sum(meter_provider_points{{month="{month}"}})') == report_points
     assert prom.value(f'sum(meter_workloads{{month="{month}"}})') == report_workloads

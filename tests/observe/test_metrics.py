@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
 from meter.domain import load_ratecards
 from meter.domain.license import ProviderLicense
 from meter.kafka import KafkaSettings
-from meter.observe.metrics import _license_totals, instrument, recent_months
+from meter.observe.metrics import instrument, recent_months
 from meter.stream.config import StreamConfig
 from meter.stream.partition import HomePartition
 from meter.stream.worker import Worker
@@ -107,26 +106,26 @@ NOV = {"month": "2026-11"}
 
 
 def licensed_worker(lic: ProviderLicense | None, *, today: datetime) -> Worker:
-    """A worker with a declared license (or none) and license totals on its homes."""
+    """A worker with a declared license (or none) and real license totals on partition 1
+    (history from 2026-09; partition 0 of :func:`make_worker` holds calendar entries only):
+
+    - 2026-10: 9 workloads (1 new), 40 used points, 5 new points;
+    - 2026-11: 13 workloads (2 new), 55 used points, 10 new, 5 new the month before.
+    """
     w = make_worker()
     w.now = lambda: today
     w.provider_license = lic  # what --license FILE sets
-    asked: list[set[str]] = []
-
-    def license_totals(months: set[str]) -> dict[str, dict[str, int]]:
-        asked.append(months)
-        known = {
-            "2026-11": {"used_points": 55, "new_points": 10, "previous_new_points": 4,
-                        "workloads": 13, "new_workloads": 2},
-            "2026-10": {"used_points": 40, "new_points": 4, "previous_new_points": 0,
-                        "workloads": 9, "new_workloads": 1},
-            "2026-08": {"used_points": 1, "new_points": 0, "previous_new_points": 0,
-                        "workloads": 1, "new_workloads": 0},
-        }  # fmt: skip
-        return {m: t for m, t in known.items() if m in months}
-
-    w.license_totals = license_totals
-    w.asked = asked
+    home = HomePartition(1, history_start="2026-09")
+    home.recovered(0)
+    rate = (5, "vcsp-2026", "subscription")
+    add = home.license.add
+    for i in range(10):
+        add("lic", "2026-09", "vm", f"w{i}", rate)
+    for wid in [f"w{i}" for i in range(8)] + ["n1"]:
+        add("lic", "2026-10", "vm", wid, rate)
+    for wid in [f"w{i}" for i in range(10)] + ["n1", "m1", "m2"]:
+        add("lic", "2026-11", "vm", wid, rate)
+    w.homes[1] = home
     return w
 
 
@@ -173,14 +172,13 @@ def test_per_month_license_gauges_for_the_usage_months() -> None:
     instrument(w, registry, recent_months(2, now=lambda: now))
     assert registry.get_sample_value("meter_license_used_points", NOV) == 55
     assert registry.get_sample_value("meter_license_new_points", NOV) == 10
-    assert registry.get_sample_value("meter_license_previous_new_points", NOV) == 4
+    assert registry.get_sample_value("meter_license_previous_new_points", NOV) == 5
     assert registry.get_sample_value("meter_license_workloads", NOV) == 13
     assert registry.get_sample_value("meter_license_new_workloads", NOV) == 2
     oct_ = {"month": "2026-10"}
     assert registry.get_sample_value("meter_license_used_points", oct_) == 40
     assert registry.get_sample_value("meter_license_new_workloads", oct_) == 1
-    # the same months as the usage gauges: 2026-08 is not asked for, nor exported
-    assert w.asked[-1] == {"2026-11", "2026-10"}
+    # the same months as the usage gauges: 2026-08 is not exported
     assert registry.get_sample_value("meter_license_used_points", {"month": "2026-08"}) is None
     # a share of the provider's figure: the HELP says to sum over workers
     help_text = {m.name: m.documentation for m in registry.collect()}
@@ -192,14 +190,12 @@ def test_a_worker_without_license_state_exports_empty_license_families() -> None
     registry = CollectorRegistry()
     w = make_worker()
     w.provider_license = None
-    w.license_totals = lambda months: {}
+    w.homes.clear()
     instrument(w, registry)
     names = {m.name for m in registry.collect()}
     assert {"meter_license_declared", "meter_license_used_points"} <= names
     assert registry.get_sample_value("meter_license_declared") == 0
     assert registry.get_sample_value("meter_license_used_points", NOV) is None
-    # a worker that offers no license view at all reads as no state
-    assert _license_totals(SimpleNamespace(), {"2026-11"}) == {}  # type: ignore[arg-type]
 
 
 def test_workload_months_before_the_history_start_are_a_gauge() -> None:
