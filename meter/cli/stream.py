@@ -27,22 +27,21 @@ from meter.cli.common import (
 )
 from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
-from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
-from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
+from meter.report.license import license_section, license_table, render_license_csv
 from meter.store.sqlite import SqliteStore
 from meter.stream.send import MODES, send_lines
 from meter.stream.usage import (
     fold,
     fold_license,
-    license_month_state,
     license_rows,
     read_corrections,
     read_license,
     read_license_corrections,
     read_usage,
+    record_month_infos,
     usage_rows,
 )
 from meter.stream.worker import Worker
@@ -274,18 +273,9 @@ def report(args: argparse.Namespace) -> int:
     lic_rows = license_rows(lic_shown, month=month, tenant_id=tenant)
     now = datetime.now(UTC)
     months = [month] if month is not None else sorted({r.month for r in lic_rows})
-    infos = [
-        MonthInfo(
-            month=m,
-            status=license_month_state(lic_shown, m),
-            generated_at=now,
-            ratecards=_ratecards(records, m, tenant),
-            history_start=_history_start(lic_shown, m),
-            license=_license_status(lic_now, m, license_, now),
-            tenant_id=tenant,
-        )
-        for m in months
-    ]
+    infos = record_month_infos(
+        records, lic_shown, lic_now, months, generated_at=now, license=license_, tenant_id=tenant
+    )
     if args.format == "vspc-csv":
         sys.stdout.write(render_license_csv(lic_rows, infos, cards))
         return 0
@@ -297,41 +287,3 @@ def report(args: argparse.Namespace) -> int:
         out = f"TENANT USAGE (calendar month)\n{out}\n{license_table(lic_rows, infos)}"
     sys.stdout.write(out)
     return 0
-
-
-def _ratecards(
-    records: dict[str, dict[str, Any]], month: str, tenant: str | None
-) -> tuple[str, ...]:
-    cards: set[str] = set()
-    for r in records.values():
-        if r.get("month") == month and tenant in (None, r.get("tenant_id")):
-            cards.update(c for c in r.get("ratecards", []) if isinstance(c, str))
-    return tuple(sorted(cards))
-
-
-def _history_start(records: dict[str, dict[str, Any]], month: str) -> str | None:
-    starts = {
-        r.get("history_start")
-        for r in records.values()
-        if r.get("month") == month and isinstance(r.get("history_start"), str)
-    }
-    return min(starts) if starts else None  # type: ignore[type-var]
-
-
-def _license_status(
-    records: dict[str, dict[str, Any]],
-    month: str,
-    license_: ProviderLicense | None,
-    now: datetime,
-) -> LicenseStatus:
-    """The whole provider's used points of ``month`` against the license."""
-    rows = license_rows(records)
-    prev = previous_month(month)
-    return LicenseStatus(
-        month=month,
-        used_points=sum(r.points for r in rows if r.month == month),
-        new_points=sum(r.new_points for r in rows if r.month == month),
-        previous_new_points=sum(r.new_points for r in rows if r.month == prev),
-        license=license_,
-        today=now.date(),
-    )

@@ -481,6 +481,37 @@ class LicenseLedger:
                 assert c is not None
                 yield t, w, i, c
 
+    def ratecards_by_month(self, tenant_id: str | None = None) -> dict[str, set[str]]:
+        """Every month's card versions of the workloads counted in it (of ``tenant_id``
+        only, when given): :meth:`workloads` of every month, in one pass over the ledger."""
+        start = self._start
+        out: dict[str, set[str]] = {}
+        for tm in self.calendar.tenant_months():
+            month = tm.month
+            if (start is not None and month < start) or tenant_id not in (None, tm.tenant_id):
+                continue
+            cards = out.setdefault(month, set())
+            for wtype, wid, _ in tm.entries():
+                c = self._contribution(tm.tenant_id, month, wtype, wid)
+                assert c is not None
+                cards.add(c[0][1])
+        for t, m, w, i, _ in self.tail_entries():
+            if (start is not None and m < start) or tenant_id not in (None, t):
+                continue
+            c = self._contribution(t, m, w, i)
+            assert c is not None
+            out.setdefault(m, set()).add(c[0][1])
+        return out
+
+    def points_by_month(self) -> dict[str, tuple[int, int]]:
+        """``month -> (points, new_points)`` of the whole provider: :meth:`points` and
+        :meth:`new_points` of every month, in one pass."""
+        out: dict[str, tuple[int, int]] = {}
+        for (_, m), lm in self.months.items():
+            p, n = out.get(m, (0, 0))
+            out[m] = (p + lm.points, n + lm.new_points)
+        return out
+
     def before_start(self, tenant_id: str | None = None) -> int:
         """Workload-months of the calendar ledger dated before the history start (of
         ``tenant_id`` only, when given): tenant usage the license view has no month for."""
