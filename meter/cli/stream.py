@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from prometheus_client import CollectorRegistry
 
 from meter.cli.common import (
+    LICENSE_CHECK_S,
     add_http_arguments,
     add_max_event_bytes_argument,
     add_stream_arguments,
@@ -24,9 +25,11 @@ from meter.cli.common import (
     start_http,
     status_views,
     stream_config,
+    watch_license,
 )
 from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
+from meter.domain.license import LicenseWatch, ProviderLicense
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
@@ -59,6 +62,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_kafka_arguments(w)
     add_stream_arguments(w)
     add_http_arguments(w, default_port=9464, status_page_flag=True)
+    w.add_argument(
+        "--license-check-interval",
+        type=float,
+        default=LICENSE_CHECK_S,
+        metavar="SECONDS",
+        help="check the --license file this often (and on SIGHUP): a valid new one is "
+        "applied, a broken or deleted one keeps the running license; both are logged once "
+        "[%(default)s]",
+    )
     w.set_defaults(func=worker)
 
     s = sub.add_parser(
@@ -140,6 +152,17 @@ def worker(args: argparse.Namespace) -> int:
         view, view_task = (
             status_views(settings, config, w, stop) if args.status_page else (None, None)
         )
+        watcher = None
+        if license_ is not None and args.license_check_interval > 0:
+
+            def apply(lic: ProviderLicense) -> None:
+                w.provider_license = lic
+
+            watcher = asyncio.ensure_future(
+                watch_license(
+                    LicenseWatch(args.license, license_), apply, stop, args.license_check_interval
+                )
+            )
         try:
             runner = await start_http(args, w, CollectorRegistry(), view)
             try:
@@ -148,10 +171,12 @@ def worker(args: argparse.Namespace) -> int:
                 if runner is not None:
                     await runner.cleanup()
         finally:
-            if view_task is not None:
+            if view_task is not None or watcher is not None:
                 stop.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(view_task, 10)
+            for task in (view_task, watcher):
+                if task is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(task, 10)
         return 0
 
     return run_until_signalled(main(), stop)
