@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
-from meter.domain.license import ProviderLicense, load_license
+from meter.domain.license import LicenseWatch, ProviderLicense, load_license
 from meter.domain.month import parse_month
 from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
@@ -312,6 +313,42 @@ HISTORY_START_HELP = (
 
 def provider_license(args: argparse.Namespace) -> ProviderLicense | None:
     return None if args.license is None else load_license(args.license)
+
+
+#: Seconds between two checks of a running worker's ``--license`` file.
+LICENSE_CHECK_S = 30.0
+
+
+async def watch_license(
+    watch: LicenseWatch,
+    apply: Callable[[ProviderLicense], None],
+    stop: asyncio.Event,
+    every: float = LICENSE_CHECK_S,
+) -> None:
+    """Check the license file every ``every`` seconds and on SIGHUP until ``stop``: a valid
+    new license is applied (``apply``), a broken or deleted file keeps the running one;
+    each change or distinct problem is logged once (:class:`LicenseWatch`)."""
+    loop = asyncio.get_running_loop()
+    hup = asyncio.Event()
+    # Not on every platform, nor outside the main thread: the timer still runs there.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+    try:
+        while not stop.is_set():
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())}
+            _, pending = await asyncio.wait(waits, timeout=every, return_when="FIRST_COMPLETED")
+            for task in pending:
+                task.cancel()
+            if stop.is_set():
+                break
+            hup.clear()
+            said = await asyncio.to_thread(watch.check)
+            apply(watch.current)
+            if said is not None:
+                log.log(*said)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 def history_start(args: argparse.Namespace, license_: ProviderLicense | None) -> str | None:

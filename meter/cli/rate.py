@@ -50,7 +50,7 @@ from meter.report.license import (
     MonthInfo,
     license_section,
     license_table,
-    month_info,
+    month_infos,
     render_license_csv,
 )
 from meter.report.render import TENANT_USAGE_TITLE
@@ -417,4 +417,4 @@ def license_months(
     """What each reported month's license report is: ``--month``, else every month
     with rows."""
     months = [args.month] if args.month else sorted({r.month for r in rows})
-    return [month_info(view, m, month_status(m, now), now, license, args.tenant) for m in months]
+    return month_infos(view, {m: month_status(m, now) for m in months}, now, license, args.tenant)

@@ -39,16 +39,17 @@ from meter.kafka import KafkaSettings, add_kafka_arguments, settings_from_args, 
 from meter.kafka.settings import ENV_BROKER
 from meter.observe.http import utc_month
 from meter.report import UsageReport, render
-from meter.report.license import license_table, month_info
+from meter.report.license import license_table, month_infos
 from meter.sim.fleet import generate
 from meter.store.sqlite import SqliteStore
 from meter.stream.config import StreamConfig
 from meter.stream.send import tenant_key
 from meter.stream.usage import (
+    by_month,
     fold,
     fold_license,
-    license_month_state,
     license_rows,
+    month_state,
     read_corrections,
     read_license,
     read_license_corrections,
@@ -248,16 +249,13 @@ def demo(args: argparse.Namespace) -> int:
                 settings, config, expected_license, stop
             )
             now = worker.now()
-            infos = [
-                month_info(
-                    license_view,
-                    m,
-                    license_month_state(lic_records, m),
-                    now,
-                    worker.provider_license,
-                )
-                for m in sorted({r.month for r in lic_rows})
-            ]
+            groups = by_month(lic_records)
+            infos = month_infos(
+                license_view,
+                {m: month_state(groups.get(m, [])) for m in sorted({r.month for r in lic_rows})},
+                now,
+                worker.provider_license,
+            )
             print()
             sys.stdout.write(license_table(lic_rows, infos))
             lic_same = lic_rows == expected_license

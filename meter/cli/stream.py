@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from prometheus_client import CollectorRegistry
 
 from meter.cli.common import (
+    LICENSE_CHECK_S,
     add_http_arguments,
     add_max_event_bytes_argument,
     add_stream_arguments,
@@ -24,25 +25,26 @@ from meter.cli.common import (
     start_http,
     status_views,
     stream_config,
+    watch_license,
 )
 from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
-from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
+from meter.domain.license import LicenseWatch, ProviderLicense
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
-from meter.report.license import MonthInfo, license_section, license_table, render_license_csv
+from meter.report.license import license_section, license_table, render_license_csv
 from meter.store.sqlite import SqliteStore
 from meter.stream.send import MODES, send_lines
 from meter.stream.usage import (
     fold,
     fold_license,
-    license_month_state,
     license_rows,
     read_corrections,
     read_license,
     read_license_corrections,
     read_usage,
+    record_month_infos,
     usage_rows,
 )
 from meter.stream.worker import Worker
@@ -60,6 +62,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_kafka_arguments(w)
     add_stream_arguments(w)
     add_http_arguments(w, default_port=9464, status_page_flag=True)
+    w.add_argument(
+        "--license-check-interval",
+        type=float,
+        default=LICENSE_CHECK_S,
+        metavar="SECONDS",
+        help="check the --license file this often (and on SIGHUP): a valid new one is "
+        "applied, a broken or deleted one keeps the running license; both are logged once "
+        "[%(default)s]",
+    )
     w.set_defaults(func=worker)
 
     s = sub.add_parser(
@@ -141,6 +152,17 @@ def worker(args: argparse.Namespace) -> int:
         view, view_task = (
             status_views(settings, config, w, stop) if args.status_page else (None, None)
         )
+        watcher = None
+        if license_ is not None and args.license_check_interval > 0:
+
+            def apply(lic: ProviderLicense) -> None:
+                w.provider_license = lic
+
+            watcher = asyncio.ensure_future(
+                watch_license(
+                    LicenseWatch(args.license, license_), apply, stop, args.license_check_interval
+                )
+            )
         try:
             runner = await start_http(args, w, CollectorRegistry(), view)
             try:
@@ -149,10 +171,12 @@ def worker(args: argparse.Namespace) -> int:
                 if runner is not None:
                     await runner.cleanup()
         finally:
-            if view_task is not None:
+            if view_task is not None or watcher is not None:
                 stop.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(view_task, 10)
+            for task in (view_task, watcher):
+                if task is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(task, 10)
         return 0
 
     return run_until_signalled(main(), stop)
@@ -274,18 +298,9 @@ def report(args: argparse.Namespace) -> int:
     lic_rows = license_rows(lic_shown, month=month, tenant_id=tenant)
     now = datetime.now(UTC)
     months = [month] if month is not None else sorted({r.month for r in lic_rows})
-    infos = [
-        MonthInfo(
-            month=m,
-            status=license_month_state(lic_shown, m),
-            generated_at=now,
-            ratecards=_ratecards(records, m, tenant),
-            history_start=_history_start(lic_shown, m),
-            license=_license_status(lic_now, m, license_, now),
-            tenant_id=tenant,
-        )
-        for m in months
-    ]
+    infos = record_month_infos(
+        records, lic_shown, lic_now, months, generated_at=now, license=license_, tenant_id=tenant
+    )
     if args.format == "vspc-csv":
         sys.stdout.write(render_license_csv(lic_rows, infos, cards))
         return 0
@@ -297,41 +312,3 @@ def report(args: argparse.Namespace) -> int:
         out = f"TENANT USAGE (calendar month)\n{out}\n{license_table(lic_rows, infos)}"
     sys.stdout.write(out)
     return 0
-
-
-def _ratecards(
-    records: dict[str, dict[str, Any]], month: str, tenant: str | None
-) -> tuple[str, ...]:
-    cards: set[str] = set()
-    for r in records.values():
-        if r.get("month") == month and tenant in (None, r.get("tenant_id")):
-            cards.update(c for c in r.get("ratecards", []) if isinstance(c, str))
-    return tuple(sorted(cards))
-
-
-def _history_start(records: dict[str, dict[str, Any]], month: str) -> str | None:
-    starts = {
-        r.get("history_start")
-        for r in records.values()
-        if r.get("month") == month and isinstance(r.get("history_start"), str)
-    }
-    return min(starts) if starts else None  # type: ignore[type-var]
-
-
-def _license_status(
-    records: dict[str, dict[str, Any]],
-    month: str,
-    license_: ProviderLicense | None,
-    now: datetime,
-) -> LicenseStatus:
-    """The whole provider's used points of ``month`` against the license."""
-    rows = license_rows(records)
-    prev = previous_month(month)
-    return LicenseStatus(
-        month=month,
-        used_points=sum(r.points for r in rows if r.month == month),
-        new_points=sum(r.new_points for r in rows if r.month == month),
-        previous_new_points=sum(r.new_points for r in rows if r.month == prev),
-        license=license_,
-        today=now.date(),
-    )

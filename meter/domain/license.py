@@ -41,14 +41,14 @@ tenant-month totals incrementally, so a change costs O(1), not a rescan.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from sys import intern
 from typing import Final
-
-import orjson
 
 from meter.domain.ledger import Cell, Ledger
 from meter.domain.month import days_in_month, parse_month
@@ -481,6 +481,37 @@ class LicenseLedger:
                 assert c is not None
                 yield t, w, i, c
 
+    def ratecards_by_month(self, tenant_id: str | None = None) -> dict[str, set[str]]:
+        """Every month's card versions of the workloads counted in it (of ``tenant_id``
+        only, when given): :meth:`workloads` of every month, in one pass over the ledger."""
+        start = self._start
+        out: dict[str, set[str]] = {}
+        for tm in self.calendar.tenant_months():
+            month = tm.month
+            if (start is not None and month < start) or tenant_id not in (None, tm.tenant_id):
+                continue
+            cards = out.setdefault(month, set())
+            for wtype, wid, _ in tm.entries():
+                c = self._contribution(tm.tenant_id, month, wtype, wid)
+                assert c is not None
+                cards.add(c[0][1])
+        for t, m, w, i, _ in self.tail_entries():
+            if (start is not None and m < start) or tenant_id not in (None, t):
+                continue
+            c = self._contribution(t, m, w, i)
+            assert c is not None
+            out.setdefault(m, set()).add(c[0][1])
+        return out
+
+    def points_by_month(self) -> dict[str, tuple[int, int]]:
+        """``month -> (points, new_points)`` of the whole provider: :meth:`points` and
+        :meth:`new_points` of every month, in one pass."""
+        out: dict[str, tuple[int, int]] = {}
+        for (_, m), lm in self.months.items():
+            p, n = out.get(m, (0, 0))
+            out[m] = (p + lm.points, n + lm.new_points)
+        return out
+
     def before_start(self, tenant_id: str | None = None) -> int:
         """Workload-months of the calendar ledger dated before the history start (of
         ``tenant_id`` only, when given): tenant usage the license view has no month for."""
@@ -715,7 +746,13 @@ def parse_license(doc: object, where: str = "<license>") -> ProviderLicense:
                 f"got {start!r:.40}"
             ) from None
     points = doc.get("licensed_points")
-    if not isinstance(points, int) or isinstance(points, bool) or points < 0:
+    if isinstance(points, int) and not isinstance(points, bool):
+        if not 0 <= points <= MAX_LICENSED_POINTS:
+            raise ConfigError(
+                f"{where}: licensed_points {points} is out of range: allowed 0 to "
+                f"{MAX_LICENSED_POINTS}"
+            )
+    else:
         raise ConfigError(f"{where}: licensed_points must be a whole number >= 0, got {points!r}")
     expires = doc.get("expires")
     day: date | None = None
@@ -739,15 +776,130 @@ def _iso_date(value: object) -> date | None:
         return None
 
 
-def load_license(path: str) -> ProviderLicense:
-    """Read a license file (JSON); a missing or malformed one is a ConfigError."""
+#: The largest license file read: a license is a few hundred bytes.
+MAX_LICENSE_BYTES: Final = 64 * 1024
+#: The largest licensed_points: a metric (a float64) holds every whole number up to it.
+MAX_LICENSED_POINTS: Final = 2**53 - 1
+
+
+class _Written:
+    """A JSON number that is not an integer, as written in the file (``1.5``, ``1e19``):
+    never a number of points, and an error shows it as the file has it."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def read_license_file(path: str) -> bytes:
+    """The license file's bytes; a missing, unreadable or oversized one is a ConfigError."""
     try:
         with Path(path).open("rb") as f:
-            raw = f.read(1 << 20)
+            raw = f.read(MAX_LICENSE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read license file: {exc.strerror}") from exc
+    if len(raw) > MAX_LICENSE_BYTES:
+        raise ConfigError(
+            f"{path}: the file is larger than {MAX_LICENSE_BYTES} bytes: not a license file "
+            "(one is a JSON object of a few hundred bytes)"
+        )
+    return raw
+
+
+def license_from_bytes(raw: bytes, where: str) -> ProviderLicense:
+    """Decode and validate a license file's bytes.  Integers are decoded exactly (a
+    ``licensed_points`` of 2^64 is out of range, not 1.8e19), other numbers kept as
+    written."""
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
-    return parse_license(doc, path)
+        doc = json.loads(raw, parse_float=_Written, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: not valid JSON: {exc}") from exc
+    return parse_license(doc, where)
+
+
+def load_license(path: str) -> ProviderLicense:
+    """Read a license file (JSON); a missing, malformed or oversized one is a ConfigError."""
+    return license_from_bytes(read_license_file(path), path)
+
+
+def license_summary(lic: ProviderLicense) -> str:
+    """``1000 points, expires 2027-06-30`` (or ``no expiry``)."""
+    expiry = "no expiry" if lic.expires is None else f"expires {lic.expires.isoformat()}"
+    return f"{lic.licensed_points} points, {expiry}"
+
+
+class LicenseWatch:
+    """The license file of a running worker, checked again now and then (and on SIGHUP).
+
+    :meth:`seen` is the whole rule, pure: given what the file holds now (its bytes, or
+    the problem reading it), it keeps :attr:`current` or replaces it, and returns the one
+    line to log, or ``None`` when nothing is new:
+
+    - a valid file whose license differs: it becomes current; INFO ``old -> new``;
+    - a broken, oversized or deleted file, or one that changes ``history_start`` (a
+      restart of every worker changes that, never one worker in flight): the running
+      license stays; one WARNING naming the problem, once per distinct problem;
+    - the same bytes as last time, or a valid file with the same license: nothing.
+    """
+
+    def __init__(self, path: str, current: ProviderLicense) -> None:
+        self.path = path
+        self.current = current
+        self._last: bytes | str | None = None  # the bytes or problem last seen
+        self._problem: str | None = None
+
+    def seen(self, raw: bytes | None, problem: str | None = None) -> tuple[int, str] | None:
+        """What the file holds now: ``raw`` (its bytes) or ``problem`` (why it could not be
+        read).  Returns ``(logging level, message)`` to log, or ``None``."""
+        state: bytes | str = raw if raw is not None else f"problem:{problem}"
+        if state == self._last:
+            return None
+        self._last = state
+        new: ProviderLicense | None = None
+        if raw is not None:
+            try:
+                new = license_from_bytes(raw, self.path)
+            except ConfigError as exc:
+                problem = str(exc)
+        if new is not None and new.history_start != self.current.history_start:
+            problem = (
+                f"{self.path}: history_start {new.history_start or 'none'} differs from "
+                f"{self.current.history_start or 'none'}, the one the worker runs with: "
+                "restart the workers to change it"
+            )
+            new = None
+        if new is None:
+            if problem == self._problem:
+                return None
+            self._problem = problem
+            return logging.WARNING, (
+                f"license file {problem}; keeping the running license "
+                f"({license_summary(self.current)})"
+            )
+        had_problem, self._problem = self._problem, None
+        old, self.current = self.current, new
+        if new.licensed_points == old.licensed_points and new.expires == old.expires:
+            if had_problem is None:
+                return None
+            return logging.INFO, (
+                f"license file {self.path} is valid again: {license_summary(new)} (unchanged)"
+            )
+        return logging.INFO, (
+            f"license file {self.path} reloaded: {license_summary(old)} -> {license_summary(new)}"
+        )
+
+    def check(self) -> tuple[int, str] | None:
+        """Read the file and :meth:`seen` it (the adapter: the only part that reads)."""
+        try:
+            raw = read_license_file(self.path)
+        except ConfigError as exc:
+            return self.seen(None, str(exc))
+        return self.seen(raw)

@@ -85,14 +85,19 @@ def _table(report: UsageReport) -> str:
     ]
     # One TOTAL per month: a month's points are what is charged for it; months do not add
     # into one bill.  A report of one month (or none) keeps the month column of TOTAL empty.
-    months = sorted({r.month for r in report.usage})
+    # Summed in one pass over the rows (not once per month: O(months x rows)).
+    sums: dict[str, list[int]] = {}
+    for r in report.usage:
+        s = sums.setdefault(r.month, [0, 0])
+        s[0] += r.workloads
+        s[1] += r.points
+    months = sorted(sums)
     footers = [
         (
             m if len(months) > 1 else "",
             "TOTAL",
             "",
-            str(sum(r.workloads for r in report.usage if r.month == m)),
-            str(sum(r.points for r in report.usage if r.month == m)),
+            *(str(n) for n in sums.get(m, (0, 0))),
         )
         for m in months or [""]
     ]

@@ -25,6 +25,12 @@ class StoreError(MeterError, OSError):
     file, a full disk).  At start it means: rebuild from the changelog."""
 
 
+class StateNotWritable(StoreError):
+    """The state directory or a state file cannot be written (its permissions, a read-only
+    mount): a setting for a person to fix, not damaged state.  Nothing is removed or moved
+    aside for it: the saved state may be good.  The message names the path."""
+
+
 class LocalStateError(StoreError):
     """A home partition's local state failed while the worker ran (a row that no longer
     reads back as saved): the partition is rebuilt from the changelog."""
@@ -74,7 +80,9 @@ class PartitionStore(Protocol):
         checkpoint or the new one, never a mix)."""
 
     def clear(self) -> None:
-        """Forget everything (before a rebuild from the changelog)."""
+        """Forget everything (before a rebuild from the changelog): the saved state is
+        moved aside, never deleted (it may be evidence, or good).  Raises
+        :class:`StateNotWritable` when it cannot be moved."""
 
     def close(self) -> None: ...
 

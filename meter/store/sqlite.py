@@ -10,17 +10,23 @@ checksums are checked at start, so a torn or edited file is found and rebuilt, n
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import sqlite3
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import orjson
 
-from meter.store import Checkpoint, StoreError
+from meter.store import Checkpoint, StateNotWritable, StoreError
+
+log = logging.getLogger(__name__)
 
 #: Bump when the layout changes: an older or newer file is rebuilt, not misread.
 FORMAT: Final = 1
@@ -38,6 +44,55 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+#: errno values that say "not writable here" (permissions, a read-only mount).
+_NOT_WRITABLE: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+#: SQLite's own "cannot open / cannot write" results: checked against the file system
+#: before the file is called anything but unwritable.
+_CANNOT_WRITE: Final = frozenset({"SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH"})
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return name.startswith("SQLITE_READONLY") or name in _CANNOT_WRITE
+
+
+def _fix(what: str) -> str:
+    return (
+        f"{what}; make it writable by the user meter runs as (or point --state-dir at a "
+        "writable directory) and restart. Nothing was removed: the saved state may be good"
+    )
+
+
+def check_writable(directory: Path, file: Path | None = None) -> None:
+    """Raise :class:`StateNotWritable` naming the path unless a file can be created in
+    ``directory`` (SQLite creates its ``-wal`` and ``-shm`` files there) and ``file``, if
+    it exists, can be opened for writing.  Writes nothing to ``file``."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".meter-write-check-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        if exc.errno in _NOT_WRITABLE:
+            raise StateNotWritable(
+                _fix(f"the state directory {directory} is not writable ({exc.strerror})")
+            ) from exc
+        raise StoreError(f"cannot write in the state directory {directory}: {exc}") from exc
+    if file is None:
+        return
+    try:
+        with file.open("r+b"):
+            pass
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno in _NOT_WRITABLE:
+            raise StateNotWritable(
+                _fix(f"the state file {file} is not writable ({exc.strerror})")
+            ) from exc
+        raise StoreError(f"cannot open the state file {file}: {exc}") from exc
+
+
 class SqliteStore:
     """The state directory of one worker: ``DIR/<changelog topic>-<partition>.sqlite``."""
 
@@ -46,7 +101,14 @@ class SqliteStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno in _NOT_WRITABLE:
+                raise StateNotWritable(
+                    _fix(f"cannot create the state directory {self.directory} ({exc.strerror})")
+                ) from exc
             raise StoreError(f"cannot create the state directory {self.directory}: {exc}") from exc
+        # At start, not at the first checkpoint minutes later: a read-only volume is a
+        # setting to fix, and says so, never "a corrupt file".
+        check_writable(self.directory)
 
     def path(self, topic: str, number: int) -> Path:
         return self.directory / f"{_safe(topic)}-{number}.sqlite"
@@ -67,6 +129,8 @@ class SqlitePartition:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
+            # Unwritable is not corrupt: say so, with the path, before SQLite fails on it.
+            check_writable(self.path.parent, self.path)
             try:
                 # One caller at a time (the worker's lock), from whichever thread it runs in.
                 db = sqlite3.connect(
@@ -79,6 +143,9 @@ class SqlitePartition:
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)
             except sqlite3.Error as exc:
+                if _cannot_write(exc):
+                    check_writable(self.path.parent, self.path)  # names the path if it is that
+                    raise StoreError(f"{self.path}: cannot open the state file ({exc})") from exc
                 raise StoreError(f"{self.path}: not a usable state file ({exc})") from exc
             self._db = db
         return self._db
@@ -177,15 +244,39 @@ class SqlitePartition:
             # open.  A checkpoint is crash-safe; it only copies what is committed.
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
+            if _cannot_write(exc):
+                check_writable(self.path.parent, self.path)  # names the path if it is that
             raise StoreError(f"{self.path}: cannot save state ({exc})") from exc
 
     def clear(self) -> None:
+        """Move the file (and its ``-wal`` and ``-shm``) aside to ``<file>.aside-<UTC
+        time>``, never delete it: the state is rebuilt from the changelog, and the old file
+        stays for a person to look at (or remove).  Raises :class:`StateNotWritable` when
+        the directory does not allow it."""
         self.close()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = Path(f"{self.path}.aside-{stamp}")
+        moved = []
         for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if not source.exists():
+                continue
             try:
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                source.rename(f"{aside}{suffix}")
             except OSError as exc:
-                raise StoreError(f"cannot remove {self.path}{suffix}: {exc}") from exc
+                if exc.errno in _NOT_WRITABLE:
+                    raise StateNotWritable(
+                        _fix(f"cannot move {source} aside: the state directory is not "
+                             f"writable ({exc.strerror})")
+                    ) from exc  # fmt: skip
+                raise StoreError(f"cannot move {source} aside: {exc}") from exc
+            moved.append(source.name)
+        if moved:
+            log.warning(
+                "%s moved aside to %s (not deleted; remove it when it is no longer needed)",
+                self.path,
+                aside,
+            )
 
     def close(self) -> None:
         if self._db is not None:

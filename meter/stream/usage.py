@@ -6,14 +6,16 @@ Of equal revisions (the same state), the later record wins: see :func:`keep_late
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from meter.domain import UsageRow
-from meter.domain.license import LicenseRow
+from meter.domain.license import LicenseRow, LicenseStatus, ProviderLicense, previous_month
 from meter.kafka import KafkaSettings, TopicError, iter_to_end
+from meter.report.license import MonthInfo
 from meter.stream.closing import license_order
 
 log = logging.getLogger(__name__)
@@ -285,11 +287,28 @@ def license_rows(
 
 def license_month_state(records: dict[str, dict[str, Any]], month: str) -> str:
     """``running`` while any of the month's records is; else ``final``, or
-    ``final+corrections`` once corrections are folded in."""
-    mine = [r for r in records.values() if r.get("month") == month]
+    ``final+corrections`` once corrections are folded in.  One month: for many, group the
+    records once (:func:`by_month`) and call :func:`month_state` on each group."""
+    return month_state([r for r in records.values() if r.get("month") == month])
+
+
+def month_state(mine: list[dict[str, Any]]) -> str:
+    """The state of one month's license report from that month's records."""
     if not mine or any(r.get("status") != "final" for r in mine):
         return "running"
     return "final+corrections" if any(r.get("corrected") for r in mine) else "final"
+
+
+def by_month(records: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records grouped by their ``month``, in one pass (a record without a string
+    month is in no group).  A report over many months reads each group, never every
+    record once per month: that was O(months x records), minutes over 4,000 months."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records.values():
+        m = r.get("month")
+        if isinstance(m, str):
+            out.setdefault(m, []).append(r)
+    return out
 
 
 def _license_well_formed(r: dict[str, Any]) -> bool:
@@ -303,3 +322,59 @@ def _license_well_formed(r: dict[str, Any]) -> bool:
             for u in usage.values()
         )
     )
+
+
+def record_month_infos(
+    usage: dict[str, dict[str, Any]],
+    shown: dict[str, dict[str, Any]],
+    now_: dict[str, dict[str, Any]],
+    months: Sequence[str],
+    *,
+    generated_at: datetime,
+    license: ProviderLicense | None = None,
+    tenant_id: str | None = None,
+) -> list[MonthInfo]:
+    """What each of ``months``' license report is, from the topics' records (``meter
+    report``): its state and history start from the license records ``shown``, its card
+    versions from the ``usage`` records (of ``tenant_id`` only, when given), and the whole
+    provider's used points against ``license`` from ``now_`` (every correction folded in).
+
+    Each record set is read once, whatever the number of months (linear, not
+    O(months x records))."""
+    shown_by = by_month(shown)
+    cards: dict[str, set[str]] = {}
+    for m, recs in by_month(usage).items():
+        mine = cards.setdefault(m, set())
+        for r in recs:
+            if tenant_id in (None, r.get("tenant_id")):
+                mine.update(c for c in r.get("ratecards", []) if isinstance(c, str))
+    used: dict[str, list[int]] = {}
+    for row in license_rows(now_):
+        u = used.setdefault(row.month, [0, 0])
+        u[0] += row.points
+        u[1] += row.new_points
+    infos = []
+    for m in months:
+        recs = shown_by.get(m, [])
+        starts = [r["history_start"] for r in recs if isinstance(r.get("history_start"), str)]
+        prev = previous_month(m)
+        points, new_points = used.get(m, (0, 0))
+        infos.append(
+            MonthInfo(
+                month=m,
+                status=month_state(recs),
+                generated_at=generated_at,
+                ratecards=tuple(sorted(cards.get(m, ()))),
+                history_start=min(starts) if starts else None,
+                license=LicenseStatus(
+                    month=m,
+                    used_points=points,
+                    new_points=new_points,
+                    previous_new_points=0 if prev is None else used.get(prev, (0, 0))[1],
+                    license=license,
+                    today=generated_at.astimezone(UTC).date(),
+                ),
+                tenant_id=tenant_id,
+            )
+        )
+    return infos

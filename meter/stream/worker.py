@@ -87,7 +87,14 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
-from meter.store import Checkpoint, LocalStateError, RowsElsewhere, StateStore, StoreError
+from meter.store import (
+    Checkpoint,
+    LocalStateError,
+    RowsElsewhere,
+    StateNotWritable,
+    StateStore,
+    StoreError,
+)
 from meter.stream import snapshots
 from meter.stream.closing import (
     close_records,
@@ -679,11 +686,19 @@ class Worker:
             self._data_lost(exc)
         except WriteBlockedError as exc:
             self._halt(str(exc))
+        except StateNotWritable as exc:
+            self._state_not_writable(exc)
         except StoreError as exc:
             self._halt(
-                f"local state failed ({exc}); the changelog holds everything: remove the "
-                "partition's file from --state-dir and restart to rebuild it"
+                f"local state failed ({exc}); the changelog holds everything: move the "
+                "partition's file out of --state-dir and restart to rebuild it"
             )
+
+    def _state_not_writable(self, exc: StateNotWritable) -> None:
+        self._halt(
+            f"local state cannot be written: {exc}. meter stopped processing and committing "
+            "until then"
+        )
 
     def _data_lost(self, exc: DataLostError) -> None:
         self._halt(
@@ -1684,6 +1699,9 @@ class Worker:
             except DataLostError as exc:
                 self._data_lost(exc)
                 return
+            except StateNotWritable as exc:
+                self._state_not_writable(exc)
+                return
             except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
                 # The partitions stay RECOVERING; the loop tries again (nothing is applied
                 # to or published from them meanwhile).
@@ -1826,9 +1844,11 @@ class Worker:
         started = time.monotonic()
         try:
             checkpoint = store.checkpoint()
+        except StateNotWritable:
+            raise  # a setting to fix: the file is left as it is
         except StoreError as exc:
             log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
-            store.clear()
+            store.clear()  # moved aside, not deleted
             return 0
         if checkpoint is None:
             checkpoint = await self._download_snapshot(hp)
