@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from meter.domain.clock import DEFAULT_CLOCK_TOLERANCE
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
 from meter.domain.license import LicenseWatch, ProviderLicense, load_license
@@ -78,6 +79,16 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="close a month this long after it ends, e.g. 2d, 36h, 0, or off [2d: the 3rd "
         "day of the next month, 00:00 UTC]",
+    )
+    g.add_argument(
+        "--clock-tolerance",
+        type=parse_tolerance,
+        default=DEFAULT_CLOCK_TOLERANCE,
+        metavar="DURATION",
+        help="close a month only while this host's clock is within this of the broker's "
+        "time (LogAppendTime on the jobs topic's .clock topic; on a broker that assigns "
+        "none, the other workers' clocks), e.g. 5m, 30s; off: closes follow this host's "
+        "clock alone [5m]",
     )
     g.add_argument(
         "--reports-topic",
@@ -225,6 +236,7 @@ async def start_http(
         health=worker.health,
         now=worker.now,
         exposition=lambda: collector.exposition(registry),
+        close_held=worker.close_held,
     )
     try:
         runner, port = await serve(app, args.http_host, args.http_port)
@@ -261,6 +273,7 @@ def stream_config(
         by_tenant=f"{args.jobs_topic}.by-tenant",
         changelog=f"{args.jobs_topic}.ledger.changelog",
         snapshots=f"{args.jobs_topic}.ledger.snapshots",
+        clock=f"{args.jobs_topic}.clock",
     )
     return StreamConfig(
         topics=topics,
@@ -270,6 +283,7 @@ def stream_config(
         session_timeout_ms=args.session_timeout_ms,
         idempotence=args.idempotence,
         close_grace=args.close_grace,
+        clock_tolerance=args.clock_tolerance,
         max_event_bytes=args.max_event_bytes,
         history_start=history_start(args, license_),
         clock_skew_ms=skew_ms(args.clock_skew),
@@ -409,6 +423,14 @@ def parse_grace(text: str) -> timedelta | None:
         raise argparse.ArgumentTypeError(
             f"not a duration: {text!r} (use e.g. 2d, 36h, off)"
         ) from None
+
+
+def parse_tolerance(text: str) -> timedelta | None:
+    """``--clock-tolerance``: a duration (``5m``, ``30s``) not below zero, or ``off``."""
+    value = parse_grace(text)
+    if value is not None and value < timedelta(0):
+        raise argparse.ArgumentTypeError(f"a tolerance cannot be negative: {text!r}")
+    return value
 
 
 def clock_from(path: str | None) -> Callable[[], datetime]:

@@ -3,7 +3,9 @@
 
 - ``GET /metrics``: Prometheus exposition from the registry passed in.
 - ``GET /healthz``: 200 when the worker owns its partitions and makes progress; 503
-  with a one-line reason otherwise (recovering, fenced, halted, connecting).
+  with a one-line reason otherwise (recovering, fenced, halted, connecting).  Its
+  ``month_close`` says ``ok`` or why closes are held (the clock check); a held close
+  never makes the worker unready: usage still counts.
 - ``GET /``: the live status page (when a usage view is given).
 - ``GET /api/usage?month=YYYY-MM[&tenant=T]``: the same document as
   ``meter report --format json``, plus ``months`` (every month seen), ``month``, the
@@ -37,11 +39,14 @@ def build_app(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     exposition: Callable[[], Awaitable[bytes]] | None = None,
     metrics_max_age: float = 1.0,
+    close_held: Callable[[], str] | None = None,
 ) -> web.Application:
     """``now``: the worker's clock (``--clock``), which decides the default month.
     ``exposition``: builds the scrape body without stalling the event loop (the worker's
     ledgers walked in slices); concurrent scrapes share one build, and a body is served
-    again for ``metrics_max_age`` seconds."""
+    again for ``metrics_max_age`` seconds.  ``close_held``: why month closes are held
+    ("" when they are not), shown by /healthz as ``month_close`` without changing
+    readiness (usage still counts)."""
     app = web.Application()
 
     async def build() -> bytes:
@@ -55,7 +60,10 @@ def build_app(
 
     async def healthz(_: web.Request) -> web.Response:
         ok, reason = health()
-        return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+        body: dict[str, object] = {"ready": ok, "reason": reason}
+        if close_held is not None:
+            body["month_close"] = close_held() or "ok"
+        return web.json_response(body, status=200 if ok else 503)
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

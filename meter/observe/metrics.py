@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from meter import __version__
 from meter.domain import OUTCOMES, REJECTION_CODES
+from meter.domain.clock import STATES
 from meter.domain.license import ProviderLicense
 from meter.domain.month import recent
 from meter.observe.snapshot import (
@@ -138,6 +139,7 @@ class WorkerCollector(Collector):
                 [], datetime(int(last[:4]), int(last[5:7]), 1, tzinfo=UTC).timestamp()
             )
         yield closed
+        yield from clock_families(self.worker)
         cards = GaugeMetricFamily(
             "meter_ratecard_info",
             "Rate cards loaded (value is always 1).",
@@ -244,6 +246,48 @@ def provider_families(snap: UsageSnapshot) -> Iterator[Metric]:
         omitted.add_metric([month], snap.omitted.get(month, 0))
     yield tenants
     yield omitted
+
+
+def clock_families(worker: Worker) -> Iterator[Metric]:
+    """The month-close clock check: this host's clock against the broker's time."""
+    tolerance = worker.config.clock_tolerance
+    verdict = worker.clock_ref.verdict(worker.now(), tolerance)
+    skew = GaugeMetricFamily(
+        "meter_clock_skew_seconds",
+        "This host's close clock minus the broker's time (LogAppendTime of its heartbeat; on "
+        "a broker that assigns none, the other workers' clocks: the largest disagreement). "
+        "Positive: ahead. Absent while nothing has been measured.",
+    )
+    if verdict.skew is not None:
+        skew.add_metric([], verdict.skew.total_seconds())
+    yield skew
+    tol = GaugeMetricFamily(
+        "meter_clock_tolerance_seconds",
+        "--clock-tolerance: months close only while |skew| is within it (absent when off).",
+    )
+    if tolerance is not None:
+        tol.add_metric([], tolerance.total_seconds())
+    yield tol
+    state = GaugeMetricFamily(
+        "meter_clock_check",
+        "1 for the clock check's state: ok, ahead (closes held), behind (closes late), "
+        "unknown (no reference time: closes held), off.",
+        labels=["state"],
+    )
+    for name in STATES:
+        state.add_metric([name], 1 if verdict.state == name else 0)
+    yield state
+    held = GaugeMetricFamily(
+        "meter_month_close_held",
+        "1 while the clock check holds month closes (usage still counts).",
+    )
+    held.add_metric([], 1 if verdict.held else 0)
+    yield held
+    yield _counter(
+        "meter_month_closes_refused",
+        "Due closes (home partition, month) the clock check refused, each counted once.",
+        worker.stats.closes_refused,
+    )
 
 
 def usage_families(totals: Iterable[tuple[str, str, str, int, int]]) -> Iterator[Metric]:

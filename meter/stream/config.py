@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
+from meter.domain.clock import DEFAULT_CLOCK_TOLERANCE
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
 from meter.kafka.topics import TopicSpec
@@ -40,6 +41,8 @@ class Topics:
     license_corrections: str = "meter.license.corrections"
     #: Snapshots of home partitions' local state, for workers on a new host (compacted).
     snapshots: str = "meter.ledger.snapshots"
+    #: Workers' clock heartbeats (one partition, LogAppendTime): the month-close clock check.
+    clock: str = "meter.jobs.clock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,9 @@ class StreamConfig:
     idempotence: str = "auto"
     #: A month closes this long after its end (None: never close).
     close_grace: timedelta | None = DEFAULT_GRACE
+    #: Months close only while this host's clock is within this of the broker's time (or,
+    #: on a broker that assigns none, the other workers' clocks); None: no check.
+    clock_tolerance: timedelta | None = DEFAULT_CLOCK_TOLERANCE
     #: Events larger than this are rejected as ``too_large`` (never forwarded or copied whole).
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     #: License view: the declared first month of meter's history (it has no new
@@ -96,4 +102,11 @@ class StreamConfig:
             TopicSpec(t.license, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.license_corrections, n, rf, {"cleanup.policy": "compact"}),
             TopicSpec(t.snapshots, n, rf, {"cleanup.policy": "compact"}),
+            # The broker stamps its own time on each heartbeat (where it honours this).
+            TopicSpec(
+                t.clock,
+                1,
+                rf,
+                {"message.timestamp.type": "LogAppendTime", "retention.ms": str(DAY_MS)},
+            ),
         ]

@@ -73,6 +73,7 @@ from meter.domain import (
     parse,
     parse_message,
 )
+from meter.domain.clock import ClockVerdict
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.event import future_time, not_after
 from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
@@ -96,6 +97,7 @@ from meter.store import (
     StoreError,
 )
 from meter.stream import snapshots
+from meter.stream.clockcheck import ClockReference, member_id, stop_watch, watch_clock
 from meter.stream.closing import (
     close_records,
     correction_record,
@@ -169,6 +171,10 @@ Write = tuple[str, "asyncio.Future[Any]"]
 
 def utc_now() -> str:
     return iso(datetime.now(UTC))
+
+
+def _skew(verdict: ClockVerdict) -> str:
+    return "unknown" if verdict.skew is None else f"{verdict.skew.total_seconds():+.1f}s"
 
 
 async def _acked(futures: list[asyncio.Future[Any]], what: str) -> bool:
@@ -327,6 +333,8 @@ class WorkerStats:
     write_retries: int = 0
     #: Times a home partition was fenced (ownership in doubt).
     fenced: int = 0
+    #: Due closes of (home partition, month) the clock check refused (each counted once).
+    closes_refused: int = 0
 
 
 class Worker:
@@ -403,6 +411,14 @@ class Worker:
         #: Why the broker cannot be used right now (connecting, authentication); empty when it can.
         self.connecting = "connecting to the broker"
         self.ready = asyncio.Event()
+        #: This host's clock against the broker's time (or the other workers' clocks).
+        self.clock_ref = ClockReference(member_id())
+        self._clock_task: asyncio.Task[None] | None = None
+        self._clock_reader: AIOKafkaConsumer | None = None
+        #: The clock check's last verdict on closing months (None before the first).
+        self.close_verdict: ClockVerdict | None = None
+        #: (home, month) due but refused by the clock check (each counted and logged once).
+        self._refused: set[tuple[int, str]] = set()
         #: Where this worker serves /metrics, once it does (for logs and tests).
         self.http_url: str | None = None
 
@@ -551,6 +567,15 @@ class Worker:
         await start_client(self._consumer, self.settings)
         watch_heartbeats(self._consumer, self.lease)
         self._consumer.subscribe([t.jobs, t.by_tenant], listener=_Rebalance(self))
+        # Its own reader, lazier than _reader(): one small record per worker every 2 s.
+        self._clock_reader = AIOKafkaConsumer(
+            **kw, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=500
+        )
+        await start_client(self._clock_reader, self.settings)
+        self._clock_task = asyncio.create_task(
+            watch_clock(self.clock_ref, self._producer, self._clock_reader, t.clock, self.now),
+            name="meter-clock-watch",
+        )
         log.info(
             "worker started: broker %s, group %s, %d home partitions; reading %s",
             self.settings.bootstrap,
@@ -599,7 +624,9 @@ class Worker:
         return producer
 
     async def _close_clients(self) -> None:
-        for consumer in (self._consumer, self._restore):
+        await stop_watch(self._clock_task)
+        self._clock_task = None
+        for consumer in (self._consumer, self._restore, self._clock_reader):
             if consumer is not None:
                 await close_consumer(consumer, max_seconds=5.0)
         if self._producer is not None:
@@ -607,7 +634,7 @@ class Worker:
                 await asyncio.wait_for(self._producer.stop(), 5.0)
             except (TimeoutError, KafkaError, OSError) as exc:
                 log.warning("producer did not stop cleanly: %s", exc)
-        self._consumer = self._restore = self._producer = None
+        self._consumer = self._restore = self._producer = self._clock_reader = None
 
     async def _shutdown(self) -> None:
         if not self.halted:
@@ -1420,7 +1447,8 @@ class Worker:
         active = [h for h in self.homes.values() if h.active]
         if grace is None or not active or not await self._caught_up():
             return
-        now = self.now()
+        host_now = self.now()
+        verdict = self._clock_verdict(host_now)
         if time.monotonic() - self._known_refreshed >= 30.0:
             self._known_refreshed = time.monotonic()  # also when it fails: not every second
             await self._refresh_known_months()
@@ -1429,6 +1457,10 @@ class Worker:
         months = set(self._known_months)
         for hp in active:
             months.update(hp.months())
+        if verdict.now is None:
+            self._refuse_closes(active, months, host_now, verdict)
+            return
+        now = verdict.now
         reports: dict[str, dict[str, Any]] | None = None
         read = False
         for hp in sorted(active, key=lambda h: h.number):
@@ -1454,6 +1486,51 @@ class Worker:
                         month,
                         hp.number,
                     )
+
+    def _clock_verdict(self, host_now: datetime) -> ClockVerdict:
+        """The clock check on closing months now; a change of state is logged once."""
+        verdict = self.clock_ref.verdict(host_now, self.config.clock_tolerance)
+        before = self.close_verdict
+        self.close_verdict = verdict
+        if before is None or before.state != verdict.state:
+            if verdict.state == "ahead":
+                log.error("%s", verdict.reason)
+            elif verdict.state == "behind":
+                log.warning("%s", verdict.reason)
+            elif verdict.state == "unknown":
+                log.info("%s", verdict.reason)
+            elif before is not None:
+                log.info("month close: %s (skew %s)", verdict.reason, _skew(verdict))
+        return verdict
+
+    def _refuse_closes(
+        self,
+        active: list[HomePartition],
+        months: set[str],
+        host_now: datetime,
+        verdict: ClockVerdict,
+    ) -> None:
+        """Count and log, once each, the closes this host's clock says are due and the
+        clock check holds."""
+        grace = self.config.close_grace
+        assert grace is not None
+        for hp in sorted(active, key=lambda h: h.number):
+            for month in months_to_close(months, hp.close.closed, host_now, grace):
+                if (hp.number, month) not in self._refused:
+                    self._refused.add((hp.number, month))
+                    self.stats.closes_refused += 1
+                    log.warning(
+                        "not closing %s on home partition %d, due by this host's clock (%s): %s",
+                        month,
+                        hp.number,
+                        iso(host_now),
+                        verdict.reason,
+                    )
+
+    def close_held(self) -> str:
+        """Why month closes are held now; empty when they are not (or not checked yet)."""
+        v = self.close_verdict
+        return v.reason if v is not None and v.now is None else ""
 
     async def _close(
         self, hp: HomePartition, month: str, reports: dict[str, dict[str, Any]] | None = None

@@ -25,7 +25,8 @@ GENERATOR = DEPLOY / "grafana" / "build_dashboard.py"
 ALERTS = {"MeterWorkerDown", "MeterRejectionsHigh", "MeterNoRatecard", "MeterStalled",
           "MeterLatencyHigh", "MeterHalted", "MeterFenced", "MeterInternalErrors",
           "MeterLicenseOverWarning", "MeterLicenseOverAllowance", "MeterLicenseExpiring",
-          "MeterLicenseGracePeriod", "MeterLicenseExpired"}  # fmt: skip
+          "MeterLicenseGracePeriod", "MeterLicenseExpired", "MeterClockAhead",
+          "MeterClockBehind", "MeterClockUnchecked"}  # fmt: skip
 
 
 def require_binary(name: str) -> str:

@@ -43,6 +43,16 @@ def pinned_clock(args: Iterable[str]) -> list[str]:
     return ["--clock", str(clock)]
 
 
+def clock_check_off(args: Iterable[str]) -> list[str]:
+    """``--clock-tolerance off`` when ``args`` set no tolerance of their own.
+
+    The embedded broker assigns no time (it keeps the producer's timestamps, also on a
+    LogAppendTime topic), so a worker alone on it has nothing to check its clock against
+    and would hold every close; the tests pin their clocks in the past on purpose.  Tests
+    of the clock check (``test_clock_check.py``) set their own tolerance."""
+    return [] if "--clock-tolerance" in args else ["--clock-tolerance", "off"]
+
+
 def report_rows(rows: Iterable[UsageRow]) -> list[dict[str, object]]:
     """Usage rows as ``meter report --format json`` shows their main fields."""
     return [
@@ -142,7 +152,15 @@ class WorkerProcess:
         )
         args = [*names.worker_args(), *extra]
         self.proc = subprocess.Popen(
-            [sys.executable, *launcher, "--broker", bootstrap, *args, *pinned_clock(args)],
+            [
+                sys.executable,
+                *launcher,
+                "--broker",
+                bootstrap,
+                *args,
+                *pinned_clock(args),
+                *clock_check_off(args),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
