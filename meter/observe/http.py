@@ -13,15 +13,21 @@
   a closed month, and ``license`` when the view has a license source. A month that is
   not ``YYYY-MM`` (01..12, year 0001..9999) is a 400 with ``{"error": "..."}``; no month
   (or an empty one) means this UTC month if it has usage, else the newest that has.
+  ``&tenant=T`` is answered from an index (milliseconds at any number of tenants);
+  ``&limit=N[&offset=K]`` pages the rows (``total_rows``, ``next_offset``; N up to
+  10,000).  A month's whole document is made in a thread once per change and shared by
+  concurrent callers, so no client stalls the worker on the same event loop.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -80,15 +86,56 @@ def build_app(
                 month = parse_month(asked) if asked else default_month(months, now())
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-            doc = view.document(month=month, tenant_id=request.query.get("tenant") or None)
+            try:
+                page = paging(request.query)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            version = view.version
+            doc = await view.document_off_loop(month, request.query.get("tenant") or None)
+            if page is not None:
+                doc = paged(doc, *page)
             doc["month"] = month
             doc["months"] = months
-            doc["version"] = view.version
-            return web.json_response(doc)
+            doc["version"] = version
+            return web.json_response(doc, dumps=_dumps)
 
         app.router.add_get("/", index)
         app.router.add_get("/api/usage", api_usage)
     return app
+
+
+#: The largest page of ``/api/usage`` rows.
+MAX_PAGE = 10_000
+
+
+def paging(query: Mapping[str, str]) -> tuple[int, int] | None:
+    """``(offset, limit)`` from ``?offset=&limit=``; ``None``: every row (no ``limit``)."""
+    if "limit" not in query and "offset" not in query:
+        return None
+    values = []
+    for name, default in (("offset", "0"), ("limit", str(MAX_PAGE))):
+        text = query.get(name, default)
+        if not text.isdigit() or len(text) > 9:
+            raise ValueError(f"{name} {text!r}: expected a whole number")
+        values.append(int(text))
+    offset, limit = values
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit}: expected 1..{MAX_PAGE}")
+    return offset, limit
+
+
+def paged(doc: dict[str, Any], offset: int, limit: int) -> dict[str, Any]:
+    """One page of a month document's ``usage`` rows (tenant, then type order), with
+    ``total_rows`` and ``next_offset`` (``null`` on the last page); everything else,
+    corrections included, as in the whole document."""
+    rows = doc.get("usage", [])
+    out = {**doc, "usage": rows[offset : offset + limit], "total_rows": len(rows)}
+    out["next_offset"] = offset + limit if offset + limit < len(rows) else None
+    return out
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def default_month(months: list[str], now: datetime) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
@@ -27,17 +28,19 @@ from meter.kafka import KafkaSettings, close_consumer, describe_partitions
 from meter.report import UsageReport
 from meter.stream.usage import (
     fold,
-    fold_license,
     keep_correction,
     keep_latest,
     keep_license,
     keep_license_correction,
-    license_month_state,
-    license_rows,
+    license_correction_well_formed,
+    license_well_formed,
     usage_rows,
 )
 
 log = logging.getLogger(__name__)
+
+#: Whether a whole month is closed, and its latest close time.
+MonthState = tuple[bool, str | None]
 
 
 class UsageView:
@@ -55,11 +58,38 @@ class UsageView:
         #: Set by whoever builds the view: the license document of a month (or None),
         #: added to :meth:`document` as ``license``.
         self.license_doc: Callable[[str], dict[str, Any] | None] | None = None
+        self._rec_ix = KeyIndex()
+        self._fix_ix = KeyIndex()
+        self._indexed_for: tuple[int, int, int, int] = (0, -1, 0, -1)
+        self._docs: dict[tuple[str, str | None, int], asyncio.Future[dict[str, Any]]] = {}
 
     def months(self) -> list[str]:
-        months = {r["month"] for r in self.records.values() if "month" in r}
-        months |= {c["month"] for c in self.corrections.values() if "month" in c}
-        return sorted(months, reverse=True)
+        rec, fix = self._indexes()
+        return sorted(rec.by_month.keys() | fix.by_month.keys(), reverse=True)
+
+    def _indexes(self) -> tuple[KeyIndex, KeyIndex]:
+        """The keys by month and by tenant-month, kept as records arrive; rebuilt only if
+        the dicts were replaced or filled by hand (tests)."""
+        if self._indexed_for != (id(self.records), len(self.records),
+                                 id(self.corrections), len(self.corrections)):  # fmt: skip
+            self._rec_ix = KeyIndex.of(self.records, self.final_record, self.valid_record)
+            self._fix_ix = KeyIndex.of(self.corrections)
+            self._mark_indexed()
+            self.rebuilt()
+        return self._rec_ix, self._fix_ix
+
+    def _mark_indexed(self) -> None:
+        self._indexed_for = (id(self.records), len(self.records),
+                             id(self.corrections), len(self.corrections))  # fmt: skip
+
+    def subset(
+        self, month: str, tenant_id: str | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The records and corrections of one month (of one tenant): found through the
+        index, so a tenant's are a dictionary lookup at any number of tenants."""
+        rec, fix = self._indexes()
+        rk, fk = rec.keys(month, tenant_id), fix.keys(month, tenant_id)
+        return {k: self.records[k] for k in rk}, {k: self.corrections[k] for k in fk}
 
     def document(self, month: str | None = None, tenant_id: str | None = None) -> dict[str, Any]:
         """The same shape as ``meter report --format json``; for one month, with its
@@ -67,7 +97,43 @@ class UsageView:
         if month is None:
             rows = usage_rows(fold(self.records, self.corrections), tenant_id=tenant_id)
             return UsageReport(usage=rows).as_dict()
-        doc = month_document(self.records, self.corrections, month, tenant_id)
+        records, corrections = self.subset(month, tenant_id)
+        doc = month_document(records, corrections, month, tenant_id, self.month_state(month))
+        return self.with_license(doc, month)
+
+    def month_state(self, month: str) -> MonthState:
+        """Whether every record of ``month`` (all tenants) is final, and the latest close
+        time: what a month is, whichever tenant is asked for."""
+        rec, fix = self._indexes()
+        has = month in rec.by_month or any(
+            _correction(self.corrections[k]) for k in fix.by_month.get(month, ())
+        )
+        closed = has and not rec.open.get(month, 0)
+        times = rec.closed_at.get(month)
+        return closed, max(times) if times else None
+
+    async def document_off_loop(self, month: str, tenant_id: str | None = None) -> dict[str, Any]:
+        """:meth:`document` of one month, with the month's records copied out on the loop
+        (a lookup per key) and the document made in a thread when it is big: a full month
+        of 200,000 tenants never stalls the worker sharing this event loop.  Concurrent
+        asks of one month at one version share one build."""
+        key = (month, tenant_id, self.version)
+        held = self._docs.get(key)
+        if held is None:
+            records, corrections = self.subset(month, tenant_id)
+            state = self.month_state(month)
+            if len(records) + len(corrections) < OFF_LOOP_RECORDS:
+                doc = month_document(records, corrections, month, tenant_id, state)
+                return self.with_license(doc, month)
+            held = asyncio.ensure_future(
+                asyncio.to_thread(month_document, records, corrections, month, tenant_id, state)
+            )
+            self._docs = {k: v for k, v in self._docs.items() if k[2] == self.version}
+            self._docs[key] = held
+        doc = dict(await asyncio.shield(held))
+        return self.with_license(doc, month)
+
+    def with_license(self, doc: dict[str, Any], month: str) -> dict[str, Any]:
         if self.license_doc is not None:
             lic = self.license_doc(month)
             if lic is not None:
@@ -122,6 +188,7 @@ class UsageView:
             return
         if isinstance(record, dict):
             k = key.decode("utf-8", "replace")
+            rec_ix, fix_ix = self._indexes()
             before = into.get(k)
             if into is self.records:
                 self.keep_record(into, k, record)
@@ -129,13 +196,95 @@ class UsageView:
                 self.keep_fix(into, k, record)
             after = into.get(k)
             if after is not before:
+                (rec_ix if into is self.records else fix_ix).move(k, before, after)
+                self._mark_indexed()
                 self.version += 1
                 self.changed(before, after, timestamp_ms)
+
+    @staticmethod
+    def final_record(record: dict[str, Any]) -> bool:
+        return record.get("final") is True
+
+    @staticmethod
+    def valid_record(record: dict[str, Any]) -> bool:
+        """A record the month's status counts (all: :func:`month_document` reads any)."""
+        return True
 
     def changed(
         self, before: dict[str, Any] | None, after: dict[str, Any] | None, timestamp_ms: int
     ) -> None:
         """A key's record went from ``before`` to ``after``, published at ``timestamp_ms``."""
+
+    def rebuilt(self) -> None:
+        """The indexes were rebuilt from the dicts as they are (filled other than by
+        :meth:`_take`): recompute anything kept beside them."""
+
+
+#: A month document of this many records and corrections or more is made in a thread.
+OFF_LOOP_RECORDS = 2_000
+
+
+class KeyIndex:
+    """The keys of a dict of records, by the ``month`` and ``tenant_id`` the records say
+    (not the key's text: a record is shown where its content puts it)."""
+
+    def __init__(
+        self,
+        final: Callable[[dict[str, Any]], bool] = lambda r: r.get("final") is True,
+        valid: Callable[[dict[str, Any]], bool] = lambda r: True,
+    ) -> None:
+        self.final = final
+        self.valid = valid
+        self.by_month: dict[str, set[str]] = {}
+        self.by_tenant: dict[tuple[str, str], set[str]] = {}
+        #: per month: records not final, and the close times of the final ones
+        self.open: dict[str, int] = {}
+        self.closed_at: dict[str, Counter[str]] = {}
+
+    @classmethod
+    def of(
+        cls,
+        records: dict[str, dict[str, Any]],
+        final: Callable[[dict[str, Any]], bool] = lambda r: r.get("final") is True,
+        valid: Callable[[dict[str, Any]], bool] = lambda r: True,
+    ) -> KeyIndex:
+        ix = cls(final, valid)
+        for k, r in records.items():
+            ix.move(k, None, r)
+        return ix
+
+    def move(self, key: str, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+        for record, add in ((before, False), (after, True)):
+            if record is None or not self.valid(record):
+                continue
+            month, tenant = record.get("month"), record.get("tenant_id")
+            if not isinstance(month, str):
+                continue
+            places = [self.by_month.setdefault(month, set())]
+            if isinstance(tenant, str):
+                places.append(self.by_tenant.setdefault((tenant, month), set()))
+            for keys in places:
+                if add:
+                    keys.add(key)
+                else:
+                    keys.discard(key)
+            step = 1 if add else -1
+            if self.final(record):
+                at = record.get("closed_at")
+                if isinstance(at, str):
+                    counts = self.closed_at.setdefault(month, Counter())
+                    counts[at] += step
+                    if counts[at] <= 0:
+                        del counts[at]
+            else:
+                self.open[month] = self.open.get(month, 0) + step
+            if not add and not self.by_month[month]:
+                del self.by_month[month]
+
+    def keys(self, month: str, tenant_id: str | None) -> set[str]:
+        if tenant_id is None:
+            return set(self.by_month.get(month, ()))
+        return set(self.by_tenant.get((tenant_id, month), ()))
 
 
 class LicenseView(UsageView):
@@ -146,12 +295,21 @@ class LicenseView(UsageView):
     keep_fix = staticmethod(keep_license_correction)
 
     def __init__(self, settings: KafkaSettings, topic: str, corrections: str | None = None) -> None:
-        super().__init__(settings, topic, corrections)
-        #: month -> the provider's used points now, records and corrections together
-        self._used: dict[str, int] = {}
+        #: month -> the provider's [used, new] points now, records and corrections together
+        self._sums: dict[str, list[int]] = {}
         #: month -> UTC day -> used points after the last record published that day: the
         #: trend, from the records' own timestamps (a replay draws the same line)
         self.trend: dict[str, dict[str, int]] = {}
+        super().__init__(settings, topic, corrections)
+
+    @staticmethod
+    def final_record(record: dict[str, Any]) -> bool:
+        return record.get("status") == "final"
+
+    @staticmethod
+    def valid_record(record: dict[str, Any]) -> bool:
+        """What fold_license skips, the month's status does not count either."""
+        return license_well_formed(record)
 
     def changed(
         self, before: dict[str, Any] | None, after: dict[str, Any] | None, timestamp_ms: int
@@ -159,11 +317,18 @@ class LicenseView(UsageView):
         month = (after or before or {}).get("month")
         if not isinstance(month, str):
             return
-        change = _points(after) - _points(before)
-        used = self._used[month] = self._used.get(month, 0) + change
-        if timestamp_ms >= 0 and (change or month not in self.trend):
+        (p1, n1), (p0, n0) = _points(after), _points(before)
+        sums = self._sums.setdefault(month, [0, 0])
+        sums[0] += p1 - p0
+        sums[1] += n1 - n0
+        if timestamp_ms >= 0 and (p1 != p0 or month not in self.trend):
             day = datetime.fromtimestamp(timestamp_ms / 1000, UTC).date().isoformat()
-            self.trend.setdefault(month, {})[day] = used
+            self.trend.setdefault(month, {})[day] = sums[0]
+
+    def rebuilt(self) -> None:
+        self._sums = {}
+        for r in [*self.records.values(), *self.corrections.values()]:
+            self.changed(None, r, -1)
 
     def status(
         self, month: str, license_: ProviderLicense | None, today: date
@@ -172,36 +337,46 @@ class LicenseView(UsageView):
         license, as :meth:`LicenseStatus.as_dict`; ``None`` before anything was read."""
         if not self.records and license_ is None:
             return None
-        rows = license_rows(fold_license(self.records, self.corrections))
+        rec, fix = self._indexes()  # also brings the sums up to date
+        used, new = self._sums.get(month, (0, 0))
         prev = previous_month(month)
         doc = LicenseStatus(
             month=month,
-            used_points=sum(r.points for r in rows if r.month == month),
-            new_points=sum(r.new_points for r in rows if r.month == month),
-            previous_new_points=sum(r.new_points for r in rows if r.month == prev),
+            used_points=used,
+            new_points=new,
+            previous_new_points=self._sums.get(prev, (0, 0))[1] if prev else 0,
             license=license_,
             today=today,
         ).as_dict()
-        doc["status"] = license_month_state(fold_license(self.records, self.corrections), month)
+        # As license_month_state of the folded records, from the index: running while
+        # any record is (or none is there), final+corrections once a correction is.
+        fixes = any(_license_correction(self.corrections[k]) for k in fix.by_month.get(month, ()))
+        if (month not in rec.by_month and not fixes) or rec.open.get(month, 0):
+            doc["status"] = "running"
+        else:
+            doc["status"] = "final+corrections" if fixes else "final"
         doc["trend"] = [[day, points] for day, points in sorted(self.trend.get(month, {}).items())]
         return doc
 
 
-def _points(record: dict[str, Any] | None) -> int:
-    """The billable points a license record or correction adds to its month."""
+def _points(record: dict[str, Any] | None) -> tuple[int, int]:
+    """The billable and new points a license record or correction adds to its month, as
+    :func:`~meter.stream.usage.fold_license` counts them (nothing for a malformed one)."""
     if record is None:
-        return 0
+        return 0, 0
     if "points_added" in record:
-        points = record.get("points_added")
-        return points if isinstance(points, int) else 0
-    usage = record.get("usage")
-    if not isinstance(usage, dict):
-        return 0
-    return sum(
-        u["points"]
-        for u in usage.values()
-        if isinstance(u, dict) and isinstance(u.get("points"), int)
-    )
+        if not _license_correction(record):
+            return 0, 0
+        return record["points_added"], record["new_points_added"]
+    if not license_well_formed(record):
+        return 0, 0
+    usage = record["usage"].values()
+    return sum(u.get("points", 0) for u in usage), sum(u.get("new_points", 0) for u in usage)
+
+
+def _license_correction(c: dict[str, Any]) -> bool:
+    """In the shape :func:`~meter.stream.usage.fold_license` adds in."""
+    return license_correction_well_formed(c)
 
 
 def month_document(
@@ -209,8 +384,11 @@ def month_document(
     corrections: dict[str, dict[str, Any]],
     month: str,
     tenant_id: str | None = None,
+    state: MonthState | None = None,
 ) -> dict[str, Any]:
     """One month's usage and what it is, as ``meter report --month M --with-corrections``.
+    ``state``: whether the whole month is closed, and when (default: from ``records``,
+    which must then hold the whole month).
 
     - ``running`` (``"final": false``): not every record of the month is final yet;
       ``usage`` is what the events say now (corrections folded in).
@@ -222,15 +400,18 @@ def month_document(
     """
     mine = [r for r in records.values() if r.get("month") == month]
     fixes = [c for c in corrections.values() if c.get("month") == month and _correction(c)]
-    closed = all(r.get("final") is True for r in mine) and bool(mine or fixes)
+    if state is None:
+        closed = all(r.get("final") is True for r in mine) and bool(mine or fixes)
+        times = sorted({r["closed_at"] for r in mine if isinstance(r.get("closed_at"), str)})
+        state = closed, times[-1] if times else None
+    closed, last_close = state
     if not closed:
         rows = usage_rows(fold(records, corrections), month=month, tenant_id=tenant_id)
         return {**UsageReport(usage=rows).as_dict(), "final": False, "status": "running"}
     doc = UsageReport(usage=usage_rows(records, month=month, tenant_id=tenant_id)).as_dict()
     doc["final"] = True
-    closed_at = sorted({r["closed_at"] for r in mine if isinstance(r.get("closed_at"), str)})
-    if closed_at:
-        doc["closed_at"] = closed_at[-1]
+    if last_close is not None:
+        doc["closed_at"] = last_close
     fixes = sorted(
         (c for c in fixes if tenant_id in (None, c["tenant_id"])),
         key=lambda c: (c["tenant_id"], c["workload_type"], str(c.get("workload_id"))),

@@ -242,12 +242,7 @@ def fold_license(
         if _license_well_formed(r)
     }
     for c in corrections.values():
-        if not (
-            isinstance(c.get("tenant_id"), str)
-            and isinstance(c.get("month"), str)
-            and isinstance(c.get("workload_type"), str)
-            and all(isinstance(c.get(a), int) for a in _ADDED.values())
-        ):
+        if not license_correction_well_formed(c):
             log.warning("license correction %r is not in the documented shape; skipped", c)
             continue
         key = f"{c['tenant_id']}/{c['month']}"
@@ -309,6 +304,21 @@ def by_month(records: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any
         if isinstance(m, str):
             out.setdefault(m, []).append(r)
     return out
+
+
+def license_correction_well_formed(c: dict[str, Any]) -> bool:
+    """A license correction in the documented shape (others are skipped, with a warning)."""
+    return (
+        isinstance(c.get("tenant_id"), str)
+        and isinstance(c.get("month"), str)
+        and isinstance(c.get("workload_type"), str)
+        and all(isinstance(c.get(a), int) for a in _ADDED.values())
+    )
+
+
+def license_well_formed(r: dict[str, Any]) -> bool:
+    """A license record in the documented shape (others are skipped)."""
+    return _license_well_formed(r)
 
 
 def _license_well_formed(r: dict[str, Any]) -> bool:

@@ -292,3 +292,83 @@ def test_api_usage_with_an_empty_month_uses_the_default_month() -> None:
     status, doc = run_with_client(app, body)
     assert status == 200
     assert doc["month"] == "2026-11"
+
+
+def many_tenants(n: int) -> UsageView:
+    view = UsageView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.usage")
+    for i in range(n):
+        r = record(f"t{i:06d}", "2026-11", {"vm": (1 + i % 3, 5 * (1 + i % 3))})
+        view.records[f"t{i:06d}/2026-11"] = r
+    return view
+
+
+def test_api_usage_pages_the_rows_and_says_what_is_left() -> None:
+    view = many_tenants(25)
+
+    async def body(client: TestClient) -> list[Any]:
+        out = []
+        for query in ("limit=10", "limit=10&offset=10", "limit=10&offset=20", "offset=30",
+                      "limit=0", "limit=x", "offset=-1"):  # fmt: skip
+            resp = await client.get(f"/api/usage?month=2026-11&{query}")
+            out.append((resp.status, await resp.json()))
+        return out
+
+    pages = run_with_client(build_app(CollectorRegistry(), view), body)
+    rows = [r["tenant_id"] for status, doc in pages[:3] for r in doc["usage"]]
+    assert rows == [f"t{i:06d}" for i in range(25)]  # every row once, in order
+    assert [doc["next_offset"] for _, doc in pages[:4]] == [10, 20, None, None]
+    assert {doc["total_rows"] for _, doc in pages[:4]} == {25}
+    assert pages[3][1]["usage"] == []
+    assert all(doc["status"] == "running" for _, doc in pages[:4])
+    for status, doc in pages[4:]:
+        assert status == 400
+        assert "limit" in doc["error"] or "offset" in doc["error"]
+
+
+def test_api_usage_of_one_tenant_is_a_lookup_whatever_the_number_of_tenants() -> None:
+    """The tenant's rows come from the index: the month's other records are not read."""
+    view = many_tenants(5_000)
+    touched: list[str] = []
+
+    class Watched(dict):  # type: ignore[type-arg]
+        def __getitem__(self, key: str) -> Any:
+            touched.append(key)
+            return super().__getitem__(key)
+
+    view.records = Watched(view.records)
+
+    async def body(client: TestClient) -> Any:
+        view._indexes()  # built once, as records arrive
+        touched.clear()
+        resp = await client.get("/api/usage?month=2026-11&tenant=t004242")
+        return await resp.json()
+
+    doc = run_with_client(build_app(CollectorRegistry(), view), body)
+    got = [(r["tenant_id"], r["points"]) for r in doc["usage"]]
+    assert got == [("t004242", 5 * (1 + 4242 % 3))]
+    assert touched == ["t004242/2026-11"]
+
+
+def test_concurrent_calls_for_a_big_month_share_one_document_made_off_the_loop() -> None:
+    view = many_tenants(6_000)
+    made: list[int] = []
+    import meter.observe.usage_view as uv
+
+    real = uv.month_document
+
+    def counted(*args: Any, **kw: Any) -> dict[str, Any]:
+        made.append(1)
+        return real(*args, **kw)
+
+    async def body(client: TestClient) -> list[int]:
+        uv.month_document = counted  # type: ignore[assignment]
+        try:
+            resps = await asyncio.gather(
+                *(client.get("/api/usage?month=2026-11&limit=5") for _ in range(10))
+            )
+            return [len((await r.json())["usage"]) for r in resps]
+        finally:
+            uv.month_document = real  # type: ignore[assignment]
+
+    assert run_with_client(build_app(CollectorRegistry(), view), body) == [5] * 10
+    assert made == [1]

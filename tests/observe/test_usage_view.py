@@ -9,9 +9,13 @@ from datetime import date, datetime
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from meter.domain.license import ProviderLicense
 from meter.kafka import KafkaSettings
 from meter.observe.usage_view import LicenseView, UsageView, month_document
+from meter.stream.usage import fold_license, license_month_state, license_rows
 from tests.observe.test_http import record
 
 CLOSED_AT = "2026-12-03T00:00:00Z"
@@ -188,3 +192,93 @@ def test_the_license_trend_is_used_points_at_the_end_of_each_day_of_records() ->
     assert doc["trend"] == [["2026-11-02", 12], ["2026-11-05", 22], ["2026-12-05", 27]]
     assert view.status("2026-12", None, date(2026, 12, 6))["trend"] == [["2026-12-01", 99]]  # type: ignore[index]
     assert view.status("2026-10", None, date(2026, 12, 6))["trend"] == []  # type: ignore[index]
+
+
+# ------------------------------------------------------------ the indexes agree with a scan
+
+TENANTS = st.sampled_from(["acme", "globex", "initech"])
+MONTHS = st.sampled_from(["2026-10", "2026-11"])
+
+
+@st.composite
+def license_stream(draw: st.DrawFn) -> list[tuple[bytes, bytes, bool]]:
+    """License records and corrections, in any order, replays and bad ones among them."""
+    out = []
+    for _ in range(draw(st.integers(0, 25))):
+        tenant, month = draw(TENANTS), draw(MONTHS)
+        if draw(st.booleans()):
+            n = draw(st.integers(1, 3))  # a type in a record has workloads
+            usage = {"vm": {"workloads": n, "new_workloads": 0, "rental_workloads": 0,
+                            "points": draw(st.integers(0, 10 * n)),
+                            "new_points": draw(st.integers(0, 10))}}  # fmt: skip
+            doc: dict[str, Any] = {
+                "view": "license", "tenant_id": tenant, "month": month,
+                "status": draw(st.sampled_from(["running", "final"])),
+                "revision": draw(st.integers(0, 5)), "usage": usage,
+            }  # fmt: skip
+            if draw(st.integers(0, 9)) == 0:
+                doc["usage"] = {"vm": {"points": "5"}}  # malformed: skipped by both
+            out.append((f"{tenant}/{month}".encode(), orjson.dumps(doc), False))
+        else:
+            wid = draw(st.sampled_from(["a", "b"]))
+            fix = {
+                "tenant_id": tenant, "month": month, "workload_type": "vm",
+                "workload_id": wid, "workloads_added": 1,  # a late workload
+                "new_added": 0, "rental_added": 0,
+                "points_added": draw(st.integers(0, 10)),
+                "new_points_added": draw(st.integers(0, 5)),
+            }  # fmt: skip
+            key = f"{tenant}/{month}/vm/{wid}".encode()
+            out.append((key, orjson.dumps(fix), True))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(license_stream(), MONTHS)
+def test_the_license_status_from_the_index_is_the_fold_of_every_record(
+    stream: list[tuple[bytes, bytes, bool]], month: str
+) -> None:
+    view = LicenseView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.license")
+    for key, value, is_fix in stream:
+        view._take(key, value, view.corrections if is_fix else view.records, 0)
+    got = view.status(month, ProviderLicense(100), date(2026, 11, 20))
+    folded = fold_license(view.records, view.corrections)
+    rows = license_rows(folded)
+    if not view.records:
+        assert got is not None  # a license is declared
+    assert got is not None
+    assert got["used_points"] == sum(r.points for r in rows if r.month == month)
+    assert got["new_points"] == sum(r.new_points for r in rows if r.month == month)
+    assert got["previous_new_points"] == sum(r.new_points for r in rows if r.month == "2026-10") * (
+        month == "2026-11"
+    )
+    assert got["status"] == license_month_state(folded, month)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(TENANTS, MONTHS, st.integers(0, 4), st.booleans(), st.sampled_from(["a", "b"])),
+        max_size=20,
+    ),
+    MONTHS,
+    st.sampled_from([None, "acme", "globex"]),
+)
+def test_a_month_document_from_the_index_is_the_one_from_every_record(
+    items: list[tuple[str, str, int, bool, str]], month: str, tenant: str | None
+) -> None:
+    view = UsageView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.usage")
+    for t, m, rev, fin, closed in items:
+        r = {**record(t, m, {"vm": (rev, 5 * rev)}), "revision": rev}
+        if fin:
+            r = {**r, "final": True, "closed_at": f"2026-12-0{1 + (closed == 'b')}T00:00:00Z"}
+        if rev == 4:  # a late correction instead
+            c = {**correction(t, "vm", closed, 1, 5), "month": m}
+            view._take(f"{t}/{m}/vm/{closed}".encode(), orjson.dumps(c), view.corrections)
+            continue
+        view._take(f"{t}/{m}".encode(), orjson.dumps(r), view.records)
+    want = month_document(view.records, view.corrections, month, tenant)
+    assert view.document(month, tenant) == want
+    # the same after the dicts were replaced by hand (the index is rebuilt)
+    view.records = dict(view.records)
+    assert view.document(month, tenant) == want
