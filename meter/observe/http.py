@@ -21,8 +21,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import logging
+import resource
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -150,11 +152,129 @@ def utc_month(now: datetime) -> str:
     return f"{t.year:04d}-{t.month:02d}"
 
 
-async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the port."""
-    runner = web.AppRunner(app, access_log=None)
+#: Seconds a connection may sit with no request (before its first, or between two):
+#: then it is closed (aiohttp's default is an hour).
+IDLE_SECONDS = 10.0
+
+
+def connection_limit() -> int:
+    """Connections served at once: at most 256, and at most a quarter of this process's
+    file descriptor limit, so the rest stay for Kafka, the state files and the logs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(8, min(256, soft // 4))
+
+
+class ConnectionGuard:
+    """A protocol factory around aiohttp's that keeps at most ``limit`` connections: when
+    a new one comes at the limit, the connection silent the longest with no request in
+    progress is closed for it (an idle flood cannot lock out ``/healthz`` or a scrape); with none
+    idle, the new one is closed (counted, logged through the repeat filter).  Never
+    more, so the file descriptors Kafka needs stay free."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self.factory = factory
+        self.limit = limit
+        #: admitted connections, least recently active first: protocol -> its transport
+        self.conns: dict[_Guarded, asyncio.BaseTransport] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.conns)
+
+    def _evict_idle(self) -> bool:
+        for proto, transport in self.conns.items():
+            if not proto._request_in_progress:
+                self.evicted += 1
+                del self.conns[proto]
+                transport.close()
+                return True
+        return False
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self, self.factory())
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection through a :class:`ConnectionGuard`: aiohttp's protocol, admitted
+    or not (it has ``__slots__``, so it is wrapped rather than patched)."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self.guard = guard
+        self.inner = inner
+        self.admitted = False
+
+    @property
+    def _request_in_progress(self) -> bool:
+        return bool(getattr(self.inner, "_request_in_progress", False))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        g = self.guard
+        if len(g.conns) >= g.limit and not g._evict_idle():
+            g.refused += 1
+            log.warning(
+                "HTTP: %d connections open, all busy, the most served at once; refusing more",
+                len(g.conns),
+            )
+            transport.close()
+            return
+        self.admitted = True
+        g.conns[self] = transport
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        conns = self.guard.conns
+        transport = conns.pop(self, None)
+        if transport is not None:
+            conns[self] = transport  # the most recently active: evicted last
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.conns.pop(self, None)
+        if self.admitted:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections pass through a :class:`ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, limit: int) -> None:
+        super().__init__(runner, host, port)
+        self.limit = limit
+        self.guard: ConnectionGuard | None = None
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(server, self.limit)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )  # fmt: skip
+
+
+async def serve(
+    app: web.Application, host: str, port: int, limit: int | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the port.
+    At most ``limit`` connections at once (default :func:`connection_limit`); a
+    connection idle for :data:`IDLE_SECONDS` is closed."""
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, connection_limit() if limit is None else limit)
     try:
         await site.start()
     except BaseException:

@@ -12,11 +12,23 @@ def test_repeats_are_collapsed_and_counted() -> None:
     assert f.filter(record("aiokafka", "Unable connect to node %s"))
     assert not any(f.filter(record("aiokafka", "Unable connect to node %s")) for _ in range(5))
     assert f.filter(record("aiokafka.conn", "other"))
-    assert f.filter(record("meter.stream.worker", "never held back"))
-    assert f.filter(record("meter.stream.worker", "never held back"))
+    # every logger: the worker's own, and asyncio's accept() when fds run out
+    assert f.filter(record("meter.stream.worker", "held back too"))
+    assert not f.filter(record("meter.stream.worker", "held back too"))
+    assert f.filter(record("asyncio", "socket.accept() out of system resource"))
+    assert not any(
+        f.filter(record("asyncio", "socket.accept() out of system resource")) for _ in range(99)
+    )
     import time
 
     time.sleep(0.06)
     again = record("aiokafka", "Unable connect to node %s")
     assert f.filter(again)
     assert "[5 more like this" in str(again.msg)
+
+
+def test_the_kinds_remembered_are_bounded() -> None:
+    f = RepeatFilter(window=60)
+    for i in range(3 * RepeatFilter.MAX_KINDS):
+        assert f.filter(record("meter", f"built with an f-string {i}"))
+    assert len(f._seen) <= RepeatFilter.MAX_KINDS + 1

@@ -372,3 +372,51 @@ def test_concurrent_calls_for_a_big_month_share_one_document_made_off_the_loop()
 
     assert run_with_client(build_app(CollectorRegistry(), view), body) == [5] * 10
     assert made == [1]
+
+
+def test_an_idle_connection_flood_neither_locks_out_healthz_nor_takes_the_fds() -> None:
+    """300 connections that never send a byte: the server keeps at most its limit open
+    (the oldest idle ones closed for new ones), /healthz answers throughout, and this
+    process's file descriptors grow by the limit at most."""
+    import contextlib
+    import socket
+    from pathlib import Path
+
+    from meter.observe.http import serve
+
+    async def main() -> tuple[int, int, list[int], int]:
+        runner, port = await serve(build_app(CollectorRegistry()), "127.0.0.1", 0, limit=16)
+        fds = len(list(Path("/proc/self/fd").iterdir()))
+        socks = []
+        try:
+            for _ in range(300):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", port))
+                socks.append(s)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.2)
+            grown = len(list(Path("/proc/self/fd").iterdir())) - fds - len(socks)
+            statuses = []
+            for _ in range(5):
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), 2
+                )
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                line = await asyncio.wait_for(reader.readline(), 2)
+                statuses.append(int(line.split()[1]))
+                writer.close()
+            site = next(iter(runner.sites))
+            guard = site.guard  # type: ignore[attr-defined]
+            return grown, guard.open, statuses, guard.evicted
+        finally:
+            for s in socks:
+                s.close()
+            await runner.cleanup()
+
+    grown, open_, statuses, evicted = asyncio.run(main())
+    assert statuses == [200] * 5
+    assert open_ <= 16
+    assert grown <= 16 + 4
+    assert evicted >= 300 - 16
