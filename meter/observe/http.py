@@ -92,13 +92,11 @@ def build_app(
                 page = paging(request.query)
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-            version = view.version
             doc = await view.document_off_loop(month, request.query.get("tenant") or None)
             if page is not None:
                 doc = paged(doc, *page)
             doc["month"] = month
             doc["months"] = months
-            doc["version"] = version
             return web.json_response(doc, dumps=_dumps)
 
         app.router.add_get("/", index)

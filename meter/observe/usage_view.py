@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, date, datetime
@@ -61,7 +62,10 @@ class UsageView:
         self._rec_ix = KeyIndex()
         self._fix_ix = KeyIndex()
         self._indexed_for: tuple[int, int, int, int] = (0, -1, 0, -1)
-        self._docs: dict[tuple[str, str | None, int], asyncio.Future[dict[str, Any]]] = {}
+        #: (month, tenant) -> (version, made at, the document being made or made)
+        self._docs: dict[
+            tuple[str, str | None], tuple[int, float, asyncio.Future[dict[str, Any]]]
+        ] = {}
 
     def months(self) -> list[str]:
         rec, fix = self._indexes()
@@ -113,24 +117,29 @@ class UsageView:
         return closed, max(times) if times else None
 
     async def document_off_loop(self, month: str, tenant_id: str | None = None) -> dict[str, Any]:
-        """:meth:`document` of one month, with the month's records copied out on the loop
-        (a lookup per key) and the document made in a thread when it is big: a full month
-        of 200,000 tenants never stalls the worker sharing this event loop.  Concurrent
-        asks of one month at one version share one build."""
-        key = (month, tenant_id, self.version)
+        """:meth:`document` of one month, with ``version`` (the view's when it was made).
+
+        The month's records are copied out on the loop (a lookup per key) and a big
+        document is made in a thread: a full month of 200,000 tenants never stalls the
+        worker sharing this event loop.  Concurrent asks of one month share one build, and
+        while events flow a big document is made at most once per :data:`BIG_DOC_MAX_AGE`
+        seconds (it says the version it shows)."""
+        version = self.version
+        key = (month, tenant_id)
         held = self._docs.get(key)
-        if held is None:
+        now = time.monotonic()
+        if held is None or (held[0] != version and now - held[1] >= BIG_DOC_MAX_AGE):
             records, corrections = self.subset(month, tenant_id)
             state = self.month_state(month)
             if len(records) + len(corrections) < OFF_LOOP_RECORDS:
                 doc = month_document(records, corrections, month, tenant_id, state)
-                return self.with_license(doc, month)
-            held = asyncio.ensure_future(
+                return self.with_license({**doc, "version": version}, month)
+            future = asyncio.ensure_future(
                 asyncio.to_thread(month_document, records, corrections, month, tenant_id, state)
             )
-            self._docs = {k: v for k, v in self._docs.items() if k[2] == self.version}
-            self._docs[key] = held
-        doc = dict(await asyncio.shield(held))
+            held = self._docs[key] = (version, now, future)
+        doc = dict(await asyncio.shield(held[2]))
+        doc["version"] = held[0]
         return self.with_license(doc, month)
 
     def with_license(self, doc: dict[str, Any], month: str) -> dict[str, Any]:
@@ -222,6 +231,8 @@ class UsageView:
 
 #: A month document of this many records and corrections or more is made in a thread.
 OFF_LOOP_RECORDS = 2_000
+#: Seconds a big month document is served again while newer events arrive.
+BIG_DOC_MAX_AGE = 1.0
 
 
 class KeyIndex:
