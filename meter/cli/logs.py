@@ -5,6 +5,7 @@ broker is down), and asyncio one ``accept()`` traceback per refused connection w
 file descriptors run out (3.6 MB/s seen).  :class:`RepeatFilter`, on every logger,
 lets the first of a kind (logger and message template) through, holds back the same
 for ``window`` seconds, then lets one through again saying how many were held back.
+A kind is the logger and the whole line, or for aiokafka the message template.
 """
 
 from __future__ import annotations
@@ -21,16 +22,28 @@ class RepeatFilter(logging.Filter):
     #: Kinds remembered at most (a message built with an f-string is a kind of its own).
     MAX_KINDS: Final = 4096
 
-    def __init__(self, window: float = 10.0, prefixes: tuple[str, ...] = ("",)) -> None:
+    def __init__(
+        self,
+        window: float = 10.0,
+        prefixes: tuple[str, ...] = ("",),
+        by_template: tuple[str, ...] = ("aiokafka",),
+    ) -> None:
         super().__init__()
         self.window = window
         self.prefixes = prefixes
+        #: loggers whose lines of one template are one kind whatever their arguments
+        #: (aiokafka's reconnects name a node each); elsewhere a kind is the whole line,
+        #: so "closed 2026-10 on home partition 0" and "... 1" both show
+        self.by_template = by_template
         self._seen: dict[tuple[str, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefixes):
             return True
-        key = (record.name, record.msg)
+        if record.name.startswith(self.by_template):
+            key: tuple[str, object] = (record.name, record.msg)
+        else:
+            key = (record.name, record.getMessage())
         now = time.monotonic()
         last = self._seen.get(key)
         if last is None or now - last[0] >= self.window:

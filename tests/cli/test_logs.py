@@ -32,3 +32,14 @@ def test_the_kinds_remembered_are_bounded() -> None:
     for i in range(3 * RepeatFilter.MAX_KINDS):
         assert f.filter(record("meter", f"built with an f-string {i}"))
     assert len(f._seen) <= RepeatFilter.MAX_KINDS + 1
+
+
+def test_lines_that_differ_in_their_arguments_all_show_outside_aiokafka() -> None:
+    f = RepeatFilter(window=60)
+    closes = [
+        logging.LogRecord("meter.stream.worker", logging.INFO, __file__, 1,
+                          "closed %s on home partition %d", ("2026-10", n), None)
+        for n in range(3)
+    ]  # fmt: skip
+    assert all(f.filter(r) for r in closes)
+    assert not f.filter(closes[0])  # the same line again is held back
