@@ -632,7 +632,12 @@ class Worker:
         if self._producer is not None:
             try:
                 await asyncio.wait_for(self._producer.stop(), 5.0)
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except TimeoutError:
+                log.warning(
+                    "producer did not stop within 5 s (broker unreachable?): nothing was "
+                    "committed past what the broker acknowledged, so the next owner redoes it"
+                )
+            except (KafkaError, OSError) as exc:
                 log.warning("producer did not stop cleanly: %s", exc)
         self._consumer = self._restore = self._producer = self._clock_reader = None
 
