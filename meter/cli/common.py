@@ -333,6 +333,35 @@ def provider_license(args: argparse.Namespace) -> ProviderLicense | None:
 LICENSE_CHECK_S = 30.0
 
 
+def add_license_check_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--license-check-interval",
+        type=float,
+        default=LICENSE_CHECK_S,
+        metavar="SECONDS",
+        help="check the --license file this often (and on SIGHUP): a valid new one is "
+        "applied, a broken or deleted one keeps the running license; both are logged once "
+        "[%(default)s]",
+    )
+
+
+def start_license_watch(
+    args: argparse.Namespace, worker: Worker, license_: ProviderLicense | None, stop: asyncio.Event
+) -> asyncio.Task[None] | None:
+    """Watch ``--license`` while the worker runs (``None``: no license file, or off)."""
+    if license_ is None or args.license_check_interval <= 0:
+        return None
+
+    def apply(lic: ProviderLicense) -> None:
+        worker.provider_license = lic
+
+    return asyncio.ensure_future(
+        watch_license(
+            LicenseWatch(args.license, license_), apply, stop, args.license_check_interval
+        )
+    )
+
+
 async def watch_license(
     watch: LicenseWatch,
     apply: Callable[[ProviderLicense], None],

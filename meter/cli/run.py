@@ -24,12 +24,14 @@ from prometheus_client import CollectorRegistry
 from meter.broker import EmbeddedBroker
 from meter.cli.common import (
     add_http_arguments,
+    add_license_check_argument,
     add_stream_arguments,
     clock_from,
     history_start,
     provider_license,
     run_until_signalled,
     start_http,
+    start_license_watch,
     status_views,
     stream_config,
 )
@@ -94,6 +96,7 @@ def add_stack_arguments(p: argparse.ArgumentParser, http_port: int) -> None:
     """What `meter run` and `meter demo` both take: Kafka, streaming, broker and HTTP flags."""
     add_kafka_arguments(p)
     add_stream_arguments(p)
+    add_license_check_argument(p)
     p.add_argument("--broker-port", type=int, default=0, help="embedded broker port [any]")
     add_http_arguments(p, default_port=http_port)
 
@@ -142,6 +145,7 @@ async def meter_stack(
             embedded.stop()
         raise
     task = asyncio.create_task(worker.run(stop), name="meter-worker")
+    watcher = start_license_watch(args, worker, license_, stop)
     say(
         f"worker: group {config.group_id}, reading {config.topics.jobs}, totals on "
         f"{config.topics.usage}, rejected messages on {config.topics.rejected}"
@@ -154,8 +158,10 @@ async def meter_stack(
             await asyncio.wait_for(task, 30)
         except TimeoutError:
             log.warning("worker did not stop within 30s")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(view_task, 10)
+        for waited in (view_task, watcher):
+            if waited is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waited, 10)
         if runner is not None:
             await runner.cleanup()
         if embedded is not None:

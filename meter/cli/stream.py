@@ -14,8 +14,8 @@ from typing import Any, BinaryIO
 from prometheus_client import CollectorRegistry
 
 from meter.cli.common import (
-    LICENSE_CHECK_S,
     add_http_arguments,
+    add_license_check_argument,
     add_max_event_bytes_argument,
     add_stream_arguments,
     clock_from,
@@ -23,13 +23,12 @@ from meter.cli.common import (
     provider_license,
     run_until_signalled,
     start_http,
+    start_license_watch,
     status_views,
     stream_config,
-    watch_license,
 )
 from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
-from meter.domain.license import LicenseWatch, ProviderLicense
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
 from meter.report import FORMATS, UsageReport, render
@@ -62,15 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_kafka_arguments(w)
     add_stream_arguments(w)
     add_http_arguments(w, default_port=9464, status_page_flag=True)
-    w.add_argument(
-        "--license-check-interval",
-        type=float,
-        default=LICENSE_CHECK_S,
-        metavar="SECONDS",
-        help="check the --license file this often (and on SIGHUP): a valid new one is "
-        "applied, a broken or deleted one keeps the running license; both are logged once "
-        "[%(default)s]",
-    )
+    add_license_check_argument(w)
     w.set_defaults(func=worker)
 
     s = sub.add_parser(
@@ -152,17 +143,7 @@ def worker(args: argparse.Namespace) -> int:
         view, view_task = (
             status_views(settings, config, w, stop) if args.status_page else (None, None)
         )
-        watcher = None
-        if license_ is not None and args.license_check_interval > 0:
-
-            def apply(lic: ProviderLicense) -> None:
-                w.provider_license = lic
-
-            watcher = asyncio.ensure_future(
-                watch_license(
-                    LicenseWatch(args.license, license_), apply, stop, args.license_check_interval
-                )
-            )
+        watcher = start_license_watch(args, w, license_, stop)
         try:
             runner = await start_http(args, w, CollectorRegistry(), view)
             try:
