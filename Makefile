@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: all install test lint unit integration demo bench bench-stream bench-scale clean soak \
-	soak-load soak-dates
+	soak-load soak-dates kafka
 
 all: test
 
@@ -25,18 +25,24 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check meter
 	$(BIN)/mypy
 
-# Tests run in 4 processes (pytest-xdist; each integration process has its own embedded
-# broker): integration tests mostly wait on brokers and workers, so 4 fit on 2 cores.
+# Apache Kafka's broker jars (the version pinned in deploy/kafka/pom.xml), fetched from Maven
+# Central once into .cache/kafka-<version>/libs and reused after; needs java and mvn.
+kafka:
+	deploy/kafka/fetch.sh
+
+# Tests run in 4 processes (pytest-xdist; each integration process starts its own brokers on
+# first use: the embedded Tansu and Apache Kafka, tests/integration/conftest.py): integration
+# tests mostly wait on brokers and workers, so 4 fit on 2 cores.
 # The slowest 20 are printed at the end.
 PYTEST := $(BIN)/pytest -n 4 --durations=20
 
 unit: $(STAMP)
 	$(PYTEST) -m "not integration"
 
-integration: $(STAMP)
+integration: $(STAMP) kafka
 	$(PYTEST) -m integration
 
-test: lint $(STAMP)
+test: lint $(STAMP) kafka
 	$(PYTEST)
 
 # Does the suite hold on a busy machine and on any date? The integration tests 10 times

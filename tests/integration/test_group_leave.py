@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from meter.kafka import KafkaSettings
-from meter.kafka.topics import close_consumer
+from meter.kafka.topics import TopicSpec, close_consumer, ensure_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 
 async def _members(bootstrap: str, group: str) -> tuple[str, list[Any]]:
@@ -53,6 +53,8 @@ def test_a_stopped_consumer_is_no_longer_a_member_of_its_group(
     topic, group = f"leave-{unique}", f"leave-{unique}"
 
     async def scenario() -> tuple[tuple[str, list[Any]], tuple[str, list[Any]]]:
+        # Created first, as meter does: Apache Kafka here auto-creates nothing.
+        await ensure_topics(kafka_settings, [TopicSpec(topic, 1)])
         first = await _joined(kafka_settings.bootstrap, topic, group)
         member = first._coordinator.member_id
         while_in = await _members(kafka_settings.bootstrap, group)

@@ -19,7 +19,7 @@ from tests.domain.events import line
 from tests.integration.harness import Names, WorkerProcess, send
 from tests.integration.test_month_close import meter, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 LICENSED = 400
 

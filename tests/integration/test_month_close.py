@@ -34,7 +34,7 @@ from tests.integration.harness import (
     wait_for_usage,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 
 def finals(settings: KafkaSettings, topic: str, month: str) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from tests.integration.harness import Names, WorkerProcess, expected_usage, read
 from tests.integration.harness import wait_for_usage as wait_usage
 from tests.integration.test_month_close import reports, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 #: Counts, in the worker's log, every read of a keyed topic (meter.reports among them).
 COUNT_READS = """

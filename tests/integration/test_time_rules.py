@@ -20,7 +20,7 @@ from meter.stream.records import headers_dict
 from tests.domain.events import line
 from tests.integration.harness import Names, WorkerProcess, expected_usage, send, wait_for_usage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 
 def at(t: datetime) -> str:
