@@ -92,12 +92,19 @@ def build_app(
                 page = paging(request.query)
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-            doc = await view.document_off_loop(month, request.query.get("tenant") or None)
+            doc, body = await view.month_answer(month, request.query.get("tenant") or None)
+            extra: dict[str, Any] = {"month": month, "months": months}
+            lic = view.license_doc(month) if view.license_doc is not None else None
+            if lic is not None:
+                extra["license"] = lic
             if page is not None:
-                doc = paged(doc, *page)
-            doc["month"] = month
-            doc["months"] = months
-            return web.json_response(doc, dumps=_dumps)
+                doc, body = paged(doc, *page), None
+            if body is None:
+                return web.json_response({**doc, **extra}, dumps=_dumps)
+            # A big document serialized once, off the loop: the few keys of this answer
+            # are added to its JSON object, not the whole document serialized again.
+            tail = orjson.dumps(extra)
+            return web.Response(body=body[:-1] + b"," + tail[1:], content_type="application/json")
 
         app.router.add_get("/", index)
         app.router.add_get("/api/usage", api_usage)

@@ -186,36 +186,55 @@ async def build_snapshot(homes: Iterable[Any], months: set[str], top_n: int) -> 
 T = TypeVar("T")
 
 
+#: The most of the worker's time that rebuilding one cached HTTP answer may take: an
+#: answer that took ``d`` seconds to make is served again for ``d / BUILD_SHARE`` seconds
+#: at least, so however many clients ask, building for them is at most a tenth of the time.
+BUILD_SHARE = 0.1
+
+
 class Coalesced(Generic[T]):
-    """One value for every caller, rebuilt at most once per ``max_age`` seconds; callers
-    that arrive during a rebuild wait for that one rebuild."""
+    """One value for every caller, rebuilt at most once per ``max_age`` seconds (longer
+    when a build is slow: see :data:`BUILD_SHARE`); callers that arrive during a rebuild
+    wait for that one rebuild."""
 
     def __init__(
         self,
         build: Callable[[], Awaitable[T]],
         max_age: float,
         clock: Callable[[], float] = time.monotonic,
+        fresh: Callable[[T], bool] = lambda value: False,
     ) -> None:
         self._build = build
+        #: a value still true to its source (served again whatever its age)
+        self._fresh = fresh
         self.max_age = max_age
         self._clock = clock
         self._value: T | None = None
         self._at = float("-inf")
+        self._took = 0.0
         self._running: asyncio.Future[T] | None = None
         #: rebuilds done (for tests and the bench)
         self.builds = 0
 
+    @property
+    def age_limit(self) -> float:
+        """How long the value is served again: ``max_age``, or longer after a slow build."""
+        return max(self.max_age, self._took / BUILD_SHARE)
+
     async def get(self) -> T:
-        if self._value is not None and self._clock() - self._at < self.max_age:
-            return self._value
+        value = self._value
+        if value is not None and (self._clock() - self._at < self.age_limit or self._fresh(value)):
+            return value
         if self._running is None:
             self._running = asyncio.ensure_future(self._rebuild())
         return await asyncio.shield(self._running)
 
     async def _rebuild(self) -> T:
+        started = self._clock()
         try:
             value = await self._build()
             self._value, self._at = value, self._clock()
+            self._took = self._at - started
             self.builds += 1
             return value
         finally:

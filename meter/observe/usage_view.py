@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, date, datetime
@@ -26,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from meter.domain.license import LicenseStatus, ProviderLicense, previous_month
 from meter.kafka import KafkaSettings, close_consumer, describe_partitions
+from meter.observe.snapshot import Coalesced
 from meter.report import UsageReport
 from meter.stream.usage import (
     fold,
@@ -62,10 +62,8 @@ class UsageView:
         self._rec_ix = KeyIndex()
         self._fix_ix = KeyIndex()
         self._indexed_for: tuple[int, int, int, int] = (0, -1, 0, -1)
-        #: (month, tenant) -> (version, made at, the document being made or made)
-        self._docs: dict[
-            tuple[str, str | None], tuple[int, float, asyncio.Future[dict[str, Any]]]
-        ] = {}
+        #: (month, tenant) -> its big document, made off the loop and served again
+        self._docs: dict[tuple[str, str | None], Coalesced[tuple[int, dict[str, Any], bytes]]] = {}
 
     def months(self) -> list[str]:
         rec, fix = self._indexes()
@@ -116,31 +114,45 @@ class UsageView:
         times = rec.closed_at.get(month)
         return closed, max(times) if times else None
 
-    async def document_off_loop(self, month: str, tenant_id: str | None = None) -> dict[str, Any]:
-        """:meth:`document` of one month, with ``version`` (the view's when it was made).
+    async def month_answer(
+        self, month: str, tenant_id: str | None = None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """:meth:`document` of one month with ``version`` (the view's when it was made),
+        and for a big one its JSON too (``None``: small, not serialized here); without
+        ``license``.
 
-        The month's records are copied out on the loop (a lookup per key) and a big
-        document is made in a thread: a full month of 200,000 tenants never stalls the
-        worker sharing this event loop.  Concurrent asks of one month share one build, and
-        while events flow a big document is made at most once per :data:`BIG_DOC_MAX_AGE`
-        seconds (it says the version it shows)."""
-        version = self.version
-        key = (month, tenant_id)
-        held = self._docs.get(key)
-        now = time.monotonic()
-        if held is None or (held[0] != version and now - held[1] >= BIG_DOC_MAX_AGE):
+        A big document (a whole month of many tenants) is made in a thread from the
+        month's records, copied out on the loop: it never stalls the worker sharing this
+        event loop.  Concurrent asks share one build; while events flow it is made again
+        at most once per :data:`BIG_DOC_MAX_AGE` seconds, or less often when making it is
+        slow (:data:`~meter.observe.snapshot.BUILD_SHARE`)."""
+        rec, fix = self._indexes()
+        size = len(rec.keys_count(month, tenant_id)) + len(fix.keys_count(month, tenant_id))
+        if size < OFF_LOOP_RECORDS:
             records, corrections = self.subset(month, tenant_id)
-            state = self.month_state(month)
-            if len(records) + len(corrections) < OFF_LOOP_RECORDS:
-                doc = month_document(records, corrections, month, tenant_id, state)
-                return self.with_license({**doc, "version": version}, month)
-            future = asyncio.ensure_future(
-                asyncio.to_thread(month_document, records, corrections, month, tenant_id, state)
+            doc = month_document(records, corrections, month, tenant_id, self.month_state(month))
+            return {**doc, "version": self.version}, None
+        key = (month, tenant_id)
+        cache = self._docs.get(key)
+        if cache is None:
+
+            async def build() -> tuple[int, dict[str, Any], bytes]:
+                version = self.version
+                records, corrections = self.subset(month, tenant_id)
+                state = self.month_state(month)
+
+                def make() -> tuple[int, dict[str, Any], bytes]:
+                    doc = month_document(records, corrections, month, tenant_id, state)
+                    doc["version"] = version
+                    return version, doc, orjson.dumps(doc)
+
+                return await asyncio.to_thread(make)
+
+            cache = self._docs[key] = Coalesced(
+                build, BIG_DOC_MAX_AGE, fresh=lambda held: held[0] == self.version
             )
-            held = self._docs[key] = (version, now, future)
-        doc = dict(await asyncio.shield(held[2]))
-        doc["version"] = held[0]
-        return self.with_license(doc, month)
+        _, doc, body = await cache.get()
+        return doc, body
 
     def with_license(self, doc: dict[str, Any], month: str) -> dict[str, Any]:
         if self.license_doc is not None:
@@ -291,6 +303,12 @@ class KeyIndex:
                 self.open[month] = self.open.get(month, 0) + step
             if not add and not self.by_month[month]:
                 del self.by_month[month]
+
+    def keys_count(self, month: str, tenant_id: str | None) -> set[str]:
+        """The keys of :meth:`keys`, not copied (to count them)."""
+        if tenant_id is None:
+            return self.by_month.get(month, set())
+        return self.by_tenant.get((tenant_id, month), set())
 
     def keys(self, month: str, tenant_id: str | None) -> set[str]:
         if tenant_id is None:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meter.domain.month import parse_month
 from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, default_month, utc_month
-from meter.observe.usage_view import UsageView
+from meter.observe.usage_view import UsageView, month_document
 
 
 def run_with_client(app: web.Application, body: Callable[[TestClient], Awaitable[Any]]) -> Any:
@@ -420,3 +420,25 @@ def test_an_idle_connection_flood_neither_locks_out_healthz_nor_takes_the_fds() 
     assert open_ <= 16
     assert grown <= 16 + 4
     assert evicted >= 300 - 16
+
+
+def test_a_big_month_whole_is_the_document_with_its_month_and_license() -> None:
+    """Serialized off the loop and extended, the answer is the same JSON document."""
+    view = many_tenants(3_000)
+    view.license_doc = lambda month: {"month": month, "used_points": 1}
+
+    async def body(client: TestClient) -> Any:
+        resp = await client.get("/api/usage?month=2026-11")
+        assert resp.headers["Content-Type"].startswith("application/json")
+        return await resp.json()
+
+    doc = run_with_client(build_app(CollectorRegistry(), view), body)
+    assert len(doc["usage"]) == 3_000
+    assert (doc["month"], doc["months"], doc["status"]) == ("2026-11", ["2026-11"], "running")
+    assert doc["license"] == {"month": "2026-11", "used_points": 1}
+    assert doc["version"] == view.version
+    assert doc == {
+        **month_document(view.records, view.corrections, "2026-11"),
+        "version": view.version, "month": "2026-11", "months": ["2026-11"],
+        "license": {"month": "2026-11", "used_points": 1},
+    }  # fmt: skip
