@@ -93,6 +93,18 @@ def metric(base: str, name: str) -> float:
     return total
 
 
+def lag_buckets(base: str) -> dict[float, float]:
+    """``le -> count`` of the worker's event-loop lag histogram (a body at most ~10 s old:
+    the caller waits that long first)."""
+    _, body = get(f"{base}/metrics")
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith("meter_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -281,6 +293,8 @@ def main() -> None:
         result["api_page_again_s"] = round(get(f"{base}/api/usage?month={month}&limit=100")[0], 3)
         fenced0 = metric(base, "meter_partitions_fenced_total")
         for run, load in (("quiet", None), ("loaded", Load(base, month, a.clients))):
+            time.sleep(12)  # the cached /metrics body expires
+            lag0 = lag_buckets(base)
             batch = [
                 (tenants[i % a.tenants], event(tenants[i % a.tenants], f"{run}-{i}", i, at))
                 for i in range(a.events)
@@ -293,7 +307,15 @@ def main() -> None:
             took = time.perf_counter() - t
             result[f"{run}_events_per_s"] = round(a.events / took)
             if load is not None:
-                seen = load.end()
+                load_seen = load.end()
+            time.sleep(12)
+            lag1 = lag_buckets(base)
+            total = lag1[float("inf")] - lag0[float("inf")]
+            for le in (0.1, 1.0):
+                over = total - (lag1[le] - lag0[le])
+                result[f"{run}_loop_lag_over_{le:g}s"] = f"{over:.0f} of {total:.0f} ticks"
+            if load is not None:
+                seen = load_seen
                 h = sorted(seen["health"])
                 result["healthz_max_ms"] = round(1000 * h[-1], 1)
                 result["healthz_p99_ms"] = round(1000 * h[int(0.99 * (len(h) - 1))], 1)

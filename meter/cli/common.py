@@ -236,6 +236,7 @@ async def start_http(
         health=worker.health,
         now=worker.now,
         exposition=lambda: collector.exposition(registry),
+        loop_lag=None if collector.loop_lag is None else collector.loop_lag.observe,
         close_held=worker.close_held,
     )
     try:

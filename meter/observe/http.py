@@ -48,6 +48,7 @@ def build_app(
     exposition: Callable[[], Awaitable[bytes]] | None = None,
     metrics_max_age: float = 1.0,
     close_held: Callable[[], str] | None = None,
+    loop_lag: Callable[[float], None] | None = None,
 ) -> web.Application:
     """``now``: the worker's clock (``--clock``), which decides the default month.
     ``exposition``: builds the scrape body without stalling the event loop (the worker's
@@ -56,6 +57,17 @@ def build_app(
     ("" when they are not), shown by /healthz as ``month_close`` without changing
     readiness (usage still counts)."""
     app = web.Application()
+    if loop_lag is not None:
+        observe = loop_lag
+
+        async def start_lag(app: web.Application) -> None:
+            app[LAG_TASK] = asyncio.ensure_future(measure_loop_lag(observe))
+
+        async def stop_lag(app: web.Application) -> None:
+            app[LAG_TASK].cancel()
+
+        app.on_startup.append(start_lag)
+        app.on_cleanup.append(stop_lag)
 
     async def build() -> bytes:
         return generate_latest(registry) if exposition is None else await exposition()
@@ -143,6 +155,20 @@ def paged(doc: dict[str, Any], offset: int, limit: int) -> dict[str, Any]:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+LAG_TASK: web.AppKey[asyncio.Future[None]] = web.AppKey("loop_lag_task")
+#: How often the event loop's lag is measured.
+LAG_EVERY = 0.1
+
+
+async def measure_loop_lag(observe: Callable[[float], None]) -> None:
+    """Forever: how much later than asked a :data:`LAG_EVERY` timer fires."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + LAG_EVERY
+        await asyncio.sleep(LAG_EVERY)
+        observe(max(0.0, loop.time() - asked))
 
 
 def default_month(months: list[str], now: datetime) -> str:

@@ -36,6 +36,7 @@ from meter.observe.snapshot import (
 from meter.stream.worker import Worker
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def recent_months(
@@ -59,6 +60,8 @@ class WorkerCollector(Collector):
         self.top_tenants = top_tenants
         #: set by :meth:`exposition` for the one collect it runs (built in slices)
         self.snapshot: UsageSnapshot | None = None
+        #: the event loop's lag (set by :func:`instrument`)
+        self.loop_lag: Histogram | None = None
 
     async def exposition(self, registry: CollectorRegistry) -> bytes:
         """The scrape body, with the ledgers walked in slices between which the event
@@ -396,4 +399,11 @@ def instrument(
         registry=registry,
     )
     worker.on_latency = latency.observe
+    collector.loop_lag = Histogram(
+        "meter_event_loop_lag_seconds",
+        "How late the worker's event loop ran a 100 ms timer: what polling, heartbeats and "
+        "commits waited (a long one risks the session timeout and a fence).",
+        buckets=LOOP_LAG_BUCKETS,
+        registry=registry,
+    )
     return collector
