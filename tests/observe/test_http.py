@@ -442,3 +442,20 @@ def test_a_big_month_whole_is_the_document_with_its_month_and_license() -> None:
         "version": view.version, "month": "2026-11", "months": ["2026-11"],
         "license": {"month": "2026-11", "used_points": 1},
     }  # fmt: skip
+
+
+def test_the_event_loop_lag_is_measured_while_http_is_served() -> None:
+    """A blocked loop (300 ms of work with no await) is seen as a late timer."""
+    import time as _time
+
+    seen: list[float] = []
+
+    async def body(client: TestClient) -> None:
+        await asyncio.sleep(0.25)
+        _time.sleep(0.3)  # the loop is blocked
+        await asyncio.sleep(0.25)
+
+    run_with_client(build_app(CollectorRegistry(), loop_lag=seen.append), body)
+    assert len(seen) >= 3
+    assert max(seen) >= 0.25
+    assert sorted(seen)[len(seen) // 2] < 0.05  # most ticks were on time
