@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install test lint unit integration demo bench bench-stream bench-scale clean soak \
+.PHONY: all install test lint unit integration demo bench bench-stream bench-scale bench-scrape clean soak \
 	soak-load soak-dates kafka
 
 all: test
@@ -69,6 +69,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/out
+
+# HTTP at a provider's scale: 200,000 tenants, /metrics and /api/usage under 10 clients while
+# events flow; RSS per tenant, /healthz latency, loop lag, fences (about 3 minutes).
+bench-scrape: $(STAMP)
+	$(BIN)/python -m bench.bench_scrape --tenants 200000 --events 200000
 
 # Memory and restart of a worker's state with 1 and 12 months of a 1 M-workload fleet, with and
 # without --state-dir (about 15 minutes; up to ~8 GB of memory for the 3 months without it).
