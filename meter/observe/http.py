@@ -13,6 +13,9 @@
   a closed month, and ``license`` when the view has a license source. A month that is
   not ``YYYY-MM`` (01..12, year 0001..9999) is a 400 with ``{"error": "..."}``; no month
   (or an empty one) means this UTC month if it has usage, else the newest that has.
+  Every month answer has ``summary`` (tenants, workloads, points, per workload type,
+  over every row; ``corrected_summary`` beside ``corrected_usage``); ``&top=N`` keeps the
+  rows of the N tenants with the most points (the status page asks for these).
   ``&tenant=T`` is answered from an index (milliseconds at any number of tenants);
   ``&limit=N[&offset=K]`` pages the rows (``total_rows``, ``next_offset``; N up to
   10,000).  A month's whole document is made in a thread once per change and shared by
@@ -35,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from meter.domain.month import parse_month
 from meter.observe.snapshot import Coalesced
-from meter.observe.usage_view import UsageView
+from meter.observe.usage_view import UsageView, top_tenants
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +107,18 @@ def build_app(
                 page = paging(request.query)
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-            doc, body = await view.month_answer(month, request.query.get("tenant") or None)
+            try:
+                top = top_count(request.query)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            answer = await view.month_answer(month, request.query.get("tenant") or None)
+            doc, body = answer.doc, answer.body
             extra: dict[str, Any] = {"month": month, "months": months}
             lic = view.license_doc(month) if view.license_doc is not None else None
             if lic is not None:
                 extra["license"] = lic
+            if top is not None:
+                doc, body = top_tenants(answer, top), None
             if page is not None:
                 doc, body = paged(doc, *page), None
             if body is None:
@@ -141,6 +151,16 @@ def paging(query: Mapping[str, str]) -> tuple[int, int] | None:
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit {limit}: expected 1..{MAX_PAGE}")
     return offset, limit
+
+
+def top_count(query: Mapping[str, str]) -> int | None:
+    """``?top=N``: the N tenants with the most points (1..``MAX_PAGE``); ``None``: all."""
+    text = query.get("top")
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text[:9]) <= MAX_PAGE:
+        raise ValueError(f"top {text!r}: expected a whole number 1..{MAX_PAGE}")
+    return int(text)
 
 
 def paged(doc: dict[str, Any], offset: int, limit: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -63,7 +64,7 @@ class UsageView:
         self._fix_ix = KeyIndex()
         self._indexed_for: tuple[int, int, int, int] = (0, -1, 0, -1)
         #: (month, tenant) -> its big document, made off the loop and served again
-        self._docs: dict[tuple[str, str | None], Coalesced[tuple[int, dict[str, Any], bytes]]] = {}
+        self._docs: dict[tuple[str, str | None], Coalesced[tuple[int, MonthAnswer]]] = {}
 
     def months(self) -> list[str]:
         rec, fix = self._indexes()
@@ -114,12 +115,10 @@ class UsageView:
         times = rec.closed_at.get(month)
         return closed, max(times) if times else None
 
-    async def month_answer(
-        self, month: str, tenant_id: str | None = None
-    ) -> tuple[dict[str, Any], bytes | None]:
-        """:meth:`document` of one month with ``version`` (the view's when it was made),
-        and for a big one its JSON too (``None``: small, not serialized here); without
-        ``license``.
+    async def month_answer(self, month: str, tenant_id: str | None = None) -> MonthAnswer:
+        """:meth:`document` of one month with ``version`` (the view's when it was made) and
+        ``summary`` (:func:`summarised`), the tenants by points, and for a big document its
+        JSON too; without ``license``.
 
         A big document (a whole month of many tenants) is made in a thread from the
         month's records, copied out on the loop: it never stalls the worker sharing this
@@ -131,28 +130,28 @@ class UsageView:
         if size < OFF_LOOP_RECORDS:
             records, corrections = self.subset(month, tenant_id)
             doc = month_document(records, corrections, month, tenant_id, self.month_state(month))
-            return {**doc, "version": self.version}, None
+            doc, order = summarised({**doc, "version": self.version})
+            return MonthAnswer(doc, None, order)
         key = (month, tenant_id)
         cache = self._docs.get(key)
         if cache is None:
 
-            async def build() -> tuple[int, dict[str, Any], bytes]:
+            async def build() -> tuple[int, MonthAnswer]:
                 version = self.version
                 records, corrections = self.subset(month, tenant_id)
                 state = self.month_state(month)
 
-                def make() -> tuple[int, dict[str, Any], bytes]:
-                    doc = month_document(records, corrections, month, tenant_id, state)
-                    doc["version"] = version
-                    return version, doc, orjson.dumps(doc)
+                def make() -> tuple[int, MonthAnswer]:
+                    made = month_document(records, corrections, month, tenant_id, state)
+                    doc, order = summarised({**made, "version": version})
+                    return version, MonthAnswer(doc, orjson.dumps(doc), order)
 
                 return await asyncio.to_thread(make)
 
             cache = self._docs[key] = Coalesced(
                 build, BIG_DOC_MAX_AGE, fresh=lambda held: held[0] == self.version
             )
-        _, doc, body = await cache.get()
-        return doc, body
+        return (await cache.get())[1]
 
     def with_license(self, doc: dict[str, Any], month: str) -> dict[str, Any]:
         if self.license_doc is not None:
@@ -451,6 +450,60 @@ def month_document(
         corrected = usage_rows(fold(records, corrections), month=month, tenant_id=tenant_id)
         doc["corrected_usage"] = UsageReport(usage=corrected).as_dict()["usage"]
     return doc
+
+
+@dataclass(frozen=True, slots=True)
+class MonthAnswer:
+    """What ``/api/usage`` answers for a month: the document, its JSON when it was made
+    off the loop (``None``: small), and its tenants, most points first."""
+
+    doc: dict[str, Any]
+    body: bytes | None
+    order: list[str]
+
+
+def summarised(doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``doc`` with ``summary`` (and ``corrected_summary`` beside ``corrected_usage``):
+    tenants, workloads, points and per workload type, over every row; and the tenants,
+    most points first (ties by id), to answer ``top=N`` without sorting again."""
+    out = {**doc, "summary": _summary(doc.get("usage", []))}
+    if "corrected_usage" in doc:
+        out["corrected_summary"] = _summary(doc["corrected_usage"])
+    points: dict[str, int] = {}
+    for r in doc.get("usage", []):
+        points[r["tenant_id"]] = points.get(r["tenant_id"], 0) + r["points"]
+    return out, sorted(points, key=lambda t: (-points[t], t))
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_type: dict[str, dict[str, int]] = {}
+    tenants = set()
+    for r in rows:
+        tenants.add(r["tenant_id"])
+        t = by_type.setdefault(r["workload_type"], {"workloads": 0, "points": 0})
+        t["workloads"] += r["workloads"]
+        t["points"] += r["points"]
+    return {
+        "tenants": len(tenants),
+        "workloads": sum(t["workloads"] for t in by_type.values()),
+        "points": sum(t["points"] for t in by_type.values()),
+        "by_type": dict(sorted(by_type.items())),
+    }
+
+
+def top_tenants(answer: MonthAnswer, n: int) -> dict[str, Any]:
+    """The answer's document with the rows (and corrected rows) of its ``n`` tenants with
+    the most points only, most points first; ``summary`` stays over every tenant."""
+    chosen = answer.order[:n]
+    rank = {t: i for i, t in enumerate(chosen)}
+    doc = answer.doc
+    out = {**doc, "top": n, "tenants_shown": len(chosen)}
+    for key in ("usage", "corrected_usage"):
+        if key in doc:
+            rows = [r for r in doc[key] if r["tenant_id"] in rank]
+            rows.sort(key=lambda r: (rank[r["tenant_id"]], r["workload_type"]))
+            out[key] = rows
+    return out
 
 
 def _correction(c: dict[str, Any]) -> bool:

@@ -625,3 +625,43 @@ def test_status_page_says_what_is_wrong_with_a_bad_month(
     assert "'2026-13'" in error
     assert "YYYY-MM" in error
     assert layout(page)["scrollWidth"] <= 420
+
+
+def test_many_tenants_the_page_shows_the_top_ones_and_totals_every_tenant(
+    browser: Any, served: Callable[[UsageView], str], tmp_path: Path
+) -> None:
+    """450 tenants: the table holds the 200 with the most points, the totals and the CSV
+    download every tenant (the page never pulls every row each second)."""
+    view = UsageView(KafkaSettings(bootstrap="127.0.0.1:1"), "meter.usage")
+    for i in range(450):
+        r = usage_record(f"t{i:04d}", "2026-12", {"vm": (1 + i % 4, 5 * (1 + i % 4))})
+        view.records[f"t{i:04d}/2026-12"] = r
+    view.version = 1
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    open_month(page, served(view), "2026-12")
+    seen = read_page(page)
+    total = sum(5 * (1 + i % 4) for i in range(450))
+    assert seen["points"] == total
+    rows = page.evaluate(
+        """() => [...document.querySelectorAll('[data-testid="tenant-row"]')].map(
+              (r) => Number(r.dataset.points))"""
+    )
+    assert len(rows) == 200
+    assert rows == sorted((5 * (1 + i % 4) for i in range(450)), reverse=True)[:200]
+    text = layout(page)["text"]
+    assert "the 200 tenants with the most points, of 450" in text
+    assert "All 450 tenants" in text
+    assert (
+        page.evaluate(
+            """() => document.querySelector('[data-testid="total-tenants"]').dataset.value"""
+        )
+        == "450"
+    )
+    with page.expect_download() as got:
+        page.click('[data-testid="download-csv"]')
+    path = tmp_path / "usage.csv"
+    got.value.save_as(path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "month,tenant_id,workload_type,workloads,points"
+    assert len(lines) == 451
+    assert sum(int(x.rsplit(",", 1)[1]) for x in lines[1:]) == total

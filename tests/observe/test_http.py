@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from meter.domain.month import parse_month
 from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, default_month, utc_month
-from meter.observe.usage_view import UsageView, month_document
+from meter.observe.usage_view import UsageView, month_document, summarised
 
 
 def run_with_client(app: web.Application, body: Callable[[TestClient], Awaitable[Any]]) -> Any:
@@ -143,7 +143,33 @@ def test_api_usage_for_a_month_has_the_documented_shape() -> None:
         "month": "2026-11",
         "months": ["2026-12", "2026-11", "2026-10"],
         "version": 7,
+        "summary": {"tenants": 2, "workloads": 7, "points": 32, "by_type": {
+            "cloud_vpc": {"workloads": 1, "points": 0},
+            "replica": {"workloads": 1, "points": 10},
+            "server": {"workloads": 2, "points": 7},
+            "vm": {"workloads": 3, "points": 15}}},
     }  # fmt: skip
+
+
+def test_top_tenants_are_the_ones_with_the_most_points_and_the_summary_is_everyone() -> None:
+    view = many_tenants(3_000)  # big: made off the loop
+
+    async def body(client: TestClient) -> list[Any]:
+        out = []
+        for q in ("top=5", "top=0", "top=x"):
+            resp = await client.get(f"/api/usage?month=2026-11&{q}")
+            out.append((resp.status, await resp.json()))
+        return out
+
+    (status, doc), bad, worse = run_with_client(build_app(CollectorRegistry(), view), body)
+    assert status == 200
+    # 3 workloads (15 points) for every third tenant; ties by tenant id
+    assert [r["tenant_id"] for r in doc["usage"]] == ["t000002", "t000005", "t000008",
+                                                      "t000011", "t000014"]  # fmt: skip
+    assert doc["summary"]["tenants"] == 3_000
+    assert doc["summary"]["points"] == sum(5 * (1 + i % 3) for i in range(3_000))
+    assert (doc["top"], doc["tenants_shown"]) == (5, 5)
+    assert bad[0] == worse[0] == 400
 
 
 def test_api_usage_filters_by_month_and_tenant_and_drops_empty_types() -> None:
@@ -437,9 +463,9 @@ def test_a_big_month_whole_is_the_document_with_its_month_and_license() -> None:
     assert (doc["month"], doc["months"], doc["status"]) == ("2026-11", ["2026-11"], "running")
     assert doc["license"] == {"month": "2026-11", "used_points": 1}
     assert doc["version"] == view.version
+    whole, _ = summarised(month_document(view.records, view.corrections, "2026-11"))
     assert doc == {
-        **month_document(view.records, view.corrections, "2026-11"),
-        "version": view.version, "month": "2026-11", "months": ["2026-11"],
+        **whole, "version": view.version, "month": "2026-11", "months": ["2026-11"],
         "license": {"month": "2026-11", "used_points": 1},
     }  # fmt: skip
 
