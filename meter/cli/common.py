@@ -43,6 +43,21 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "--partitions", type=int, default=4, help="partitions of topics meter creates [4]"
     )
     g.add_argument(
+        "--replication-factor",
+        type=positive_int,
+        metavar="N",
+        help="replication factor of the topics meter creates [min(3, brokers in the "
+        "cluster)]; an existing changelog or snapshots topic with 1 on a cluster of several "
+        "brokers is refused unless given, so pass 1 to accept one copy",
+    )
+    g.add_argument(
+        "--min-insync-replicas",
+        type=positive_int,
+        metavar="N",
+        help="min.insync.replicas of the topics meter creates: replicas that must hold a "
+        "write before it counts [max(1, replication factor - 1)]",
+    )
+    g.add_argument(
         "--flush-interval",
         type=float,
         default=0.25,
@@ -280,6 +295,8 @@ def stream_config(
         topics=topics,
         group_id=args.group,
         partitions=args.partitions,
+        replication_factor=args.replication_factor,
+        min_insync_replicas=args.min_insync_replicas,
         flush_interval_s=args.flush_interval,
         session_timeout_ms=args.session_timeout_ms,
         idempotence=args.idempotence,

@@ -16,17 +16,26 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 from meter.errors import BrokerError
 from meter.kafka.auth import check_authentication, translate_auth_errors
 from meter.kafka.settings import KafkaSettings
+from meter.kafka.topic_check import (
+    MIN_INSYNC,
+    FoundTopic,
+    Replication,
+    TopicSpec,
+    choose_replication,
+    compare,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +45,6 @@ _METADATA_WAIT_S: Final = 10.0
 
 class TopicError(BrokerError):
     """A topic could not be created, described or read."""
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSpec:
-    """A topic the meter needs.  ``configs`` go to CreateTopics verbatim (strings)."""
-
-    name: str
-    partitions: int
-    replication_factor: int = 1
-    configs: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("topic name must not be empty")
-        if self.partitions < 1:
-            raise ValueError(f"topic {self.name}: partitions must be >= 1")
-        if self.replication_factor < 1:
-            raise ValueError(f"topic {self.name}: replication_factor must be >= 1")
 
 
 class Startable(Protocol):
@@ -144,69 +135,115 @@ async def ensure_topics(
     settings: KafkaSettings,
     specs: list[TopicSpec],
     *,
+    replication_factor: int | None = None,
+    min_insync_replicas: int | None = None,
     request_timeout_ms: int = 30000,
 ) -> dict[str, int]:
-    """Create the missing topics in ``specs``; return ``{topic: actual partition count}``.
+    """Create the missing topics in ``specs``, check every one against what meter needs
+    (:func:`~meter.kafka.topic_check.compare`); return ``{topic: actual partition count}``.
 
-    Idempotent: topics that already exist (or are created concurrently) are left as they
-    are.  A partition-count or replication-factor mismatch on an existing topic is logged
-    as a warning (callers decide whether that is fatal); configs of existing topics are
-    not altered.
+    Replication (for specs that name none) is chosen for the brokers the cluster metadata
+    lists (:func:`~meter.kafka.topic_check.choose_replication`); ``min.insync.replicas``
+    goes into every created topic's configs.  Existing topics are never altered: each
+    difference is logged on one line, as a WARNING, or as an ERROR and then raised as a
+    :class:`~meter.errors.ConfigError` when it breaks exactness.  Idempotent (topics
+    created concurrently count as existing).
     """
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate topic names in {names}")
     admin = await _start_admin(settings, request_timeout_ms)
     try:
+        cluster = await admin.describe_cluster()
+        brokers = len(cluster.get("brokers") or ())
+        replication = choose_replication(brokers, replication_factor, min_insync_replicas)
         existing = await _describe_all(admin)
         missing = [s for s in specs if s.name not in existing]
         if missing:
-            new_topics = [
-                NewTopic(
-                    s.name,
-                    s.partitions,
-                    s.replication_factor,
-                    topic_configs={k: str(v) for k, v in s.configs.items()},
-                )
-                for s in missing
-            ]
-            response = await admin.create_topics(new_topics, timeout_ms=request_timeout_ms)
-            for topic, code, message in _topic_errors(response):
-                if code == 0:
-                    log.info("created topic %s", topic)
-                elif code == _TOPIC_ALREADY_EXISTS:
-                    log.debug("topic %s already exists (created concurrently)", topic)
-                else:
-                    exc_cls = for_code(code)
-                    raise TopicError(
-                        f"cannot create topic {topic}: {exc_cls.__name__} ({code}): {message}"
-                    )
+            await _create(admin, missing, replication, request_timeout_ms)
             existing = await _wait_for_topics(admin, names)
         # Also when another worker created them a moment ago.
         await _wait_for_leaders(settings, existing, names)
-        result: dict[str, int] = {}
-        for spec in specs:
-            partitions = existing[spec.name]
-            result[spec.name] = len(partitions)
-            if len(partitions) != spec.partitions:
-                log.warning(
-                    "topic %s has %d partitions but %d were requested; using %d",
-                    spec.name,
-                    len(partitions),
-                    spec.partitions,
-                    len(partitions),
-                )
-            replicas = {len(p.get("replicas") or ()) for p in partitions}
-            if replicas and replicas != {spec.replication_factor}:
-                log.warning(
-                    "topic %s has replication factor %s but %d was requested",
-                    spec.name,
-                    sorted(replicas),
-                    spec.replication_factor,
-                )
-        return result
+        configs = await _describe_configs(admin, names)
+        found = {
+            name: FoundTopic(
+                len(existing[name]),
+                min((len(p.get("replicas") or ()) for p in existing[name]), default=0),
+                configs.get(name),
+            )
+            for name in names
+        }
+        diffs = compare(specs, found, replication, brokers)
+        for diff in diffs:
+            log.log(logging.ERROR if diff.fatal else logging.WARNING, "%s", diff.line())
+        error = refusal(diffs)
+        if error is not None:
+            raise error
+        return {name: found[name].partitions for name in names}
     finally:
         await admin.close()
+
+
+async def _create(
+    admin: AIOKafkaAdminClient,
+    missing: list[TopicSpec],
+    replication: Replication,
+    request_timeout_ms: int,
+) -> None:
+    new_topics = [
+        NewTopic(
+            s.name,
+            s.partitions,
+            s.replication_factor or replication.factor,
+            topic_configs={
+                **{k: str(v) for k, v in s.configs.items()},
+                MIN_INSYNC: str(replication.min_insync),
+            },
+        )
+        for s in missing
+    ]
+    response = await admin.create_topics(new_topics, timeout_ms=request_timeout_ms)
+    for topic, code, message in _topic_errors(response):
+        if code == 0:
+            log.info(
+                "created topic %s (replication factor %d, min.insync.replicas %d)",
+                topic,
+                next(t.replication_factor for t in new_topics if t.name == topic),
+                replication.min_insync,
+            )
+        elif code == _TOPIC_ALREADY_EXISTS:
+            log.debug("topic %s already exists (created concurrently)", topic)
+        else:
+            exc_cls = for_code(code)
+            raise TopicError(f"cannot create topic {topic}: {exc_cls.__name__} ({code}): {message}")
+
+
+async def _describe_configs(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, dict[str, str]]:
+    """``{topic: {config: value}}`` from DescribeConfigs (all configs: Tansu 0.6 closes the
+    connection when asked for named ones).  A topic the broker answers with an error is
+    absent; a broker that refuses the request altogether is said once, and nothing of
+    it is compared."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    try:
+        responses = await admin.describe_configs(resources)
+    except KafkaError as exc:
+        log.warning(
+            "the broker does not describe topic configs (DescribeConfigs: %r): cleanup "
+            "policy, retention and min.insync.replicas of existing topics are not checked",
+            exc,
+        )
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.resources:
+            code, _message, _type, name, entries = resource[:5]
+            if code != 0:
+                log.warning("DescribeConfigs for topic %s: error %d; not checked", name, code)
+                continue
+            out[name] = {e[0]: e[1] for e in entries if e[1] is not None}
+    return out
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:

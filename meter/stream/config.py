@@ -12,7 +12,7 @@ from typing import Final
 from meter.domain.clock import DEFAULT_CLOCK_TOLERANCE
 from meter.domain.close import DEFAULT_GRACE
 from meter.domain.event import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_EVENT_BYTES, skew_ms
-from meter.kafka.topics import TopicSpec
+from meter.kafka.topic_check import TopicSpec
 
 #: Kafka retention.ms meaning "keep forever".
 FOREVER: Final = -1
@@ -51,7 +51,10 @@ class StreamConfig:
     group_id: str = "meter"
     #: Partitions of the tenant-keyed topics (jobs, by-tenant, changelog).
     partitions: int = 4
-    replication_factor: int = 1
+    #: Replication factor of the topics meter creates; None: min(3, brokers in the cluster).
+    replication_factor: int | None = None
+    #: min.insync.replicas of the topics meter creates; None: max(1, replication factor - 1).
+    min_insync_replicas: int | None = None
     #: Raw events are kept a month plus the close grace (issue: audit needs them).
     jobs_retention_ms: int = 40 * DAY_MS
     #: Publish a tenant-month's usage record at most this often.
@@ -87,26 +90,40 @@ class StreamConfig:
     snapshot_interval_s: float | None = 600.0
 
     def topic_specs(self) -> list[TopicSpec]:
+        """The topics meter creates and checks.  Their replication is chosen for the
+        cluster (``replication_factor``, ``min_insync_replicas``: see
+        :func:`~meter.kafka.topics.ensure_topics`)."""
         t = self.topics
-        n, rf = self.partitions, self.replication_factor
+        n = self.partitions
+        compact = {"cleanup.policy": "compact"}
         return [
-            TopicSpec(t.jobs, n, rf, {"retention.ms": str(self.jobs_retention_ms)}),
-            TopicSpec(t.by_tenant, n, rf, {"retention.ms": str(7 * DAY_MS)}),
+            TopicSpec(t.jobs, n, configs={"retention.ms": str(self.jobs_retention_ms)}),
+            TopicSpec(t.by_tenant, n, configs={"retention.ms": str(7 * DAY_MS)}),
+            # The source of truth, kept for ever: a shorter retention or compaction
+            # loses ledger entries, so an existing changelog that differs is refused.
             TopicSpec(
-                t.changelog, n, rf, {"cleanup.policy": "delete", "retention.ms": str(FOREVER)}
+                t.changelog,
+                n,
+                configs={
+                    "cleanup.policy": "delete",
+                    "retention.ms": str(FOREVER),
+                    "retention.bytes": str(FOREVER),
+                },
+                strict=frozenset({"cleanup.policy", "retention.ms", "retention.bytes"}),
+                state=True,
+                same_partitions_as=t.by_tenant,
             ),
-            TopicSpec(t.usage, n, rf, {"cleanup.policy": "compact"}),
-            TopicSpec(t.rejected, n, rf, {"retention.ms": str(90 * DAY_MS)}),
-            TopicSpec(t.reports, n, rf, {"cleanup.policy": "compact"}),
-            TopicSpec(t.corrections, n, rf, {"cleanup.policy": "compact"}),
-            TopicSpec(t.license, n, rf, {"cleanup.policy": "compact"}),
-            TopicSpec(t.license_corrections, n, rf, {"cleanup.policy": "compact"}),
-            TopicSpec(t.snapshots, n, rf, {"cleanup.policy": "compact"}),
+            TopicSpec(t.usage, n, configs=compact),
+            TopicSpec(t.rejected, n, configs={"retention.ms": str(90 * DAY_MS)}),
+            TopicSpec(t.reports, n, configs=compact),
+            TopicSpec(t.corrections, n, configs=compact),
+            TopicSpec(t.license, n, configs=compact),
+            TopicSpec(t.license_corrections, n, configs=compact),
+            TopicSpec(t.snapshots, n, configs=compact, state=True),
             # The broker stamps its own time on each heartbeat (where it honours this).
             TopicSpec(
                 t.clock,
                 1,
-                rf,
-                {"message.timestamp.type": "LogAppendTime", "retention.ms": str(DAY_MS)},
+                configs={"message.timestamp.type": "LogAppendTime", "retention.ms": str(DAY_MS)},
             ),
         ]

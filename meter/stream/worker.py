@@ -529,7 +529,12 @@ class Worker:
 
     async def _start_clients(self) -> None:
         t = self.config.topics
-        await ensure_topics(self.settings, self.config.topic_specs())
+        await ensure_topics(
+            self.settings,
+            self.config.topic_specs(),
+            replication_factor=self.config.replication_factor,
+            min_insync_replicas=self.config.min_insync_replicas,
+        )
         counts = await describe_partitions(self.settings, [t.jobs, t.by_tenant, t.changelog])
         self._n_home = counts[t.by_tenant]
         if counts[t.changelog] != self._n_home:

@@ -117,7 +117,7 @@ def test_ensure_topics_creates_requested_partitions_and_is_idempotent(
         with caplog.at_level(logging.WARNING, logger="meter.kafka.topics"):
             mismatch = await ensure_topics(kafka_settings, [TopicSpec(f"usage-{unique}", 5)])
         assert mismatch == {f"usage-{unique}": 3}
-        assert "has 3 partitions but 5 were requested" in caplog.text
+        assert "partitions is 3, meter expects 5 (using 3)" in caplog.text
         described = await describe_partitions(kafka_settings, [f"usage-{unique}", "nope"])
         assert described == {f"usage-{unique}": 3}
 
