@@ -163,24 +163,29 @@ def _take_license(
 def snapshot_now(homes: Iterable[Any], months: set[str], top_n: int) -> UsageSnapshot:
     """:func:`snapshot_steps` run to the end at once."""
     steps = snapshot_steps(homes, months, top_n)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: UsageSnapshot = done.value
-            return result
+    while (snap := _step(steps)) is None:
+        pass
+    return snap
 
 
 async def build_snapshot(homes: Iterable[Any], months: set[str], top_n: int) -> UsageSnapshot:
     """:func:`snapshot_steps`, letting the event loop run between slices."""
     steps = snapshot_steps(homes, months, top_n)
     while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: UsageSnapshot = done.value
-            return result
+        snap = _step(steps)
+        if snap is not None:
+            return snap
         await asyncio.sleep(0)
+
+
+def _step(steps: Generator[None, None, UsageSnapshot]) -> UsageSnapshot | None:
+    """One slice of ``steps``; the snapshot once it is built."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        result: UsageSnapshot = done.value
+        return result
+    return None
 
 
 T = TypeVar("T")

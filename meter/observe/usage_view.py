@@ -378,7 +378,9 @@ class LicenseView(UsageView):
         ).as_dict()
         # As license_month_state of the folded records, from the index: running while
         # any record is (or none is there), final+corrections once a correction is.
-        fixes = any(_license_correction(self.corrections[k]) for k in fix.by_month.get(month, ()))
+        fixes = any(
+            license_correction_well_formed(self.corrections[k]) for k in fix.by_month.get(month, ())
+        )
         if (month not in rec.by_month and not fixes) or rec.open.get(month, 0):
             doc["status"] = "running"
         else:
@@ -393,18 +395,13 @@ def _points(record: dict[str, Any] | None) -> tuple[int, int]:
     if record is None:
         return 0, 0
     if "points_added" in record:
-        if not _license_correction(record):
+        if not license_correction_well_formed(record):
             return 0, 0
         return record["points_added"], record["new_points_added"]
     if not license_well_formed(record):
         return 0, 0
     usage = record["usage"].values()
     return sum(u.get("points", 0) for u in usage), sum(u.get("new_points", 0) for u in usage)
-
-
-def _license_correction(c: dict[str, Any]) -> bool:
-    """In the shape :func:`~meter.stream.usage.fold_license` adds in."""
-    return license_correction_well_formed(c)
 
 
 def month_document(

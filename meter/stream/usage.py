@@ -239,7 +239,7 @@ def fold_license(
     out: dict[str, dict[str, Any]] = {
         k: {**r, "usage": {w: dict(u) for w, u in r.get("usage", {}).items()}}
         for k, r in records.items()
-        if _license_well_formed(r)
+        if license_well_formed(r)
     }
     for c in corrections.values():
         if not license_correction_well_formed(c):
@@ -264,7 +264,7 @@ def license_rows(
     """Report rows of the license view from (folded) license records."""
     rows = []
     for r in records.values():
-        if not _license_well_formed(r):
+        if not license_well_formed(r):
             continue
         if (month is not None and r["month"] != month) or (
             tenant_id is not None and r["tenant_id"] != tenant_id
@@ -318,10 +318,6 @@ def license_correction_well_formed(c: dict[str, Any]) -> bool:
 
 def license_well_formed(r: dict[str, Any]) -> bool:
     """A license record in the documented shape (others are skipped)."""
-    return _license_well_formed(r)
-
-
-def _license_well_formed(r: dict[str, Any]) -> bool:
     usage = r.get("usage")
     return (
         isinstance(r.get("month"), str)

@@ -40,7 +40,7 @@ import gc
 import logging
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -76,7 +76,7 @@ from meter.domain import (
 from meter.domain.clock import ClockVerdict
 from meter.domain.close import closes_at, correction_for, months_to_close
 from meter.domain.event import future_time, not_after
-from meter.domain.license import ProviderLicense, next_month, previous_month, tail_month
+from meter.domain.license import ProviderLicense, tail_month
 from meter.domain.month import recent
 from meter.domain.rating import no_ratecard
 from meter.errors import AuthenticationError, BrokerError
@@ -1384,40 +1384,6 @@ class Worker:
                     hp.lcorr_dirty |= corr
             return
         self.stats.published += records
-
-    def license_totals(self, months: set[str]) -> dict[str, dict[str, int]]:
-        """The license view of ``months`` on this worker's active home partitions, summed:
-        used (billable) points, new points, the previous month's new points, workloads."""
-        out: dict[str, dict[str, int]] = {}
-        wanted = months | {m for m in map(previous_month, months) if m is not None}
-        for hp in self.homes.values():
-            if not hp.active:
-                continue
-            for month, (_, _, n, new, _, points, new_points) in hp.license_totals(wanted):
-                for into, fields in ((month, 0), (next_month(month), 1)):
-                    if into is None or into not in months:
-                        continue
-                    o = out.setdefault(
-                        into,
-                        {"used_points": 0, "new_points": 0, "previous_new_points": 0,
-                         "workloads": 0, "new_workloads": 0},
-                    )  # fmt: skip
-                    if fields == 0:
-                        o["used_points"] += points
-                        o["new_points"] += new_points
-                        o["workloads"] += n
-                        o["new_workloads"] += new
-                    else:
-                        o["previous_new_points"] += new_points
-        return out
-
-    def usage_totals(self, months: set[str]) -> Iterator[tuple[str, str, str, int, int]]:
-        """``(tenant, month, type, workloads, points)`` of ``months`` on this worker's
-        active home partitions, in memory or pruned from it (for /metrics)."""
-        for hp in self.homes.values():
-            if hp.active:
-                for month, (tenant, wtype, n, points, _) in hp.usage_totals(months):
-                    yield tenant, month, wtype, n, points
 
     # ------------------------------------------------------------------ month close
 
