@@ -483,5 +483,7 @@ def test_the_event_loop_lag_is_measured_while_http_is_served() -> None:
 
     run_with_client(build_app(CollectorRegistry(), loop_lag=seen.append), body)
     assert len(seen) >= 3
-    assert max(seen) >= 0.25
+    # A 100 ms timer armed at most 100 ms before the 300 ms block fires at least 200 ms
+    # late (0.25 failed once on a busy machine: 0.2495).
+    assert max(seen) >= 0.2
     assert sorted(seen)[len(seen) // 2] < 0.05  # most ticks were on time
