@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meter.domain.clock import DEFAULT_CLOCK_TOLERANCE
@@ -24,7 +23,7 @@ from meter.domain.license import LicenseWatch, ProviderLicense, load_license
 from meter.domain.month import parse_month
 from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
-from meter.observe.http import build_app, serve
+from meter.observe.http import HttpThread, build_app
 from meter.observe.metrics import instrument, recent_months
 from meter.observe.snapshot import DEFAULT_TOP_TENANTS
 from meter.observe.usage_view import LicenseView, UsageView
@@ -238,8 +237,9 @@ async def start_http(
     worker: Worker,
     registry: CollectorRegistry,
     view: UsageView | None = None,
-) -> web.AppRunner | None:
-    """Serve /metrics (and the status page when ``view`` is given) if enabled."""
+) -> HttpThread | None:
+    """Serve /metrics (and the status page when ``view`` is given) if enabled, from a
+    thread of its own (:class:`~meter.observe.http.HttpThread`)."""
     collector = instrument(
         worker, registry, recent_months(args.metrics_months, worker.now), args.metrics_tenants
     )
@@ -253,9 +253,11 @@ async def start_http(
         exposition=lambda: collector.exposition(registry),
         loop_lag=None if collector.loop_lag is None else collector.loop_lag.observe,
         close_held=worker.close_held,
+        worker_loop=asyncio.get_running_loop(),
     )
+    server = HttpThread(app, args.http_host, args.http_port)
     try:
-        runner, port = await serve(app, args.http_host, args.http_port)
+        port = await server.start()
     except OSError as exc:
         # Never another port instead: Prometheus scrapes the one it was told.
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -272,7 +274,7 @@ async def start_http(
         )
     print(f"meter: Prometheus metrics on {base}/metrics", file=sys.stderr, flush=True)
     worker.http_url = base
-    return runner
+    return server
 
 
 def stream_config(

@@ -20,17 +20,25 @@
   ``&limit=N[&offset=K]`` pages the rows (``total_rows``, ``next_offset``; N up to
   10,000).  A month's whole document is made in a thread once per change and shared by
   concurrent callers, so no client stalls the worker on the same event loop.
+
+The worker serves all of this from a thread of its own (:class:`HttpThread`): its own
+event loop accepts connections, parses requests and writes answers, so no client delays
+the worker's polling, heartbeats or commits, and a worker busy with a batch still answers
+``/healthz``.  What reads the worker's state (the ``/metrics`` walk of its ledgers, the
+usage view) runs on the worker's loop and is awaited from the HTTP thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.resources
 import logging
 import resource
-from collections.abc import Awaitable, Callable, Mapping
+import threading
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -38,9 +46,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from meter.domain.month import parse_month
 from meter.observe.snapshot import Coalesced
-from meter.observe.usage_view import UsageView, top_tenants
+from meter.observe.usage_view import MonthAnswer, UsageView, top_tenants
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def build_app(
@@ -48,23 +58,38 @@ def build_app(
     view: UsageView | None = None,
     health: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-    exposition: Callable[[], Awaitable[bytes]] | None = None,
+    exposition: Callable[[], Coroutine[Any, Any, bytes]] | None = None,
     metrics_max_age: float = 1.0,
     close_held: Callable[[], str] | None = None,
     loop_lag: Callable[[float], None] | None = None,
+    worker_loop: asyncio.AbstractEventLoop | None = None,
 ) -> web.Application:
     """``now``: the worker's clock (``--clock``), which decides the default month.
     ``exposition``: builds the scrape body without stalling the event loop (the worker's
     ledgers walked in slices); concurrent scrapes share one build, and a body is served
     again for ``metrics_max_age`` seconds.  ``close_held``: why month closes are held
     ("" when they are not), shown by /healthz as ``month_close`` without changing
-    readiness (usage still counts)."""
+    readiness (usage still counts).  ``worker_loop``: the worker's event loop when the app
+    is served from another (:class:`HttpThread`): the exposition, the usage view and the
+    loop-lag timer run there; ``health`` and ``close_held`` are read from the HTTP
+    thread, so a busy worker still answers ``/healthz``."""
     app = web.Application()
+
+    async def on_worker(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """``make()`` awaited on the worker's loop (here when it is this one)."""
+        if worker_loop is None or worker_loop is asyncio.get_running_loop():
+            return await make()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), worker_loop))
+
     if loop_lag is not None:
         observe = loop_lag
 
         async def start_lag(app: web.Application) -> None:
-            app[LAG_TASK] = asyncio.ensure_future(measure_loop_lag(observe))
+            coro = measure_loop_lag(observe)
+            if worker_loop is None:
+                app[LAG_TASK] = asyncio.ensure_future(coro)
+            else:
+                app[LAG_TASK] = asyncio.run_coroutine_threadsafe(coro, worker_loop)
 
         async def stop_lag(app: web.Application) -> None:
             app[LAG_TASK].cancel()
@@ -73,7 +98,9 @@ def build_app(
         app.on_cleanup.append(stop_lag)
 
     async def build() -> bytes:
-        return generate_latest(registry) if exposition is None else await exposition()
+        if exposition is None:
+            return generate_latest(registry)
+        return await on_worker(exposition)
 
     body_cache = Coalesced(build, metrics_max_age)
 
@@ -81,12 +108,24 @@ def build_app(
         body = await body_cache.get()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def healthz(_: web.Request) -> web.Response:
+    def health_doc() -> dict[str, object]:
         ok, reason = health()
         body: dict[str, object] = {"ready": ok, "reason": reason}
         if close_held is not None:
             body["month_close"] = close_held() or "ok"
-        return web.json_response(body, status=200 if ok else 503)
+        return body
+
+    async def healthz(_: web.Request) -> web.Response:
+        try:
+            body = health_doc()
+        except RuntimeError:
+            # The worker changed what health() was reading (a rebalance mid-read, from
+            # this thread): read it again on the worker's own loop.
+            async def again() -> dict[str, object]:
+                return health_doc()
+
+            body = await on_worker(again)
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -97,24 +136,26 @@ def build_app(
             return web.Response(body=page, content_type="text/html", charset="utf-8")
 
         async def api_usage(request: web.Request) -> web.Response:
-            months = view.months()
             asked = request.query.get("month")
             try:
-                month = parse_month(asked) if asked else default_month(months, now())
-            except ValueError as exc:
-                return web.json_response({"error": str(exc)}, status=400)
-            try:
+                chosen = parse_month(asked) if asked else None
                 page = paging(request.query)
-            except ValueError as exc:
-                return web.json_response({"error": str(exc)}, status=400)
-            try:
                 top = top_count(request.query)
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
-            answer = await view.month_answer(month, request.query.get("tenant") or None)
+            tenant = request.query.get("tenant") or None
+
+            async def read() -> tuple[str, list[str], MonthAnswer, Any]:
+                # On the worker's loop: the view is tailed and indexed there.
+                months = view.months()
+                month = chosen or default_month(months, now())
+                answer = await view.month_answer(month, tenant)
+                lic = view.license_doc(month) if view.license_doc is not None else None
+                return month, months, answer, lic
+
+            month, months, answer, lic = await on_worker(read)
             doc, body = answer.doc, answer.body
             extra: dict[str, Any] = {"month": month, "months": months}
-            lic = view.license_doc(month) if view.license_doc is not None else None
             if lic is not None:
                 extra["license"] = lic
             if top is not None:
@@ -177,7 +218,9 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-LAG_TASK: web.AppKey[asyncio.Future[None]] = web.AppKey("loop_lag_task")
+LAG_TASK: web.AppKey[asyncio.Future[None] | concurrent.futures.Future[None]] = web.AppKey(
+    "loop_lag_task"
+)
 #: How often the event loop's lag is measured.
 LAG_EVERY = 0.1
 
@@ -335,3 +378,56 @@ async def serve(
     assert server is not None
     actual = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return runner, int(actual)
+
+
+class HttpThread:
+    """An app served from a thread of its own, with its own event loop: what a client
+    does (a flood of connections, a slow reader, ten scrapes at once) costs that loop,
+    never the worker's, whose polling, heartbeats and commits go on.  ``await start()``
+    returns the port; ``await cleanup()`` stops serving and ends the thread (the same
+    call as an :class:`aiohttp.web.AppRunner`'s)."""
+
+    def __init__(self, app: web.Application, host: str, port: int, limit: int | None = None):
+        self._serve = lambda: serve(app, host, port, limit)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> int:
+        caller = asyncio.get_running_loop()
+        started: asyncio.Future[int] = caller.create_future()
+
+        def settle(outcome: int | BaseException) -> None:
+            if started.done():
+                return
+            if isinstance(outcome, BaseException):
+                started.set_exception(outcome)
+            else:
+                started.set_result(outcome)
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self._runner, port = loop.run_until_complete(self._serve())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                loop.close()
+                caller.call_soon_threadsafe(settle, exc)
+                return
+            caller.call_soon_threadsafe(settle, port)
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="meter-http", daemon=True)
+        self._thread.start()
+        return await started
+
+    async def cleanup(self) -> None:
+        loop, runner, thread = self._loop, self._runner, self._thread
+        if loop is None or runner is None or thread is None or loop.is_closed():
+            return
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(runner.cleanup(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 10)

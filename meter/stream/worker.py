@@ -435,12 +435,15 @@ class Worker:
             return False, self.connecting
         if not self.ready.is_set():
             return False, "waiting for partitions from the consumer group"
-        recovering = sorted(n for n, h in self.homes.items() if h.phase is Phase.RECOVERING)
+        # One copy of the partitions (made without a thread switch): /healthz reads this
+        # from the HTTP thread while the worker's loop may be changing them.
+        homes = tuple(self.homes.items())
+        recovering = sorted(n for n, h in homes if h.phase is Phase.RECOVERING)
         if recovering:
             return False, f"recovering home partitions {recovering} from the changelog"
-        fenced = sorted(n for n, h in self.homes.items() if h.phase is Phase.FENCED)
+        fenced = sorted((n, h.reason) for n, h in homes if h.phase is Phase.FENCED)
         if fenced:
-            return False, f"fenced home partitions {fenced}: {self.homes[fenced[0]].reason}"
+            return False, f"fenced home partitions {[n for n, _ in fenced]}: {fenced[0][1]}"
         if not self.lease.valid():
             return False, (
                 f"group membership not confirmed for {self.lease.age():.0f}s "

@@ -487,3 +487,63 @@ def test_the_event_loop_lag_is_measured_while_http_is_served() -> None:
     # late (0.25 failed once on a busy machine: 0.2495).
     assert max(seen) >= 0.2
     assert sorted(seen)[len(seen) // 2] < 0.05  # most ticks were on time
+
+
+def test_healthz_answers_from_its_own_thread_while_the_workers_loop_is_blocked() -> None:
+    """HttpThread: a worker's loop busy with a batch (here: blocked outright) still
+    answers /healthz; /metrics is built on the worker's loop, and the loop-lag timer
+    measures that loop, not the HTTP thread's."""
+    import threading
+    import time as _time
+    import urllib.request
+
+    from meter.observe.http import HttpThread
+
+    answers: dict[str, Any] = {}
+    built_on: list[str] = []
+    lags: list[float] = []
+
+    async def exposition() -> bytes:
+        built_on.append(threading.current_thread().name)
+        return b"meter_test_up 1\n"
+
+    async def main() -> None:
+        app = build_app(
+            CollectorRegistry(),
+            health=lambda: (True, "ok"),
+            exposition=exposition,
+            loop_lag=lags.append,
+            worker_loop=asyncio.get_running_loop(),
+        )
+        server = HttpThread(app, "127.0.0.1", 0)
+        port = await server.start()
+        base = f"http://127.0.0.1:{port}"
+        released = threading.Event()
+
+        def client() -> None:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=10) as resp:
+                answers["healthz"] = (resp.status, released.is_set())
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+                answers["metrics"] = resp.read()
+
+        asker = threading.Thread(target=client)
+        await asyncio.sleep(0.25)  # the lag timer runs on this loop
+        asker.start()
+        start = _time.monotonic()
+        while _time.monotonic() - start < 10 and (
+            "healthz" not in answers or _time.monotonic() - start < 0.3
+        ):
+            _time.sleep(0.01)  # this loop (the worker's) is blocked, 300 ms at least
+        released.set()
+        await asyncio.to_thread(asker.join, 10)
+        await asyncio.sleep(0.25)
+        await server.cleanup()
+
+    asyncio.run(main())
+    assert answers["healthz"] == (200, False)  # answered while the worker's loop was blocked
+    assert answers["metrics"] == b"meter_test_up 1\n"
+    assert built_on == ["MainThread"]
+    # The worker's 100 ms timer, armed at most 100 ms before the 300 ms block, fired at
+    # least 200 ms late (the HTTP thread's loop was never blocked).
+    assert max(lags) >= 0.2
+    assert not [t for t in threading.enumerate() if t.name == "meter-http"]
