@@ -23,7 +23,7 @@ from meter.domain.license import LicenseWatch, ProviderLicense, load_license
 from meter.domain.month import parse_month
 from meter.errors import ConfigError
 from meter.kafka import KafkaSettings
-from meter.observe.http import HttpThread, build_app
+from meter.observe.http import CpuShare, HttpThread, build_app
 from meter.observe.metrics import instrument, recent_months
 from meter.observe.snapshot import DEFAULT_TOP_TENANTS
 from meter.observe.usage_view import LicenseView, UsageView
@@ -254,6 +254,7 @@ async def start_http(
         loop_lag=None if collector.loop_lag is None else collector.loop_lag.observe,
         close_held=worker.close_held,
         worker_loop=asyncio.get_running_loop(),
+        cpu_share=CpuShare(),
     )
     server = HttpThread(app, args.http_host, args.http_port)
     try:

@@ -36,12 +36,14 @@ import importlib.resources
 import logging
 import resource
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meter.domain.month import parse_month
@@ -63,6 +65,7 @@ def build_app(
     close_held: Callable[[], str] | None = None,
     loop_lag: Callable[[float], None] | None = None,
     worker_loop: asyncio.AbstractEventLoop | None = None,
+    cpu_share: CpuShare | None = None,
 ) -> web.Application:
     """``now``: the worker's clock (``--clock``), which decides the default month.
     ``exposition``: builds the scrape body without stalling the event loop (the worker's
@@ -72,8 +75,11 @@ def build_app(
     readiness (usage still counts).  ``worker_loop``: the worker's event loop when the app
     is served from another (:class:`HttpThread`): the exposition, the usage view and the
     loop-lag timer run there; ``health`` and ``close_held`` are read from the HTTP
-    thread, so a busy worker still answers ``/healthz``."""
-    app = web.Application()
+    thread, so a busy worker still answers ``/healthz``.  ``cpu_share``: the CPU time
+    answers may take (everything but ``/healthz`` waits its turn under it), so clients
+    in a loop cannot take the worker's interpreter from it."""
+    middlewares: list[Middleware] = [] if cpu_share is None else [cpu_share.middleware]
+    app = web.Application(middlewares=middlewares)
 
     async def on_worker(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """``make()`` awaited on the worker's loop (here when it is this one)."""
@@ -378,6 +384,66 @@ async def serve(
     assert server is not None
     actual = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return runner, int(actual)
+
+
+#: The share of one core the HTTP thread may use for answers other than ``/healthz``.
+HTTP_CPU_SHARE = 0.1
+
+
+class CpuShare:
+    """A budget of the HTTP thread's own CPU time (``time.thread_time``): ``share`` of
+    the time that passes, ``burst`` seconds of it held at most.  A request waits for
+    its turn while the thread has used more than its share, so clients asking in a loop
+    get slower answers instead of the worker getting less of the interpreter (one GIL);
+    ``/healthz`` never waits."""
+
+    def __init__(
+        self,
+        share: float = HTTP_CPU_SHARE,
+        burst: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.share = share
+        self.burst = burst
+        self._clock = clock
+        self._cpu = cpu
+        self._credit = burst
+        self._at: float | None = None
+        self._used = 0.0
+        self._gate: asyncio.Lock | None = None
+        #: seconds requests waited for their turn (for tests and the bench)
+        self.waited = 0.0
+
+    def _settle(self) -> float:
+        now, used = self._clock(), self._cpu()
+        if self._at is not None:
+            earned = (now - self._at) * self.share - (used - self._used)
+            self._credit = min(self.burst, self._credit + earned)
+        self._at, self._used = now, used
+        return self._credit
+
+    async def turn(self) -> None:
+        """Return when the thread is within its share (at once, mostly)."""
+        if self._settle() >= 0:
+            return
+        if self._gate is None:
+            self._gate = asyncio.Lock()
+        async with self._gate:  # one waiter at a time: the next settles after it ran
+            while (credit := self._settle()) < 0:
+                pause = -credit / self.share
+                self.waited += pause
+                await asyncio.sleep(pause)
+
+    @web.middleware
+    async def middleware(
+        self,
+        request: web.Request,
+        handler: Handler,
+    ) -> web.StreamResponse:
+        if request.path != "/healthz":
+            await self.turn()
+        return await handler(request)
 
 
 class HttpThread:

@@ -547,3 +547,31 @@ def test_healthz_answers_from_its_own_thread_while_the_workers_loop_is_blocked()
     # least 200 ms late (the HTTP thread's loop was never blocked).
     assert max(lags) >= 0.2
     assert not [t for t in threading.enumerate() if t.name == "meter-http"]
+
+
+def test_answers_wait_their_turn_under_the_cpu_share_and_healthz_never_does() -> None:
+    """CpuShare: a thread that used 0.1 s of CPU with a share of 0.5 owes 0.2 s of
+    wall time before the next answer; /healthz is answered meanwhile."""
+    import time as _time
+
+    from meter.observe.http import CpuShare
+
+    used = [0.0]
+    share = CpuShare(share=0.5, burst=0.0, cpu=lambda: used[0])
+    app = build_app(CollectorRegistry(), cpu_share=share)
+
+    async def body(client: TestClient) -> tuple[float, float, int, int]:
+        assert (await client.get("/metrics")).status == 200  # within its share: no wait
+        assert share.waited == 0
+        used[0] += 0.1  # as if answering had taken 100 ms of CPU
+        started = _time.monotonic()
+        health = await client.get("/healthz")
+        healthz_s = _time.monotonic() - started
+        metrics = await client.get("/metrics")
+        return healthz_s, _time.monotonic() - started, health.status, metrics.status
+
+    healthz_s, metrics_s, health, metrics = run_with_client(app, body)
+    assert (health, metrics) == (200, 200)
+    assert 0.15 <= share.waited <= 0.5
+    assert metrics_s >= share.waited - 0.01
+    assert healthz_s < share.waited  # /healthz did not wait its turn
