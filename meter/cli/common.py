@@ -255,6 +255,7 @@ async def start_http(
         close_held=worker.close_held,
         worker_loop=asyncio.get_running_loop(),
         cpu_share=CpuShare(),
+        metrics_stale_ok=collector.big,
     )
     server = HttpThread(app, args.http_host, args.http_port)
     try:

@@ -66,6 +66,7 @@ def build_app(
     loop_lag: Callable[[float], None] | None = None,
     worker_loop: asyncio.AbstractEventLoop | None = None,
     cpu_share: CpuShare | None = None,
+    metrics_stale_ok: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     """``now``: the worker's clock (``--clock``), which decides the default month.
     ``exposition``: builds the scrape body without stalling the event loop (the worker's
@@ -77,7 +78,9 @@ def build_app(
     loop-lag timer run there; ``health`` and ``close_held`` are read from the HTTP
     thread, so a busy worker still answers ``/healthz``.  ``cpu_share``: the CPU time
     answers may take (everything but ``/healthz`` waits its turn under it), so clients
-    in a loop cannot take the worker's interpreter from it."""
+    in a loop cannot take the worker's interpreter from it.  ``metrics_stale_ok``: a big
+    worker's scrape is answered with the last body while the next is built
+    (:class:`~meter.observe.snapshot.Coalesced`)."""
     middlewares: list[Middleware] = [] if cpu_share is None else [cpu_share.middleware]
     app = web.Application(middlewares=middlewares)
 
@@ -108,7 +111,7 @@ def build_app(
             return generate_latest(registry)
         return await on_worker(exposition)
 
-    body_cache = Coalesced(build, metrics_max_age)
+    body_cache = Coalesced(build, metrics_max_age, stale_ok=metrics_stale_ok)
 
     async def metrics(_: web.Request) -> web.Response:
         body = await body_cache.get()

@@ -36,6 +36,9 @@ from meter.observe.snapshot import (
 from meter.stream.worker import Worker
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: Tenant-months (both views) from which a scrape is answered with the last body while
+#: the next is built (about 50 ms of walking): small workers always answer fresh.
+STALE_WALK = 20_000
 LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -60,8 +63,15 @@ class WorkerCollector(Collector):
         self.top_tenants = top_tenants
         #: set by :meth:`exposition` for the one collect it runs (built in slices)
         self.snapshot: UsageSnapshot | None = None
+        #: tenant-months the last exposition read
+        self.walked = 0
         #: the event loop's lag (set by :func:`instrument`)
         self.loop_lag: Histogram | None = None
+
+    def big(self) -> bool:
+        """Whether the last walk was big enough (:data:`STALE_WALK`) that a scrape is
+        answered with the last body while the next is built."""
+        return self.walked >= STALE_WALK
 
     async def exposition(self, registry: CollectorRegistry) -> bytes:
         """The scrape body, with the ledgers walked in slices between which the event
@@ -69,6 +79,7 @@ class WorkerCollector(Collector):
         self.snapshot = await build_snapshot(
             self.worker.homes.values(), self.months(), self.top_tenants
         )
+        self.walked = self.snapshot.walked
         try:
             return generate_latest(registry)
         finally:

@@ -11,8 +11,14 @@ from prometheus_client import CollectorRegistry
 
 from meter.domain import load_ratecards
 from meter.kafka import KafkaSettings
-from meter.observe.metrics import instrument
-from meter.observe.snapshot import SLICE, Coalesced, build_snapshot, snapshot_now
+from meter.observe.metrics import STALE_WALK, instrument
+from meter.observe.snapshot import (
+    SLICE,
+    STALE_LIMITS,
+    Coalesced,
+    build_snapshot,
+    snapshot_now,
+)
 from meter.stream.config import StreamConfig
 from meter.stream.partition import HomePartition
 from meter.stream.worker import Worker
@@ -109,13 +115,46 @@ def test_concurrent_scrapes_share_one_build_and_a_fresh_body_is_served_again() -
     assert len(builds) == 2
 
 
+def test_a_big_build_serves_the_last_value_while_the_next_is_built() -> None:
+    """stale_ok: past its age the last value is answered at once and one rebuild goes
+    on behind it; past STALE_LIMITS age limits, or when not stale_ok, callers wait."""
+    now = [0.0]
+    builds: list[int] = []
+    big = [True]
+
+    async def build() -> bytes:
+        builds.append(1)
+        await asyncio.sleep(0.01)
+        return f"body {len(builds)}".encode()
+
+    async def main() -> list[bytes]:
+        cache = Coalesced(build, max_age=5.0, clock=lambda: now[0], stale_ok=lambda: big[0])
+        out = [await cache.get()]  # nothing yet: waits for the first build
+        now[0] = 6.0
+        out += await asyncio.gather(*(cache.get() for _ in range(3)))  # the last, at once
+        await asyncio.sleep(0.05)  # the one rebuild behind them finishes
+        out.append(await cache.get())
+        now[0] = 6.0 + STALE_LIMITS * 5.0  # too old to serve: wait
+        out.append(await cache.get())
+        big[0] = False
+        now[0] += 6.0  # past its age, and not a big build: wait
+        out.append(await cache.get())
+        return out
+
+    assert asyncio.run(main()) == [b"body 1", b"body 1", b"body 1", b"body 1", b"body 2",
+                                   b"body 3", b"body 4"]  # fmt: skip
+    assert len(builds) == 4
+
+
 def test_metrics_at_many_tenants_are_bounded_and_keep_provider_totals() -> None:
     w = Worker(KafkaSettings(bootstrap="127.0.0.1:1"), StreamConfig(), load_ratecards())
     for n, hp in enumerate(homes(20_000)):
         w.homes[n] = hp
     registry = CollectorRegistry()
     collector = instrument(w, registry, lambda: MONTHS, top_tenants=50)
+    assert not collector.big()  # nothing walked yet: the first scrape waits for its body
     body = asyncio.run(collector.exposition(registry)).decode()
+    assert collector.walked >= STALE_WALK and collector.big()
     tenant_series = [ln for ln in body.splitlines() if ln.startswith("meter_points{")]
     assert len({ln.split('tenant_id="')[1].split('"')[0] for ln in tenant_series}) <= 100
     total = sum(r.points for hp in w.homes.values() for r in hp.ledger.usage() if r.month in MONTHS)
