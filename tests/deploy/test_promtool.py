@@ -234,10 +234,11 @@ def test_compose_wires_prometheus_and_grafana() -> None:
     yaml = pytest.importorskip("yaml")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
     services = compose["services"]
-    assert {"kafka", "worker-1", "worker-2", "prometheus", "grafana"} <= set(services)
+    assert {"kafka-1", "worker-1", "worker-2", "prometheus", "grafana"} <= set(services)
     for w in ("worker-1", "worker-2"):
         assert services[w]["command"][:3] == ["worker", "--http-host", "0.0.0.0"]
-        assert services[w]["environment"]["METER_BROKER"] == "kafka:9092"
+        brokers = services[w]["environment"]["METER_BROKER"].split(",")
+        assert brokers == ["kafka-1:9092", "kafka-2:9092", "kafka-3:9092"]
     prom = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text(encoding="utf-8"))
     (job,) = prom["scrape_configs"]
     assert job["job_name"] == "meter"  # the dashboard's up{job="meter"} and the rules
