@@ -364,7 +364,7 @@ class HomePartition:
         self.elsewhere.clear()
         self.changed.clear()
         self.saved_end = -1
-        self.published = Published({})
+        self.published = self.published.behind()
         self.unpublished.clear()
         self._drop_batch()
 
