@@ -518,7 +518,7 @@ def test_state_records_stay_under_a_mib_whatever_the_workload_ids(tmp_path: Path
         assert event(hp, f"t{n % 3}", "2026-01", wid(n), RATES[n % 3], 6)
     write(hp, log)
     hp.save(log.fingerprint(hp.changelog_end))
-    rows = {k: list(store.read(k)) for k in store.keys()}
+    rows = {k: list(store.read(k)) for k in store.keys()}  # noqa: SIM118
     sizes = [len(r) for row in rows.values() for r in row]
     assert max(sizes) <= ROW_BYTES < 1024 * 1024, max(sizes)
     assert sum(sizes) > 6 * ROW_BYTES  # the cap, not the entry count, cut them
