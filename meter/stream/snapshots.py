@@ -196,6 +196,9 @@ async def _records_at(
     i = 0
     deadline = asyncio.get_running_loop().time() + timeout_s
     while i < len(wanted):
+        hw = consumer.highwater(tp)
+        if hw is not None and wanted[i] >= hw:
+            return got  # past the end: not there (a seek there would start again at 0)
         consumer.seek(tp, wanted[i])
         while i < len(wanted):
             if asyncio.get_running_loop().time() > deadline:

@@ -277,16 +277,8 @@ def test_a_damaged_last_snapshot_after_a_purge_falls_back_to_the_one_before_it(
     row = next(k for k in last.index if k.startswith("month:2026-07"))
     gone = {**last.index, row: [10**9]}
 
-    async def damage() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
-        await producer.start()
-        try:
-            doc = snapshots.checkpoint_doc(last.checkpoint, gone, last.slots, last.before)
-            await producer.send_and_wait(snaps, doc, key=snapshots.CHECKPOINT_KEY, partition=0)
-        finally:
-            await producer.stop()
-
-    asyncio.run(damage())
+    doc = snapshots.checkpoint_doc(last.checkpoint, gone, last.slots, last.before)
+    asyncio.run(_produce(settings.bootstrap, snaps, 0, doc))
     b = _worker(settings.bootstrap, names, "b", tmp_path / "host-b")
     try:
         log = b.log()
@@ -301,6 +293,38 @@ def test_a_damaged_last_snapshot_after_a_purge_falls_back_to_the_one_before_it(
     finally:
         b.close()
     _exact(settings, names, events)
+
+    # Both snapshots of partition 1 damaged: nothing at or past the changelog's start reads
+    # back, so a new host halts (not ready) rather than count from a partial history.
+    last = None
+    for r in asyncio.run(read_to_end(settings, snaps)):
+        if r.partition == 1 and r.key == snapshots.CHECKPOINT_KEY:
+            last = snapshots.parse_snapshot(r.value, r.offset)
+    assert last is not None and last.checkpoint is not None and last.before is not None
+    before = last.before
+    before.index = {k: [10**9] for k in before.index}
+    doc = snapshots.checkpoint_doc(
+        last.checkpoint, {k: [10**9] for k in last.index}, last.slots, before
+    )
+    asyncio.run(_produce(settings.bootstrap, snaps, 1, doc))
+    usage = read_all(settings, names.usage)
+    c = WorkerProcess(settings.bootstrap, names, "c", extra=["--state-dir", str(tmp_path / "c")])
+    try:
+        c.wait_for_log("no state at or past it reads back")
+        assert c.health()[0] != 200
+        assert "Traceback" not in c.log()
+    finally:
+        c.close()
+    assert len(read_all(settings, names.usage)) == len(usage)  # it published nothing
+
+
+async def _produce(bootstrap: str, topic: str, partition: int, doc: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, doc, key=snapshots.CHECKPOINT_KEY, partition=partition)
+    finally:
+        await producer.stop()
 
 
 def test_snapshot_records_of_the_longest_ids_fit_apache_kafkas_default_message_limit(
