@@ -379,3 +379,36 @@ def test_snapshot_records_of_the_longest_ids_fit_apache_kafkas_default_message_l
     sizes = [len(r) for k in store.keys() for r in store.read(k)]  # noqa: SIM118
     assert published.at >= 0 and sum(len(v) for v in published.index.values()) == len(sizes)
     assert max(sizes) > 256 * 1024 and sum(sizes) > 2 * 1024 * 1024, sizes
+
+
+@pytest.mark.brokers("tansu", "kafka")
+def test_the_embedded_broker_keeps_the_changelog_whole_and_says_so_once_kafka_purges(
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path, is_tansu: bool
+) -> None:
+    """The embedded broker closes the connection on DeleteRecords: the worker says once that
+    it keeps the changelog whole, goes on, and counts exactly.  On Apache Kafka the same run
+    purges (every partition's log start moves)."""
+    names = Names(unique)
+    names.extra = ["--checkpoint-interval", "0.3", "--snapshot-interval", "0", "--purge-changelog"]
+    chunks = [list(generate(600, seed=995 + n, month="2026-11", tenants=16)) for n in range(3)]
+    changelog = f"{names.jobs}.ledger.changelog"
+    w = _worker(kafka_settings.bootstrap, names, "a", tmp_path / "a")
+    try:
+        sent: list[bytes] = []
+        for chunk in chunks:
+            sent += chunk
+            send(kafka_settings, names.jobs, chunk)
+            wait_usage(kafka_settings, names.usage, expected_usage(sent), workers=[w])
+        if is_tansu:
+            wait_until(lambda: "the broker does not delete records" in w.log(), "a purge tried")
+            assert w.log().count("the broker does not delete records") == 1, w.log()
+        else:
+            wait_until(
+                lambda: all(o > 0 for o in starts(kafka_settings.bootstrap, changelog).values()),
+                "every partition purged",
+            )
+        assert w.health()[0] == 200
+    finally:
+        w.close()
+    if is_tansu:
+        assert set(starts(kafka_settings.bootstrap, changelog).values()) == {0}
