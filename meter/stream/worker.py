@@ -2167,10 +2167,12 @@ class Worker:
         those below the whole snapshot before its last one (one generation of slack: where
         the last is damaged, a new host reads that one, and its fingerprint record, at its
         offset - 1, is kept).  A broker that cannot (the embedded one) keeps them all."""
-        before = hp.published.before
-        if not self._purging() or before is None or before.checkpoint is None:
+        last, before = hp.published.checkpoint, hp.published.before
+        if not self._purging() or last is None or before is None or before.checkpoint is None:
             return
-        below = before.checkpoint.offset - 1
+        # Never past the last snapshot's own state (a "before" noted from the topic could
+        # belong to another history: then it is only not a fallback).
+        below = min(before.checkpoint.offset, last.offset) - 1
         if below <= self._purged.get(hp.number, 0):
             return
         topic = self.config.topics.changelog
