@@ -152,6 +152,14 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "whole changelog; -1: never [600]",
     )
     g.add_argument(
+        "--purge-changelog",
+        action="store_true",
+        help="with --state-dir and snapshots (Apache Kafka): once a partition's snapshot is "
+        "whole on the .ledger.snapshots topic, delete its changelog records below the whole "
+        "snapshot before it (DeleteRecords), so the changelog stops growing with history "
+        "[off: kept for ever]",
+    )
+    g.add_argument(
         "--prune-after",
         type=parse_grace,
         default=timedelta(days=7),
@@ -313,6 +321,7 @@ def stream_config(
         metrics_months=max(1, getattr(args, "metrics_months", 2)),
         snapshot_interval_s=args.snapshot_interval if args.snapshot_interval >= 0 else None,
         prune_after=args.prune_after,
+        purge_changelog=getattr(args, "purge_changelog", False),
     )
 
 

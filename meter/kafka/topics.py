@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
@@ -467,3 +467,22 @@ async def read_to_end(
             settings, topic, max_seconds=max_seconds, consumer_kwargs=consumer_kwargs
         )
     ]
+
+
+async def delete_records_below(
+    settings: KafkaSettings, topic: str, below: dict[int, int], request_timeout_ms: int = 15_000
+) -> dict[int, int]:
+    """DeleteRecords: every record of ``topic`` partition p below offset ``below[p]``.
+    Returns each partition's new start (low watermark).  Raises the broker's error
+    (:class:`~aiokafka.errors.KafkaError`; the embedded broker does not implement the
+    request: an error or a closed connection)."""
+    admin = await _start_admin(settings, request_timeout_ms)
+    try:
+        done = await admin.delete_records(
+            {TopicPartition(topic, p): RecordsToDelete(o) for p, o in below.items()},
+            timeout_ms=request_timeout_ms,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), 5.0)
+    return {tp.partition: low for tp, low in done.items()}

@@ -88,6 +88,9 @@ class StreamConfig:
     metrics_months: int = 2
     #: With local state: copy it to the snapshots topic at most this often (None: never).
     snapshot_interval_s: float | None = 600.0
+    #: With local state and snapshots: delete changelog records below the whole snapshot
+    #: before the last (DeleteRecords; brokers that cannot keep them all).
+    purge_changelog: bool = False
 
     def topic_specs(self) -> list[TopicSpec]:
         """The topics meter creates and checks.  Their replication is chosen for the

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, TypeVar
@@ -364,7 +364,7 @@ class HomePartition:
         self.elsewhere.clear()
         self.changed.clear()
         self.saved_end = -1
-        self.published = Published({})
+        self.published = self.published.behind()
         self.unpublished.clear()
         self._drop_batch()
 
@@ -760,7 +760,7 @@ class HomePartition:
         more than one chunk besides the state itself."""
         hc = self.close
         late = hc.late_ids
-        for groups in _state_chunks(self.ledger, month):
+        for groups in _state_chunks(self.ledger, month, late):
             ids = (
                 [
                     (t, w, i, eid)
@@ -873,11 +873,23 @@ class HomePartition:
 
 #: Entries per record in local state rows.
 _ROW_CHUNK: Final = 5_000
+#: Bytes per record in local state rows, at most (estimated as the records are cut): the
+#: rows go to the snapshots topic, and Apache Kafka's default message limit is 1 MiB.
+ROW_BYTES: Final = 512 * 1024
 
 
-def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:
+def _w(text: str) -> int:
+    """At most the bytes ``text`` takes in JSON: an ASCII character at most 2 (controls are
+    not allowed in ids), any other at most 6 (``\\uXXXX``).  ``isascii`` is O(1)."""
+    return len(text) * (2 if text.isascii() else 6)
+
+
+def _state_chunks(
+    ledger: Ledger, month: str, late: Mapping[tuple[str, str, str, str], str] | None = None
+) -> Iterator[list[StateGroup]]:
     """``month``'s entries as (tenant, type, rate, workload ids) groups, about
-    :data:`_ROW_CHUNK` workloads to a chunk."""
+    :data:`_ROW_CHUNK` workloads and at most about :data:`ROW_BYTES` to a chunk (a late
+    workload's event id, in ``late``, counted with it)."""
 
     def groups() -> Iterator[tuple[tuple[str, str, Rate], list[str]]]:
         for tm in ledger.tenant_months():
@@ -894,33 +906,74 @@ def _state_chunks(ledger: Ledger, month: str) -> Iterator[list[StateGroup]]:
                 for rate, ids in held.items():
                     yield (tm.tenant_id, w, rate), ids
 
-    for chunk in _group_chunks(groups()):
+    def weight(head: tuple[str, str, Rate], i: str) -> int:
+        eid = late.get((head[0], month, head[1], i)) if late else None
+        cost = _w(i) + 4
+        return cost if eid is None else 2 * cost + _w(eid) + _w(head[0]) + _w(head[1]) + 16
+
+    for chunk in _group_chunks(groups(), weight):
         yield [(t, w, rate, wids) for (t, w, rate), wids in chunk]
 
 
-def _group_chunks(groups: Iterable[tuple[_K, list[str]]]) -> Iterator[list[tuple[_K, list[str]]]]:
-    """Groups of workload ids, cut and gathered about :data:`_ROW_CHUNK` ids to a chunk."""
+def _id_weight(head: object, i: str) -> int:
+    return _w(i) + 4
+
+
+def _head_weight(head: tuple[object, ...]) -> int:
+    return sum(_w(h) for h in head if isinstance(h, str)) + 48
+
+
+def _group_chunks(
+    groups: Iterable[tuple[_K, list[str]]],
+    weight: Callable[[_K, str], int] = _id_weight,
+) -> Iterator[list[tuple[_K, list[str]]]]:
+    """Groups of workload ids, cut and gathered about :data:`_ROW_CHUNK` ids and at most
+    about :data:`ROW_BYTES` (each id's ``weight`` with its group head) to a chunk."""
     chunk: list[tuple[_K, list[str]]] = []
-    size = 0
+    size = nbytes = 0
     for head, wids in groups:
-        for k in range(0, len(wids), _ROW_CHUNK):
-            part = wids[k : k + _ROW_CHUNK]
-            chunk.append((head, part))
-            size += len(part)
-            if size >= _ROW_CHUNK:
+        head_bytes = _head_weight(head)  # type: ignore[arg-type]
+        part: list[str] = []
+        for i in wids:
+            cost = weight(head, i)
+            if size and (size >= _ROW_CHUNK or nbytes + head_bytes + cost > ROW_BYTES):
+                if part:
+                    chunk.append((head, part))
                 yield chunk
-                chunk, size = [], 0
+                chunk, part, size, nbytes = [], [], 0, 0
+            if not part:
+                nbytes += head_bytes
+            part.append(i)
+            size += 1
+            nbytes += cost
+        if part:
+            chunk.append((head, part))
     if chunk:
         yield chunk
 
 
+def _item_weight(item: tuple[object, ...]) -> int:
+    total = 64
+    for x in item:
+        if isinstance(x, str):
+            total += _w(x)
+        elif isinstance(x, tuple):
+            total += sum(_w(y) for y in x if isinstance(y, str)) + 24
+    return total
+
+
 def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:
+    """``items`` (tuples of strings, numbers and rates) cut about :data:`_ROW_CHUNK` and at
+    most about :data:`ROW_BYTES` to a chunk."""
     chunk: list[_T] = []
+    nbytes = 0
     for item in items:
-        chunk.append(item)
-        if len(chunk) == _ROW_CHUNK:
+        cost = _item_weight(item)  # type: ignore[arg-type]
+        if chunk and (len(chunk) >= _ROW_CHUNK or nbytes + cost > ROW_BYTES):
             yield chunk
-            chunk = []
+            chunk, nbytes = [], 0
+        chunk.append(item)
+        nbytes += cost
     if chunk:
         yield chunk
 

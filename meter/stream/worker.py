@@ -53,6 +53,7 @@ from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     CorruptRecordException,
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     PolicyViolationError,
@@ -88,6 +89,7 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
+from meter.kafka.topics import delete_records_below
 from meter.store import (
     Checkpoint,
     LocalStateError,
@@ -360,6 +362,9 @@ class Worker:
         self._snapshot_times: dict[int, float] = {}
         #: (home partition, snapshot offset) whose state failed: never read again.
         self._refused_snapshots: set[tuple[int, int]] = set()
+        #: home -> where this worker last purged its changelog (--purge-changelog)
+        self._purged: dict[int, int] = {}
+        self._purge_unsupported = False
         self.config = config
         self.cards = cards
         #: What the provider licensed (``--license``); None: not declared.
@@ -1798,10 +1803,31 @@ class Worker:
         started = time.monotonic()
         parts = {n: self.homes[n] for n in homes}
         starts = {n: hp.begin_recovery() for n, hp in parts.items()}
-        for n, hp in parts.items():
-            if starts[n] == 0 and hp.store is not None and not len(hp.ledger):
-                starts[n] = await self._restore_local(hp)
         tps = {TopicPartition(self.config.topics.changelog, n): n for n in homes}
+        # Where each changelog partition starts: above 0 once purged (--purge-changelog).
+        begins = {tps[tp]: o for tp, o in (await restore.beginning_offsets(list(tps))).items()}
+        for n, hp in parts.items():
+            if 0 < starts[n] < begins[n]:
+                # Caught up from where its state was, but the changelog after that is purged
+                # (another worker owned the partition meanwhile): rebuild it from a snapshot.
+                log.warning(
+                    "home partition %d: its state is at changelog offset %d, the changelog now "
+                    "starts at %d (purged); reading it again",
+                    n,
+                    starts[n],
+                    begins[n],
+                )
+                hp.needs_rebuild = True
+                starts[n] = hp.begin_recovery()
+            if starts[n] == 0 and hp.store is not None and not len(hp.ledger):
+                starts[n] = await self._restore_local(hp, begins[n])
+            if starts[n] < begins[n]:
+                raise DataLostError(
+                    f"home partition {n}: the changelog starts at offset {begins[n]} (purged "
+                    f"below it) and no state at or past it reads back (local state or a whole "
+                    f"snapshot on {self.config.topics.snapshots}); replaying from offset "
+                    f"{starts[n]} would leave out what was purged"
+                )
         restore.assign(list(tps))
         for tp, n in tps.items():
             restore.seek(tp, starts[n])
@@ -1891,13 +1917,25 @@ class Worker:
 
     # ------------------------------------------------------------------ local state
 
-    async def _restore_local(self, hp: HomePartition) -> int:
+    async def _restore_local(self, hp: HomePartition, begin: int = 0) -> int:
         """Load ``hp``'s saved state when it matches the changelog; the offset to replay
-        the changelog from (0: rebuild, the store is cleared).  Raises
-        :class:`DataLostError` when the saved state is past the changelog's end."""
+        the changelog from (0: rebuild, the store is cleared).  ``begin``: where the
+        changelog starts; above 0 (purged), state must be past it, and where local state is
+        not, the snapshots are read (the whole one before the last, where the last fails).
+        Raises :class:`DataLostError` when the saved state is past the changelog's end."""
+        offset = await self._restore_local_once(hp, begin)
+        for _ in range(2):  # the last whole snapshot, then the one before it
+            if offset > 0 or begin == 0 or hp.store is None:
+                break
+            offset = await self._restore_local_once(hp, begin)
+        return offset
+
+    async def _restore_local_once(self, hp: HomePartition, begin: int) -> int:
         store = hp.store
         assert store is not None
         started = time.monotonic()
+        # The fingerprint is the record at offset - 1: it must not be purged.
+        need = begin + 1 if begin > 0 else 0
         try:
             checkpoint = store.checkpoint()
         except StateNotWritable:
@@ -1905,9 +1943,22 @@ class Worker:
         except StoreError as exc:
             log.warning("%s; rebuilding home partition %d from the changelog", exc, hp.number)
             store.clear()  # moved aside, not deleted
-            return 0
+            checkpoint = None
+            if not begin:
+                return 0
+        if checkpoint is not None and checkpoint.offset < need:
+            log.warning(
+                "local state of home partition %d is at changelog offset %d, behind the "
+                "changelog's start %d (purged): reading a snapshot instead",
+                hp.number,
+                checkpoint.offset,
+                begin,
+            )
+            store.clear()
+            checkpoint = None
+        from_topic = checkpoint is None
         if checkpoint is None:
-            checkpoint = await self._download_snapshot(hp)
+            checkpoint = await self._download_snapshot(hp, need)
             if checkpoint is None:
                 return 0
         if checkpoint.offset > 0:
@@ -1924,6 +1975,8 @@ class Worker:
                     "cluster or a recreated topic); rebuilding from the changelog",
                     hp.number,
                 )
+                if from_topic and hp.published.at >= 0:
+                    self._refused_snapshots.add((hp.number, hp.published.at))
                 store.clear()
                 return 0
         source = hp.published.at  # the snapshot the state came from (-1: none)
@@ -1945,7 +1998,24 @@ class Worker:
             len(hp.pruned),
             time.monotonic() - started,
         )
+        if not from_topic and self._purging():
+            await self._note_last_snapshot(hp)
         return checkpoint.offset
+
+    async def _note_last_snapshot(self, hp: HomePartition) -> None:
+        """After a restart from local state: where the last whole snapshot on the topic is,
+        so the next one is written beside it (each row to its other slot) and the changelog
+        can be purged below it once that next one is whole."""
+        try:
+            last = await snapshots.last_whole(
+                self._restore, self.config.topics.snapshots, hp.number
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("could not read %s[%d]: %s", self.config.topics.snapshots, hp.number, exc)
+            return
+        if last is not None:
+            last.before = None
+            hp.published = snapshots.Published({}, slots=dict(last.slots), before=last)
 
     async def _reader(self) -> AIOKafkaConsumer:
         """A started consumer outside any group, for reading chosen offsets."""
@@ -2012,15 +2082,18 @@ class Worker:
             self._refused_snapshots.add((hp.number, hp.published.at))
         hp.state_lost(why)
 
-    async def _download_snapshot(self, hp: HomePartition) -> Checkpoint | None:
+    async def _download_snapshot(self, hp: HomePartition, need: int = 0) -> Checkpoint | None:
         """No local state: read the partition's last snapshot from Kafka into the local store
-        (checked against the changelog next, like any local state); None when there is none."""
+        (checked against the changelog next, like any local state); None when there is none.
+        One that failed before, or whose state is behind changelog offset ``need``, is not
+        read: the whole one before it is, where that one fits."""
         if self.config.snapshot_interval_s is None or hp.store is None:
             return None
         started = time.monotonic()
         topic = self.config.topics.snapshots
+        refused = {at for n, at in self._refused_snapshots if n == hp.number}
         try:
-            got = await snapshots.read(self._restore, topic, hp.number)
+            got = await snapshots.read(self._restore, topic, hp.number, refused, need)
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning(
                 "could not read %s[%d] (%s): replaying the changelog", topic, hp.number, exc
@@ -2029,15 +2102,6 @@ class Worker:
         if got is None:
             return None
         checkpoint, rows, published = got
-        if (hp.number, published.at) in self._refused_snapshots:
-            log.warning(
-                "home partition %d: the snapshot at %s offset %d failed before; replaying the "
-                "changelog",
-                hp.number,
-                topic,
-                published.at,
-            )
-            return None
         # History stays on the topic: where the pruned months' rows are is noted locally.
         away = {k: v for k, v in published.index.items() if k not in rows}
         if away:
@@ -2090,6 +2154,51 @@ class Worker:
             hp.saved_end,
             self.config.topics.snapshots,
             time.monotonic() - started,
+        )
+        await self._purge(hp)
+
+    def _purging(self) -> bool:
+        return (
+            self.config.purge_changelog
+            and self.config.snapshot_interval_s is not None
+            and self.state is not None
+            and not self._purge_unsupported
+        )
+
+    async def _purge(self, hp: HomePartition) -> None:
+        """``--purge-changelog``: delete ``hp``'s changelog records that no restore needs,
+        those below the whole snapshot before its last one (one generation of slack: where
+        the last is damaged, a new host reads that one, and its fingerprint record, at its
+        offset - 1, is kept).  A broker that cannot (the embedded one) keeps them all."""
+        last, before = hp.published.checkpoint, hp.published.before
+        if not self._purging() or last is None or before is None or before.checkpoint is None:
+            return
+        # Never past the last snapshot's own state (a "before" noted from the topic could
+        # belong to another history: then it is only not a fallback).
+        below = min(before.checkpoint.offset, last.offset) - 1
+        if below <= self._purged.get(hp.number, 0):
+            return
+        topic = self.config.topics.changelog
+        try:
+            starts = await delete_records_below(self.settings, topic, {hp.number: below})
+        except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
+            if isinstance(exc, UnsupportedVersionError | ConnectionError | KafkaConnectionError):
+                self._purge_unsupported = True
+                log.warning(
+                    "the broker does not delete records (%s): the changelog is kept whole", exc
+                )
+            else:
+                log.warning("could not purge %s[%d]: %s", topic, hp.number, exc)
+            return
+        self._purged[hp.number] = starts.get(hp.number, below)
+        log.info(
+            "home partition %d: changelog records below offset %d deleted (the snapshot at "
+            "%s offset %d holds the state at %d)",
+            hp.number,
+            self._purged[hp.number],
+            self.config.topics.snapshots,
+            before.at,
+            before.checkpoint.offset,
         )
 
     async def _record_crc(self, home: int, offset: int) -> int | None:

@@ -20,7 +20,7 @@ from meter.domain.license import tail_month
 from meter.store import Checkpoint, LocalStateError, StoreError
 from meter.store.sqlite import SqlitePartition, SqliteStore
 from meter.stream.closing import close_records
-from meter.stream.partition import HomePartition, Phase
+from meter.stream.partition import ROW_BYTES, HomePartition, Phase
 from meter.stream.records import changelog_chunks, tail_chunks
 
 CARDS = load_ratecards()
@@ -495,3 +495,31 @@ def test_a_pruned_month_on_the_snapshots_topic_only_is_asked_for_not_read_as_emp
     b.elsewhere = {}
     with pytest.raises(LocalStateError, match="not in local state"):
         event(b, "acme", "2026-01", "late", RATES[2], 12)
+
+
+def test_state_records_stay_under_a_mib_whatever_the_workload_ids(tmp_path: Path) -> None:
+    """The rows a checkpoint writes go to the snapshots topic, where Apache Kafka refuses a
+    record over ``max.message.bytes`` (1 MiB by default).  With the longest workload ids an
+    event may carry (256 characters, here of 4-byte UTF-8), late events and a closed month,
+    every record is cut at :data:`ROW_BYTES` at most, and the state reads back whole."""
+    log = Changelog()
+    store = store_in(tmp_path)
+    hp = recover(log, store)
+    wide = "\U0001d518" * 250  # 4 bytes each in UTF-8
+
+    def wid(n: int) -> str:
+        return f"{wide}{n:06d}"
+
+    for n in range(2400):
+        assert event(hp, f"t{n % 3}", "2026-01", wid(n), RATES[n % 3], 5)
+    write(hp, log)
+    close(hp, log, "2026-01")
+    for n in range(2400, 3000):  # late: each carries its event id
+        assert event(hp, f"t{n % 3}", "2026-01", wid(n), RATES[n % 3], 6)
+    write(hp, log)
+    hp.save(log.fingerprint(hp.changelog_end))
+    rows = {k: list(store.read(k)) for k in store.keys()}  # noqa: SIM118
+    sizes = [len(r) for row in rows.values() for r in row]
+    assert max(sizes) <= ROW_BYTES < 1024 * 1024, max(sizes)
+    assert sum(sizes) > 6 * ROW_BYTES  # the cap, not the entry count, cut them
+    assert state(recover(log, store)) == state(hp)

@@ -111,7 +111,7 @@ def test_the_worker_does_not_touch_state_it_cannot_write(tmp_path: Path) -> None
     with read_only(state) as ro:
         hp = SimpleNamespace(store=SqlitePartition(ro / path.name), number=0)
         with pytest.raises(StateNotWritable, match="not writable"):
-            asyncio.run(Worker._restore_local(SimpleNamespace(), hp))  # type: ignore[arg-type]
+            asyncio.run(Worker._restore_local_once(SimpleNamespace(), hp, 0))  # type: ignore[arg-type]
     assert path.read_bytes() == before
 
 
