@@ -2,7 +2,8 @@
 
     python -m bench.bench_group_storm                    # 25 cycles on the embedded broker
     python -m bench.bench_group_storm --cycles 5 --seed 7
-    python -m bench.bench_group_storm --broker 127.0.0.1:9092   # any broker (Apache Kafka)
+    python -m bench.bench_group_storm --kafka            # on Apache Kafka (one KRaft node)
+    python -m bench.bench_group_storm --broker 127.0.0.1:9092   # on a running broker
 
 Each cycle starts ``--workers`` ``meter worker`` processes in one group (staggered by up to
 1.5 s), lets them rebalance for 1 to 6 s, then stops them in a random order: one SIGKILL,
@@ -23,15 +24,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import signal
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from meter.broker import EmbeddedBroker
 from tests.integration.harness import Names, WorkerProcess, group_state, tansu_leader
+from tests.integration.kafka import KafkaBroker, fetch_libs
 
 #: What a worker logs once it found its group wedged (meter.stream.worker).
 STUCK_LINE = "is stuck"
@@ -84,12 +89,14 @@ def storm(bootstrap: str, args: argparse.Namespace) -> dict[str, Any]:
     session = ["--session-timeout-ms", str(args.session_timeout_ms)]
     first_wedge: int | None = None
     for cycle in range(1, args.cycles + 1):
-        workers = []
-        for i in range(args.workers):
-            workers.append(WorkerProcess(bootstrap, names, f"c{cycle}w{i}", extra=session))
-            time.sleep(rng.uniform(0.0, 1.5))
-        time.sleep(rng.uniform(1.0, 6.0))
-        stop_all(workers, rng)
+        workers: list[WorkerProcess] = []
+        try:
+            for i in range(args.workers):
+                workers.append(WorkerProcess(bootstrap, names, f"c{cycle}w{i}", extra=session))
+                time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(1.0, 6.0))
+        finally:
+            stop_all(workers, rng)
         line, ghost = group_line(bootstrap, names.group)
         print(f"cycle {cycle:2d}: {line}", flush=True)
         if ghost and first_wedge is None:
@@ -123,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-timeout-ms", type=int, default=6000)
     p.add_argument("--seed", type=int, default=19)
     p.add_argument("--broker", help="bootstrap of a running broker (default: an embedded one)")
+    p.add_argument("--kafka", action="store_true", help="start Apache Kafka (tests/integration)")
     p.add_argument("--ready-within", type=float, default=120.0)
     p.add_argument("--until-wedged", action="store_true", help="stop the storm at the wedge")
     args = p.parse_args(argv)
     if args.broker:
         result = storm(args.broker, args)
+    elif args.kafka:
+        log = Path(tempfile.gettempdir()) / f"kafka-storm-{os.getpid()}.log"
+        with KafkaBroker(fetch_libs(), log) as kafka:
+            result = storm(kafka.bootstrap, args)
     else:
         with EmbeddedBroker() as broker:
             result = storm(broker.bootstrap, args)

@@ -1717,8 +1717,9 @@ class Worker:
     # ------------------------------------------------------------------ rebalance
 
     async def _watch_group(self) -> None:
-        """Check the group once a wait for partitions has lasted past any healthy rebalance
-        (:class:`~meter.kafka.group.LeaderWatch`), and again once a session after."""
+        """Check the group once a wait for partitions has lasted past any healthy rebalance,
+        and again only if joins still name the same leader after the repair had its time
+        (:class:`~meter.kafka.group.LeaderWatch`)."""
         while True:
             await asyncio.sleep(GROUP_WATCH_S)
             suspect = self.group_watch.due()

@@ -20,6 +20,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from aiokafka.protocol.group import JoinGroupRequest
 
 from meter.kafka import KafkaSettings
+from meter.kafka.group import describe_group
 from meter.sim.fleet import generate
 from tests.integration.harness import (
     Names,
@@ -86,10 +87,13 @@ def test_a_leader_stopped_while_the_group_forms_wedges_no_new_worker(
         ghost = departed_leader(bootstrap, names.group)
         if ghost or not is_tansu:
             break
+    view = asyncio.run(describe_group(kafka_settings, names.group))  # what the worker asks
     if is_tansu:
         assert ghost, "the broker did not keep the departed leader: the wedge was not made"
+        assert view.departed(ghost), view
     else:
         assert ghost is None  # Apache Kafka: no leader named that is not a member
+        assert view.leader is None, view  # a classic group is no consumer-protocol group
 
     fresh = WorkerProcess(bootstrap, names, "fresh")
     try:
