@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install test lint unit integration demo bench bench-stream bench-scale bench-scrape clean soak \
+.PHONY: all install test lint unit integration demo bench bench-stream bench-scale bench-scrape bench-storm clean soak \
 	soak-load soak-dates kafka
 
 all: test
@@ -74,6 +74,12 @@ clean:
 # events flow; RSS per tenant, /healthz latency, loop lag, fences (about 3 minutes).
 bench-scrape: $(STAMP)
 	$(BIN)/python -m bench.bench_scrape --tenants 200000 --events 200000
+
+# A rebalance storm on one group (issue 19): 25 cycles of 3 workers started, then SIGTERMed and
+# SIGKILLed, on the embedded broker; then a fresh worker must get partitions (5-10 minutes).
+# STORM_ARGS=--kafka runs it on Apache Kafka.
+bench-storm: $(STAMP)
+	$(BIN)/python -m bench.bench_group_storm --cycles 25 $(STORM_ARGS)
 
 # Memory and restart of a worker's state with 1 and 12 months of a 1 M-workload fleet, with and
 # without --state-dir (about 15 minutes; up to ~8 GB of memory for the 3 months without it).

@@ -89,6 +89,13 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
+from meter.kafka.group import (
+    LeaderWatch,
+    Suspect,
+    describe_group,
+    expire_departed_leader,
+    watch_joins,
+)
 from meter.kafka.topics import delete_records_below
 from meter.store import (
     Checkpoint,
@@ -164,6 +171,8 @@ PERMANENT_WRITE_ERRORS: Final = (
 #: at most this often: each would be superseded within the second, and publishing them
 #: every --flush-interval cost a sixth of a replay's CPU at provider scale.
 CATCH_UP_FLUSH_S = 1.0
+#: How often the worker asks whether it has waited for partitions long enough to check the group.
+GROUP_WATCH_S = 1.0
 #: How often the objects frozen after each batch are collected once (see _Collector).
 FULL_COLLECT_S = 900.0
 
@@ -426,6 +435,12 @@ class Worker:
         self._refused: set[tuple[int, str]] = set()
         #: Where this worker serves /metrics, once it does (for logs and tests).
         self.http_url: str | None = None
+        #: How long this member has waited for partitions, and who the joins name as leader.
+        self.group_watch = LeaderWatch(config.session_timeout_ms / 1000)
+        #: Why the consumer group gives no partitions (a departed leader); empty otherwise.
+        self.group_stuck = ""
+        self._stuck_logged = False
+        self._group_check: asyncio.Task[None] | None = None
 
     @property
     def ledgers(self) -> dict[int, Any]:
@@ -438,6 +453,8 @@ class Worker:
             return False, self.halted
         if self.connecting:
             return False, self.connecting
+        if self.group_stuck:
+            return False, self.group_stuck
         if not self.ready.is_set():
             return False, "waiting for partitions from the consumer group"
         # One copy of the partitions (made without a thread switch): /healthz reads this
@@ -579,7 +596,11 @@ class Worker:
         )
         await start_client(self._consumer, self.settings)
         watch_heartbeats(self._consumer, self.lease)
+        watch_joins(self._consumer, self.group_watch.joined)
+        self.group_watch.waiting()
         self._consumer.subscribe([t.jobs, t.by_tenant], listener=_Rebalance(self))
+        # Beside the loop: getmany() waits inside aiokafka while a rebalance is under way.
+        self._group_check = asyncio.create_task(self._watch_group(), name="meter-group-watch")
         # Its own reader, lazier than _reader(): one small record per worker every 2 s.
         self._clock_reader = AIOKafkaConsumer(
             **kw, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=500
@@ -639,6 +660,11 @@ class Worker:
     async def _close_clients(self) -> None:
         await stop_watch(self._clock_task)
         self._clock_task = None
+        check, self._group_check = self._group_check, None
+        if check is not None:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         for consumer in (self._consumer, self._restore, self._clock_reader):
             if consumer is not None:
                 await close_consumer(consumer, max_seconds=5.0)
@@ -1698,6 +1724,86 @@ class Worker:
 
     # ------------------------------------------------------------------ rebalance
 
+    async def _watch_group(self) -> None:
+        """Check the group once a wait for partitions has lasted past any healthy rebalance,
+        and again only if joins still name the same leader after the repair had its time
+        (:class:`~meter.kafka.group.LeaderWatch`)."""
+        while True:
+            await asyncio.sleep(GROUP_WATCH_S)
+            suspect = self.group_watch.due()
+            if suspect is not None:
+                await self._check_group(suspect)
+
+    async def _check_group(self, suspect: Suspect) -> None:
+        """The leader every join names is no member of the group: the embedded broker's
+        wedge (:mod:`meter.kafka.group`).  Say so once, and make the broker expire it."""
+        group = self.config.group_id
+        t = self.config.topics
+        try:
+            view = await describe_group(self.settings, group)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning(
+                "no partitions from consumer group %s for %.0fs, and it could not be described: %s",
+                group,
+                suspect.waited_s,
+                exc,
+            )
+            return
+        if not view.departed(suspect.leader) or self.group_watch.waiting_since is None:
+            log.info(
+                "no partitions from consumer group %s for %.0fs; the broker says it is %s "
+                "with %d members and names %s as its leader",
+                group,
+                suspect.waited_s,
+                view.state,
+                len(view.members),
+                "no one" if view.leader is None else repr(view.leader),
+            )
+            return
+        session = self.config.session_timeout_ms / 1000
+        self.group_stuck = (
+            f"consumer group {group} is stuck: its leader {suspect.leader} left during a "
+            f"rebalance and the broker still names it, so no member gets partitions "
+            f"(waiting {suspect.waited_s:.0f}s); meter is making the broker expire it"
+        )
+        if not self._stuck_logged:
+            self._stuck_logged = True
+            log.error(
+                "consumer group %s is stuck: its leader %s left while the group was "
+                "rebalancing and the broker still names it as leader (%s; members %d), so "
+                "no member is given partitions (this one waited %.0fs). That is a bug of "
+                "the embedded broker (Tansu 0.6); Apache Kafka elects a new leader. meter "
+                "joins once as that departed member, which the broker then evicts after the "
+                "session timeout (%.0fs), electing a live leader. If partitions still do not "
+                "come, restart the embedded broker or start the workers with a new --group "
+                "(they replay %s from the start: the totals stay exact)",
+                group,
+                suspect.leader,
+                view.state,
+                len(view.members),
+                suspect.waited_s,
+                session,
+                t.jobs,
+            )
+        try:
+            answer = await expire_departed_leader(
+                self.settings,
+                group,
+                suspect.leader,
+                [t.jobs, t.by_tenant],
+                session_timeout_ms=self.config.session_timeout_ms,
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+        log.info(
+            "joined consumer group %s once as its departed leader %s (the broker answered "
+            "%s); it should be evicted within %.0fs",
+            group,
+            suspect.leader,
+            answer,
+            session,
+        )
+
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         """Publish what changed while ownership is still certain; then fence everything.
 
@@ -1706,6 +1812,7 @@ class Worker:
         before use (another member may have owned it in between, if this one's
         membership lapsed), so nothing is trusted across a rebalance unverified.
         """
+        self.group_watch.waiting()
         async with self._lock:
             self.stats.rebalances += 1
             if not self.halted:
@@ -1728,6 +1835,17 @@ class Worker:
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         homes = {tp.partition for tp in assigned if tp.topic == self.config.topics.by_tenant}
+        waited = self.group_watch.assigned()
+        if self.group_stuck:
+            self.group_stuck = ""
+            self._stuck_logged = False
+            log.info(
+                "consumer group %s formed again: home partitions %s assigned after %.0fs "
+                "without partitions",
+                self.config.group_id,
+                sorted(homes),
+                waited or 0.0,
+            )
         consumer = self._consumer
         generation = getattr(getattr(consumer, "_coordinator", None), "generation", None)
         self.lease.granted(generation if isinstance(generation, int) else -1)

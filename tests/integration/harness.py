@@ -292,3 +292,71 @@ def revision_faults(records: Iterable[object]) -> list[str]:
         if before is None or rev >= before[0]:
             held[key] = (rev, content, rec.offset)  # type: ignore[attr-defined]
     return faults
+
+
+def _uvarint(buf: bytes, at: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def _compact_string(buf: bytes, at: int) -> tuple[str, int]:
+    n, at = _uvarint(buf, at)
+    return ("", at) if n == 0 else (buf[at : at + n - 1].decode(), at + n - 1)
+
+
+def tansu_leader(bootstrap: str, group: str) -> str | None:
+    """The leader the embedded broker names for a classic ``group``: Tansu 0.6 answers
+    ConsumerGroupDescribe (v0) with the leader as ``assignor_name``.  None when the broker
+    answers an error (Apache Kafka: a classic group is not a consumer-protocol group)."""
+    import socket
+    import struct
+
+    host, port = bootstrap.split(",", maxsplit=1)[0].rsplit(":", 1)
+    g = group.encode()
+    body = bytes([2, len(g) + 1]) + g + b"\x00\x00"  # one group id, no operations, no tags
+    client = b"meter-test"
+    header = struct.pack(">hhih", 69, 0, 1, len(client)) + client + b"\x00"
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.settimeout(5)
+        sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
+        buf = b""
+        while len(buf) < 4 or len(buf) < 4 + struct.unpack(">i", buf[:4])[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+    at = 8  # size, correlation id
+    _, at = _uvarint(buf, at)  # header tags
+    at += 4  # throttle time
+    _, at = _uvarint(buf, at)  # groups
+    (error,) = struct.unpack(">h", buf[at : at + 2])
+    if error:
+        return None
+    at += 2
+    for _field in ("error message", "group id", "state"):
+        _, at = _compact_string(buf, at)
+    leader, _ = _compact_string(buf, at + 8)  # after the two epochs
+    return leader
+
+
+def group_state(bootstrap: str, group: str) -> tuple[str, list[str]]:
+    """``(state, member ids)`` from DescribeGroups."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def describe() -> tuple[str, list[str]]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_consumer_groups([group])
+            (described,) = response.groups
+            return str(described[2]), [str(m[0]) for m in described[5]]
+        finally:
+            await admin.close()
+
+    return asyncio.run(describe())
