@@ -72,6 +72,11 @@ clean:
 
 # HTTP at a provider's scale: 200,000 tenants, /metrics and /api/usage under 10 clients while
 # events flow; RSS per tenant, /healthz latency, loop lag, fences (about 3 minutes).
+# Two workers rolled one at a time (SIGTERM, start again on its state) on Apache Kafka while
+# events flow: how long counting stops (bench/bench_roll.py).
+bench-roll: $(STAMP) kafka
+	$(BIN)/python -m bench.bench_roll
+
 bench-scrape: $(STAMP)
 	$(BIN)/python -m bench.bench_scrape --tenants 200000 --events 200000
 
