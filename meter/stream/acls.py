@@ -19,6 +19,8 @@ from typing import Final
 
 from meter.stream.config import Topics
 
+_DEFAULT: Final = Topics()
+
 #: The roles, as the commands that play them.
 ROLES: Final = ("worker", "send", "report", "audit")
 
@@ -72,19 +74,19 @@ def worker_acls(topics: Topics, group: str = "meter", *, create: bool = True) ->
     return acls
 
 
-def send_acls(jobs: str = Topics.jobs) -> list[Acl]:
+def send_acls(jobs: str = _DEFAULT.jobs) -> list[Acl]:
     """What ``meter send`` needs: it writes the job events, nothing else."""
     return [Acl("topic", jobs, "Write")]
 
 
-def report_acls(usage: str = Topics.usage, license_: str = Topics.license) -> list[Acl]:
+def report_acls(usage: str = _DEFAULT.usage, license_: str = _DEFAULT.license) -> list[Acl]:
     """What ``meter report`` needs: it reads both views and their corrections."""
     names = [usage, f"{usage}.corrections", license_, f"{license_}.corrections"]
     return [Acl("topic", name, "Read") for name in names]
 
 
 def audit_acls(
-    jobs: str = Topics.jobs, usage: str = Topics.usage, license_: str = Topics.license
+    jobs: str = _DEFAULT.jobs, usage: str = _DEFAULT.usage, license_: str = _DEFAULT.license
 ) -> list[Acl]:
     """What ``meter audit`` needs: the raw events and what ``meter report`` reads."""
     return [Acl("topic", jobs, "Read"), *report_acls(usage, license_)]

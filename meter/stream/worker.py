@@ -141,6 +141,8 @@ MAX_KEY_BYTES = 1024
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
 STOP_GRACE_S = 3.0
+#: A close whose records did not all go out is published again this often.
+REPUBLISH_S = 5.0
 #: A batch's writes failing (and retried) for this long: /healthz says so.
 WRITES_FAILING_S = 15.0
 #: Input waiting but no batch processed for this long: /healthz says "not making progress".
@@ -369,6 +371,7 @@ class Worker:
         self._last_checkpoint = time.monotonic()
         #: (home, month) whose close meter.reports holds (a month is pruned only then).
         self._closes_published: set[tuple[int, str]] = set()
+        self._last_republish = 0.0
         #: home -> when (monotonic) its state last went to the snapshots topic
         self._snapshot_times: dict[int, float] = {}
         #: (home partition, snapshot offset) whose state failed: never read again.
@@ -1490,7 +1493,9 @@ class Worker:
             if not self._denied(exc, "close", "Write", self.config.topics.reports):
                 log.warning("closing a month failed (%s); will retry", exc)
         else:
-            self._allowed("close")
+            active = [h for h in self.homes.values() if h.active]
+            if not self._unpublished_closes(active):
+                self._allowed("close")
 
     async def _caught_up(self) -> bool:
         """True when every assigned input partition has been read to its high watermark."""
@@ -1520,6 +1525,7 @@ class Worker:
         active = [h for h in self.homes.values() if h.active]
         if grace is None or not active or not await self._caught_up():
             return
+        await self._publish_unpublished_closes(active)
         host_now = self.now()
         verdict = self._clock_verdict(host_now)
         if time.monotonic() - self._known_refreshed >= 30.0:
@@ -1559,6 +1565,31 @@ class Worker:
                         month,
                         hp.number,
                     )
+
+    async def _publish_unpublished_closes(self, active: list[HomePartition]) -> None:
+        """Publish again, every few seconds, the closes whose marker is on the changelog but
+        whose records did not all reach their topics (a write refused, the broker away):
+        until then meter.reports lacks the month's receipt.  A failure raises (see
+        :meth:`_close_checked`)."""
+        due = self._unpublished_closes(active)
+        if not due or time.monotonic() - self._last_republish < REPUBLISH_S:
+            return
+        self._last_republish = time.monotonic()
+        if not self._publishable():
+            return
+        reports = await self._refresh_known_months()
+        for hp, month in due:
+            if hp.active:
+                await self._publish_close(hp, month, reports)
+
+    def _unpublished_closes(self, active: list[HomePartition]) -> list[tuple[HomePartition, str]]:
+        return [
+            (hp, month)
+            for hp in active
+            for month in sorted(hp.close.closed - hp.pruned)
+            if (hp.number, month) not in self._closes_published
+            and (hp.number, month) not in self._cannot_close
+        ]
 
     def _clock_verdict(self, host_now: datetime) -> ClockVerdict:
         """The clock check on closing months now; a change of state is logged once."""
