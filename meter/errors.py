@@ -50,3 +50,9 @@ class AuthorizationError(BrokerError):
         self.operation = operation
         self.resource = resource
         self.name = name
+
+
+class TlsError(BrokerError):
+    """The TLS handshake with the broker failed: its certificate is not signed by the CA
+    meter trusts (``--ssl-cafile``), does not name the host meter connected to, or the
+    listener speaks no TLS.  Retrying with the same settings cannot succeed."""

@@ -80,7 +80,7 @@ from meter.domain.event import future_time, not_after
 from meter.domain.license import ProviderLicense, tail_month
 from meter.domain.month import recent
 from meter.domain.rating import no_ratecard
-from meter.errors import AuthenticationError, AuthorizationError, BrokerError
+from meter.errors import AuthenticationError, AuthorizationError, BrokerError, TlsError
 from meter.kafka import (
     KafkaSettings,
     close_consumer,
@@ -525,8 +525,8 @@ class Worker:
         while not stop.is_set():
             try:
                 await self._start_clients()
-            except (AuthenticationError, AuthorizationError) as exc:
-                # Retrying cannot help until someone fixes the secret or adds the ACL;
+            except (AuthenticationError, AuthorizationError, TlsError) as exc:
+                # Retrying cannot help until someone fixes the secret, the CA or the ACL;
                 # each refusal is said once, and fixing it is enough.
                 await self._close_clients()
                 self.connecting = str(exc)
