@@ -326,3 +326,35 @@ def test_a_worker_with_a_wrong_password_on_apache_kafka_says_so_once_and_stays_n
     secured_kafka: KafkaBroker, tmp_path: Path
 ) -> None:
     a_worker_refused(secured_kafka.bootstrap, tmp_path, "SCRAM-SHA-512")
+
+
+def test_a_worker_that_does_not_trust_the_broker_certificate_says_so_once_and_stays_not_ready(
+    secured_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    secret = tmp_path / "worker-pw"
+    secret.write_text(SECURED_USERS["alice"])
+    secret.chmod(0o600)
+    names = Names(os.urandom(5).hex())
+    names.extra = [
+        "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512",
+        "--sasl-username", "alice", "--sasl-password-file", str(secret),
+    ]  # fmt: skip
+    worker = WorkerProcess(secured_kafka.tls_bootstrap, names, "untrusted")
+    try:
+        deadline = time.monotonic() + 30
+        status, body = worker.health()
+        while "TLS handshake" not in str(body.get("reason")):
+            assert time.monotonic() < deadline, (status, body, worker.log())
+            time.sleep(0.3)
+            status, body = worker.health()
+        assert status == 503
+        assert "certificate verify failed" in str(body["reason"])
+        time.sleep(2.5)  # it retries after 0.5 s and 1 s more, and must not say it again
+        log = worker.log()
+        assert worker.proc.poll() is None, log
+        assert log.count("TLS handshake") == 1, log
+        assert "Traceback" not in log
+        assert "Unable connect" not in log
+    finally:
+        assert worker.terminate() == 0, worker.log()
+        worker.close()
