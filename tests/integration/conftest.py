@@ -13,6 +13,9 @@ the mark, on Tansu alone.  ``METER_TEST_BROKERS=kafka`` (or ``tansu``, or ``tans
 runs every such test on the brokers it names instead, marked or not: to see what else holds
 on Apache Kafka.
 
+``secured_kafka`` is a third, Kafka-only: SASL SCRAM users, a SASL_SSL listener and ACLs
+enforced (``test_auth.py``, ``test_acls.py``); it starts on first use like the others.
+
 Java or the jars missing is a skip with its reason, and on CI (``CI=true``) a failure.
 """
 
