@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all install test lint unit integration demo bench bench-stream bench-scale bench-scrape bench-storm clean soak \
+.PHONY: all install test lint unit integration demo bench bench-stream bench-scale bench-scrape bench-storm bench-roll clean soak \
 	soak-load soak-dates kafka
 
 all: test

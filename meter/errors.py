@@ -36,3 +36,23 @@ class AuthenticationError(BrokerError):
     """The broker refused the SASL handshake: a wrong user name or password, or a mechanism
     the broker does not offer.  Retrying with the same settings cannot succeed; the message
     names the mechanism, the user and the broker, never the password."""
+
+
+class AuthorizationError(BrokerError):
+    """The broker refused a request for want of an ACL (Kafka's TOPIC_, GROUP_ or
+    CLUSTER_AUTHORIZATION_FAILED).  The message names who was refused, the operation and
+    the resource (``Write`` on topic ``meter.usage``); retrying cannot succeed until an
+    administrator adds the ACL.  ``operation``, ``resource`` and ``name`` say the same
+    for programs."""
+
+    def __init__(self, message: str, *, operation: str, resource: str, name: str) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.resource = resource
+        self.name = name
+
+
+class TlsError(BrokerError):
+    """The TLS handshake with the broker failed: its certificate is not signed by the CA
+    meter trusts (``--ssl-cafile``), does not name the host meter connected to, or the
+    listener speaks no TLS.  Retrying with the same settings cannot succeed."""

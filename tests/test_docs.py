@@ -12,6 +12,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from meter.cli import build_parser
 from meter.domain import Event, Ledger, load_ratecards, parse, parse_ratecards
+from meter.stream.acls import ROLES, role_acls
+from meter.stream.config import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -82,3 +84,19 @@ def test_every_command_the_readme_shows_exists() -> None:
 def test_no_section_appears_twice() -> None:
     headers = re.findall(r"^#+ .*$", README, re.M)
     assert len(headers) == len(set(headers)), [h for h in headers if headers.count(h) > 1]
+
+
+def test_the_acl_table_is_what_meter_needs() -> None:
+    """The README's "Access control" table lists exactly :mod:`meter.stream.acls`."""
+    section = README.split("#### Access control", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| (\w+) \| (topic|group) `([^`]+)` \| ([^|]+) \|$", section, re.M)
+    shown = {
+        (role, resource, name, op.strip().rstrip("¹²³⁴"))
+        for role, resource, name, ops in rows
+        for op in ops.split(",")
+    }
+    topics = Topics.derived()
+    wanted = {
+        (role, a.resource, a.name, a.operation) for role in ROLES for a in role_acls(role, topics)
+    }
+    assert shown == wanted, (shown - wanted, wanted - shown)

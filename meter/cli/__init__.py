@@ -12,7 +12,7 @@ from aiokafka.errors import KafkaError
 from meter import __version__
 from meter.cli import audit, broker, logs, rate, stream
 from meter.cli import run as run_cmd
-from meter.errors import AuthenticationError, MeterError
+from meter.errors import AuthenticationError, AuthorizationError, MeterError, TlsError
 from meter.kafka import KafkaSettings, auth_failure, settings_from_args
 
 log = logging.getLogger("meter")
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         return int(args.func(args))
-    except AuthenticationError as exc:
+    except (AuthenticationError, AuthorizationError, TlsError) as exc:
         print(f"meter: {exc}", file=sys.stderr)
         return 2
     except MeterError as exc:

@@ -290,18 +290,12 @@ async def start_http(
 def stream_config(
     args: argparse.Namespace, license_: ProviderLicense | None = None
 ) -> StreamConfig:
-    topics = Topics(
-        jobs=args.jobs_topic,
-        usage=args.usage_topic,
-        rejected=args.rejected_topic,
-        reports=args.reports_topic,
-        corrections=f"{args.usage_topic}.corrections",
-        license=args.license_topic,
-        license_corrections=f"{args.license_topic}.corrections",
-        by_tenant=f"{args.jobs_topic}.by-tenant",
-        changelog=f"{args.jobs_topic}.ledger.changelog",
-        snapshots=f"{args.jobs_topic}.ledger.snapshots",
-        clock=f"{args.jobs_topic}.clock",
+    topics = Topics.derived(
+        args.jobs_topic,
+        args.usage_topic,
+        args.rejected_topic,
+        args.reports_topic,
+        args.license_topic,
     )
     return StreamConfig(
         topics=topics,

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Final
 
+from meter.kafka.authz import AiokafkaDenials
+
 FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -64,6 +66,7 @@ def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(RepeatFilter())
+    handler.addFilter(AiokafkaDenials())  # meter says each denial once, naming the ACL
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

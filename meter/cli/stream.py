@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from meter.cli.common import (
@@ -31,6 +32,7 @@ from meter.cli.rate import open_input, rest_of_line
 from meter.domain import load_ratecards
 from meter.errors import ConfigError
 from meter.kafka import add_kafka_arguments, settings_from_args, translate_auth_errors
+from meter.kafka.authz import denial
 from meter.report import FORMATS, UsageReport, render
 from meter.report.license import license_section, license_table, render_license_csv
 from meter.store.sqlite import SqliteStore
@@ -169,13 +171,19 @@ def send(args: argparse.Namespace) -> int:
     async def produce(lines: Iterable[bytes]) -> int:
         # Checks the SASL handshake before the producer starts: a refusal is one line.
         async with translate_auth_errors(settings):
-            return await send_lines(
-                settings,
-                args.topic,
-                lines,
-                max_event_bytes=args.max_event_bytes,
-                mode=args.mode,
-            )
+            try:
+                return await send_lines(
+                    settings,
+                    args.topic,
+                    lines,
+                    max_event_bytes=args.max_event_bytes,
+                    mode=args.mode,
+                )
+            except KafkaError as exc:
+                refused = denial(exc, settings, topic_operation="Write", topic=args.topic)
+                if refused is None:
+                    raise
+                raise refused from exc
 
     skipped: list[tuple[int, int]] = []
 

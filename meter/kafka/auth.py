@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import PurePath
@@ -43,7 +44,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from meter.errors import AuthenticationError
+from meter.errors import AuthenticationError, TlsError
 from meter.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -370,22 +371,50 @@ async def _probe(settings: KafkaSettings, host: str, port: int) -> Authenticatio
         await conn.close()
 
 
+def _tls_failure(settings: KafkaSettings, server: str, exc: ssl.SSLError) -> TlsError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = f"certificate verify failed: {exc.verify_message}"
+    else:
+        what = exc.reason or str(exc)
+    trusted = f"--ssl-cafile {settings.ssl_cafile}" if settings.ssl_cafile else "the system CAs"
+    return TlsError(
+        f"TLS handshake with {server} failed: {what} (meter trusts {trusted}: is that the CA "
+        "that signed the broker's certificate, does the certificate name the host meter "
+        "connects to, and is this a TLS listener?)"
+    )
+
+
+async def _tls_only(settings: KafkaSettings, host: str, port: int) -> None:
+    """A TLS handshake and nothing else (SSL without SASL); raises what it raises."""
+    _reader, writer = await asyncio.open_connection(host, port, ssl=settings.ssl_context())
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def diagnose(
     settings: KafkaSettings, *, max_seconds: float = PROBE_TIMEOUT_S
-) -> AuthenticationError | None:
-    """Try the SASL handshake on the bootstrap servers, in order, until one answers.
+) -> AuthenticationError | TlsError | None:
+    """Try the TLS and SASL handshakes on the bootstrap servers, in order, until one answers.
 
-    Returns the :class:`AuthenticationError` if that server refuses it, ``None`` if it
-    accepts it, if no server could be reached, or if ``settings`` do not use SASL
-    (reaching the broker is the clients' business and they report it their own way).
+    Returns the :class:`AuthenticationError` if that server refuses the SASL handshake, the
+    :class:`~meter.errors.TlsError` if the TLS handshake fails (a certificate not signed by
+    the CA meter trusts, or naming another host; a listener without TLS), ``None`` if it
+    accepts them, if no server could be reached, or if ``settings`` use neither SASL nor
+    TLS (reaching the broker is the clients' business and they report it their own way).
     """
-    if not settings.uses_sasl:
+    if not settings.uses_sasl and not settings.uses_ssl:
         return None
     for server in settings.bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
         try:
+            if not settings.uses_sasl:
+                await asyncio.wait_for(_tls_only(settings, host, int(port)), max_seconds)
+                return None
             return await asyncio.wait_for(_probe(settings, host, int(port)), max_seconds)
-        except (OSError, TimeoutError) as exc:  # ConnectionError and ssl.SSLError are OSErrors
+        except ssl.SSLError as exc:  # the certificate, the host name, or no TLS at all
+            return _tls_failure(settings, server.strip(), exc)
+        except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
             log.debug("SASL check: %s:%s not usable (%s: %s)", host, port, type(exc).__name__, exc)
     return None
 
@@ -393,9 +422,11 @@ async def diagnose(
 async def check_authentication(
     settings: KafkaSettings, *, max_seconds: float = PROBE_TIMEOUT_S
 ) -> None:
-    """Raise :class:`AuthenticationError` if the broker refuses the SASL handshake.
+    """Raise :class:`AuthenticationError` if the broker refuses the SASL handshake, and
+    :class:`~meter.errors.TlsError` if the TLS handshake fails (see :func:`diagnose`).
 
-    A no-op without SASL.  Costs one short connection (and, for SCRAM, one PBKDF2) per call.
+    A no-op without SASL and TLS.  Costs one short connection (and, for SCRAM, one PBKDF2)
+    per call.
     """
     failure = await diagnose(settings, max_seconds=max_seconds)
     if failure is not None:
@@ -411,7 +442,7 @@ async def translate_auth_errors(
     With ``check_first`` (the default) the handshake is checked before the block runs, so a
     refusal surfaces before any aiokafka client starts, logs or leaks.  Inside the block,
     an exception :func:`auth_failure` recognizes is translated; a ``KafkaConnectionError``
-    ("Unable to bootstrap") under SASL is diagnosed with :func:`diagnose`.  Anything else
+    ("Unable to bootstrap") under SASL or TLS is diagnosed with :func:`diagnose`.  Anything else
     propagates unchanged.
     """
     if check_first:
@@ -421,7 +452,7 @@ async def translate_auth_errors(
     except AuthenticationError:
         raise
     except Exception as exc:
-        failure = auth_failure(exc, settings)
+        failure: AuthenticationError | TlsError | None = auth_failure(exc, settings)
         if failure is None and isinstance(exc, KafkaConnectionError):
             failure = await diagnose(settings)
         if failure is None:

@@ -21,11 +21,13 @@ from typing import Any, Final, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import KafkaError, TopicAuthorizationFailedError, for_code
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
+from aiokafka.protocol.metadata import MetadataRequest
 
 from meter.errors import BrokerError
 from meter.kafka.auth import check_authentication, translate_auth_errors
+from meter.kafka.authz import TOPIC_AUTHORIZATION_FAILED, not_authorized
 from meter.kafka.settings import KafkaSettings
 from meter.kafka.topic_check import (
     MIN_INSYNC,
@@ -112,6 +114,27 @@ async def _start_admin(settings: KafkaSettings, request_timeout_ms: int) -> AIOK
     return admin
 
 
+async def _denied(admin: AIOKafkaAdminClient, names: list[str]) -> list[str]:
+    """Which of ``names`` the broker refuses to describe to us (TOPIC_AUTHORIZATION_FAILED).
+
+    Metadata for all topics leaves out, without a word, the topics a client may not
+    describe; asked for by name (auto-creation off, which Tansu honours too), they answer
+    error 29, whether they exist or not."""
+    request = MetadataRequest(names, allow_auto_topic_creation=False)
+    answer = await admin._send_request(request)  # no public call for named Metadata
+    return [
+        t["topic"]
+        for t in answer.to_object()["topics"]
+        if t["error_code"] == TOPIC_AUTHORIZATION_FAILED
+    ]
+
+
+def _raise_denied(settings: KafkaSettings, denied: list[str], operation: str) -> None:
+    if denied:
+        hint = "Read or Write on it grant it too" if operation == "Describe" else ""
+        raise not_authorized(settings, operation, "topic", denied[0], hint)
+
+
 async def _describe_all(admin: AIOKafkaAdminClient) -> dict[str, list[dict[str, Any]]]:
     """All topics -> partition metadata, via Metadata(topics=null), which never auto-creates."""
     topics: list[dict[str, Any]] = await admin.describe_topics()
@@ -125,6 +148,9 @@ async def describe_partitions(
     admin = await _start_admin(settings, request_timeout_ms)
     try:
         described = await _describe_all(admin)
+        missing = [t for t in topics or () if t not in described]
+        if missing:
+            _raise_denied(settings, await _denied(admin, missing), "Describe")
     finally:
         await admin.close()
     wanted = described if topics is None else {t: described[t] for t in topics if t in described}
@@ -160,11 +186,11 @@ async def ensure_topics(
         existing = await _describe_all(admin)
         missing = [s for s in specs if s.name not in existing]
         if missing:
-            await _create(admin, missing, replication, request_timeout_ms)
-            existing = await _wait_for_topics(admin, names)
+            await _create(settings, admin, missing, replication, request_timeout_ms)
+            existing = await _wait_for_topics(settings, admin, names)
         # Also when another worker created them a moment ago.
         await _wait_for_leaders(settings, existing, names)
-        configs = await _describe_configs(admin, names)
+        configs = await _describe_configs(settings, admin, names)
         found = {
             name: FoundTopic(
                 len(existing[name]),
@@ -185,6 +211,7 @@ async def ensure_topics(
 
 
 async def _create(
+    settings: KafkaSettings,
     admin: AIOKafkaAdminClient,
     missing: list[TopicSpec],
     replication: Replication,
@@ -213,18 +240,24 @@ async def _create(
             )
         elif code == _TOPIC_ALREADY_EXISTS:
             log.debug("topic %s already exists (created concurrently)", topic)
+        elif code == TOPIC_AUTHORIZATION_FAILED:
+            raise not_authorized(
+                settings, "Create", "topic", topic, "or create the topic as an administrator"
+            )
         else:
             exc_cls = for_code(code)
             raise TopicError(f"cannot create topic {topic}: {exc_cls.__name__} ({code}): {message}")
 
 
 async def _describe_configs(
-    admin: AIOKafkaAdminClient, names: list[str]
+    settings: KafkaSettings, admin: AIOKafkaAdminClient, names: list[str]
 ) -> dict[str, dict[str, str]]:
     """``{topic: {config: value}}`` from DescribeConfigs (all configs: Tansu 0.6 closes the
     connection when asked for named ones).  A topic the broker answers with an error is
     absent; a broker that refuses the request altogether is said once, and nothing of
-    it is compared."""
+    it is compared.  A topic whose configs we may not describe raises
+    :class:`~meter.errors.AuthorizationError`: the check at start is what keeps a changelog
+    with a finite retention from losing totals, so it is not skipped for want of an ACL."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     try:
         responses = await admin.describe_configs(resources)
@@ -239,6 +272,10 @@ async def _describe_configs(
     for response in responses:
         for resource in response.resources:
             code, _message, _type, name, entries = resource[:5]
+            if code == TOPIC_AUTHORIZATION_FAILED:
+                raise not_authorized(
+                    settings, "DescribeConfigs", "topic", name, "meter checks its topics at start"
+                )
             if code != 0:
                 log.warning("DescribeConfigs for topic %s: error %d; not checked", name, code)
                 continue
@@ -256,15 +293,21 @@ def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
 
 
 async def _wait_for_topics(
-    admin: AIOKafkaAdminClient, names: list[str]
+    settings: KafkaSettings, admin: AIOKafkaAdminClient, names: list[str]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Real Kafka propagates new topics to metadata asynchronously: poll until visible."""
+    """Real Kafka propagates new topics to metadata asynchronously: poll until visible.
+    A topic that is not visible because we may not describe it raises
+    :class:`~meter.errors.AuthorizationError` at once."""
     deadline = time.monotonic() + _METADATA_WAIT_S
+    asked = False
     while True:
         described = await _describe_all(admin)
         pending = [n for n in names if not described.get(n)]
         if not pending:
             return described
+        if not asked:
+            asked = True
+            _raise_denied(settings, await _denied(admin, pending), "Describe")
         if time.monotonic() > deadline:
             raise TopicError(f"topics {pending} not visible in metadata after creation")
         await asyncio.sleep(0.1)
@@ -432,7 +475,10 @@ async def iter_to_end(
                     f"({total} records; unfinished partitions "
                     f"{sorted(tp.partition for tp in remaining)})"
                 )
-            batches = await consumer.getmany(*remaining, timeout_ms=fetch_timeout_ms)
+            try:
+                batches = await consumer.getmany(*remaining, timeout_ms=fetch_timeout_ms)
+            except TopicAuthorizationFailedError as exc:
+                raise not_authorized(settings, "Read", "topic", topic) from exc
             for tp, records in batches.items():
                 target = targets.get(tp)
                 if target is None:

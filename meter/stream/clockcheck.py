@@ -128,20 +128,25 @@ async def watch_clock(
     topic: str,
     now: Callable[[], datetime],
     every_s: float = HEARTBEAT_S,
+    report: Callable[[BaseException | None, str], bool] | None = None,
 ) -> None:
     """Write heartbeats and read the other workers', until cancelled.  ``reader`` is a
     started consumer without a group; it is assigned the clock topic's partition here and
-    starts at its end."""
+    starts at its end.  ``report(exc, operation)`` hears of every failure (``operation``:
+    ``Write`` for a heartbeat, ``Read`` for the others') and returns True when it said it
+    itself; ``report(None, "")`` of every turn that succeeded."""
     tp = TopicPartition(topic, 0)
     reader.assign([tp])
     await reader.seek_to_end(tp)
     next_beat = 0.0
     warned = False
     while True:
+        operation = "Write"
         try:
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + every_s
                 await _beat(ref, producer, topic, now)
+            operation = "Read"
             got: dict[Any, list[Any]] = await reader.getmany(tp, timeout_ms=250)
             read_at = now()
             for rec in got.get(tp, ()):
@@ -149,8 +154,11 @@ async def watch_clock(
                 if hb is not None:
                     ref.note_peer(hb[0], hb[1], read_at)
             warned = False
+            if report is not None:
+                report(None, "")
         except (KafkaError, OSError, TimeoutError) as exc:
-            if not warned:
+            said = report is not None and report(exc, operation)
+            if not warned and not said:
                 log.warning("clock heartbeat on %s failed (%s); retrying", topic, exc)
                 warned = True
             await asyncio.sleep(every_s)

@@ -44,6 +44,31 @@ class Topics:
     #: Workers' clock heartbeats (one partition, LogAppendTime): the month-close clock check.
     clock: str = "meter.jobs.clock"
 
+    @classmethod
+    def derived(
+        cls,
+        jobs: str = "meter.jobs",
+        usage: str = "meter.usage",
+        rejected: str = "meter.jobs.rejected",
+        reports: str = "meter.reports",
+        license_: str = "meter.license",
+    ) -> Topics:
+        """The topics of the five a command names (``--jobs-topic`` ...): the rest are
+        named after them, as the README's topic table shows."""
+        return cls(
+            jobs=jobs,
+            usage=usage,
+            rejected=rejected,
+            reports=reports,
+            corrections=f"{usage}.corrections",
+            license=license_,
+            license_corrections=f"{license_}.corrections",
+            by_tenant=f"{jobs}.by-tenant",
+            changelog=f"{jobs}.ledger.changelog",
+            snapshots=f"{jobs}.ledger.snapshots",
+            clock=f"{jobs}.clock",
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StreamConfig:

@@ -52,6 +52,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     CorruptRecordException,
+    GroupAuthorizationFailedError,
     InvalidTopicError,
     KafkaConnectionError,
     KafkaError,
@@ -80,7 +81,7 @@ from meter.domain.event import future_time, not_after
 from meter.domain.license import ProviderLicense, tail_month
 from meter.domain.month import recent
 from meter.domain.rating import no_ratecard
-from meter.errors import AuthenticationError, BrokerError
+from meter.errors import AuthenticationError, AuthorizationError, BrokerError, TlsError
 from meter.kafka import (
     KafkaSettings,
     close_consumer,
@@ -89,6 +90,7 @@ from meter.kafka import (
     init_producer_id_handled,
     start_client,
 )
+from meter.kafka.authz import denial, not_authorized
 from meter.kafka.group import (
     LeaderWatch,
     Suspect,
@@ -148,6 +150,8 @@ MAX_KEY_BYTES = 1024
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
 STOP_GRACE_S = 3.0
+#: A close whose records did not all go out is published again this often.
+REPUBLISH_S = 5.0
 #: A batch's writes failing (and retried) for this long: /healthz says so.
 WRITES_FAILING_S = 15.0
 #: Input waiting but no batch processed for this long: /healthz says "not making progress".
@@ -188,10 +192,21 @@ def _skew(verdict: ClockVerdict) -> str:
     return "unknown" if verdict.skew is None else f"{verdict.skew.total_seconds():+.1f}s"
 
 
+#: What a broker answers a request no ACL allows (see meter.kafka.authz).
+_REFUSED: Final = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
+
+
 async def _acked(futures: list[asyncio.Future[Any]], what: str) -> bool:
-    """Wait for every send's acknowledgement; False (logged) if one failed, to retry later."""
+    """Wait for every send's acknowledgement; False (logged) if one failed, to retry later.
+    A refused authorization is raised instead, for the caller to report once."""
     try:
         await asyncio.gather(*futures)
+    except _REFUSED:
+        raise
     except (KafkaError, OSError) as exc:
         log.warning("publishing %d %s failed (%s); will retry", len(futures), what, exc)
         return False
@@ -367,6 +382,7 @@ class Worker:
         self._last_checkpoint = time.monotonic()
         #: (home, month) whose close meter.reports holds (a month is pruned only then).
         self._closes_published: set[tuple[int, str]] = set()
+        self._last_republish = 0.0
         #: home -> when (monotonic) its state last went to the snapshots topic
         self._snapshot_times: dict[int, float] = {}
         #: (home partition, snapshot offset) whose state failed: never read again.
@@ -424,6 +440,10 @@ class Worker:
         self.halted = ""
         #: Why the broker cannot be used right now (connecting, authentication); empty when it can.
         self.connecting = "connecting to the broker"
+        #: What the broker refuses for want of an ACL, per kind of work (fetch, recover,
+        #: usage, ...), until that work succeeds again; each logged once.
+        self.denials: dict[str, str] = {}
+        self._denials_logged: set[str] = set()
         self.ready = asyncio.Event()
         #: This host's clock against the broker's time (or the other workers' clocks).
         self.clock_ref = ClockReference(member_id())
@@ -455,6 +475,8 @@ class Worker:
             return False, self.connecting
         if self.group_stuck:
             return False, self.group_stuck
+        if self.denials:
+            return False, next(iter(self.denials.values()))
         if not self.ready.is_set():
             return False, "waiting for partitions from the consumer group"
         # One copy of the partitions (made without a thread switch): /healthz reads this
@@ -491,6 +513,9 @@ class Worker:
             "fenced": Phase.FENCED in phases,
             "recovering": Phase.RECOVERING in phases,
             "connecting": bool(self.connecting),
+            "not_authorized": bool(self.denials)
+            or "not authorized:" in self.connecting
+            or "not authorized:" in self.halted,
             "writes_failing": self._writes_failing_since is not None
             and time.monotonic() - self._writes_failing_since > WRITES_FAILING_S,
         }
@@ -521,16 +546,18 @@ class Worker:
     async def _connect(self, stop: asyncio.Event) -> bool:
         """Create topics and clients, retrying while the broker is unreachable or refuses us."""
         delay = 0.5
-        logged_auth = False
+        logged: set[str] = set()
         while not stop.is_set():
             try:
                 await self._start_clients()
-            except AuthenticationError as exc:
+            except (AuthenticationError, AuthorizationError, TlsError) as exc:
+                # Retrying cannot help until someone fixes the secret, the CA or the ACL;
+                # each refusal is said once, and fixing it is enough.
                 await self._close_clients()
                 self.connecting = str(exc)
-                if not logged_auth:
+                if str(exc) not in logged:
                     log.error("%s; retrying every %.0fs at most", exc, 10.0)  # noqa: TRY400
-                    logged_auth = True
+                    logged.add(str(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
@@ -607,7 +634,14 @@ class Worker:
         )
         await start_client(self._clock_reader, self.settings)
         self._clock_task = asyncio.create_task(
-            watch_clock(self.clock_ref, self._producer, self._clock_reader, t.clock, self.now),
+            watch_clock(
+                self.clock_ref,
+                self._producer,
+                self._clock_reader,
+                t.clock,
+                self.now,
+                report=self._clock_result,
+            ),
             name="meter-clock-watch",
         )
         log.info(
@@ -639,6 +673,14 @@ class Worker:
             except KafkaError as exc:
                 with contextlib.suppress(Exception):
                     await producer.stop()
+                if isinstance(exc, ClusterAuthorizationFailedError):
+                    raise not_authorized(
+                        self.settings,
+                        "IdempotentWrite",
+                        "cluster",
+                        "kafka-cluster",
+                        "Write on any topic also grants it; or run with --idempotence off",
+                    ) from exc
                 if self.config.idempotence == "on":
                     raise
                 # What a broker without idempotent producers answers (Tansu: UnknownError)
@@ -697,6 +739,42 @@ class Worker:
         await self._close_clients()
         log.info("worker stopped: %s", self._summary())
 
+    def _denied(self, exc: BaseException, work: str, operation: str, topic: str = "") -> bool:
+        """If ``exc`` is a refused authorization, note it for ``work`` (``fetch``,
+        ``usage``, ...): logged once as one ERROR naming the operation and the resource,
+        and /healthz not ready until ``work`` succeeds again (:meth:`_allowed`).  False
+        (nothing done) for any other error."""
+        refused = denial(
+            exc,
+            self.settings,
+            topic_operation=operation,
+            topic=topic,
+            group=self.config.group_id,
+        )
+        if refused is None:
+            return False
+        message = str(refused)
+        self.denials[work] = message
+        if message not in self._denials_logged:
+            self._denials_logged.add(message)
+            log.error("%s; retrying, not ready meanwhile", message)
+        return True
+
+    def _clock_result(self, exc: BaseException | None, operation: str) -> bool:
+        """The clock watch's turn: a refused heartbeat or read is a denial (see _denied)."""
+        if exc is None:
+            if "clock" in self.denials:
+                self._allowed("clock")
+            return False
+        return self._denied(exc, "clock", operation, self.config.topics.clock)
+
+    def _allowed(self, work: str) -> None:
+        """``work`` succeeded: a denial noted for it is over (and would be said again)."""
+        message = self.denials.pop(work, None)
+        if message is not None and message not in self.denials.values():
+            self._denials_logged.discard(message)
+            log.info("%s: allowed now", work)
+
     # ------------------------------------------------------------------ main loop
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -704,6 +782,7 @@ class Worker:
         assert consumer is not None
         stopper = asyncio.ensure_future(stop.wait())
         collector = _Collector()
+        refused_delay = 0.5
         try:
             while not stop.is_set():
                 if self.halted:
@@ -723,9 +802,16 @@ class Worker:
                 try:
                     batch = fetch.result()
                 except KafkaError as exc:
+                    if self._denied(exc, "fetch", "Read"):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), refused_delay)
+                        refused_delay = min(refused_delay * 2, 10.0)
+                        continue
                     log.warning("fetch failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue
+                self._allowed("fetch")
+                refused_delay = 0.5
                 await self._step(self._cycle(batch, stop), stopper)
                 collector.after_batch()
                 self._progress()
@@ -829,7 +915,14 @@ class Worker:
             # The lease holds again in the same generation: no rebalance happened, so
             # nobody else was given these partitions; the changelog says what changed.
             await self._drain()  # nothing of ours in flight while the changelog is read
-            await self._recover(fenced)
+            try:
+                await self._recover(fenced)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                # They stay RECOVERING (nothing applied or published); the next turn retries.
+                if not self._denied(exc, "recover", "Read", self.config.topics.changelog):
+                    log.warning("could not recover home partitions %s yet (%s)", fenced, exc)
+                return
+            self._allowed("recover")
 
     def _fence_all(self, reason: str) -> None:
         moved = [n for n, h in sorted(self.homes.items()) if h.fence(reason)]
@@ -1194,7 +1287,7 @@ class Worker:
                         raise flight.send_error
                     await asyncio.gather(*(f for _, f in flight.writes))
                 except (KafkaError, OSError) as exc:
-                    blocked = _blocked(flight.writes, exc, flight.sending)
+                    blocked = _blocked(flight.writes, exc, flight.sending, self.settings)
                     if blocked is not None:
                         raise WriteBlockedError(
                             f"{_BLOCKED}: {blocked}; meter stopped processing and "
@@ -1344,7 +1437,8 @@ class Worker:
             records = out.records
             acked = await _acked(await out.close(), "usage records")
         except (KafkaError, OSError) as exc:
-            log.warning("publishing usage records failed (%s); will retry", exc)
+            if not self._denied(exc, "usage", "Write", self.config.topics.usage):
+                log.warning("publishing usage records failed (%s); will retry", exc)
             acked = False
         if not acked:
             for hp, keys in taken:
@@ -1352,6 +1446,7 @@ class Worker:
                     for key, ts in keys.items():
                         hp.dirty.setdefault(key, ts)
             return
+        self._allowed("usage")
         self.stats.published += records
         if self.on_latency is not None:
             acked_ms = time.time() * 1000
@@ -1409,7 +1504,8 @@ class Worker:
             futures += await out.close()
             acked = await _acked(futures, "license records")
         except (KafkaError, OSError) as exc:
-            log.warning("publishing license records failed (%s); will retry", exc)
+            if not self._denied(exc, "license", "Write", self.config.topics.license):
+                log.warning("publishing license records failed (%s); will retry", exc)
             acked = False
         if not acked:
             for hp, keys, corr in taken:
@@ -1417,6 +1513,7 @@ class Worker:
                     hp.lic_dirty |= keys
                     hp.lcorr_dirty |= corr
             return
+        self._allowed("license")
         self.stats.published += records
 
     # ------------------------------------------------------------------ month close
@@ -1427,7 +1524,12 @@ class Worker:
         except (KafkaError, OSError, TimeoutError) as exc:
             # Nothing is marked closed until its marker is acknowledged, so the next
             # check simply closes again.
-            log.warning("closing a month failed (%s); will retry", exc)
+            if not self._denied(exc, "close", "Write", self.config.topics.reports):
+                log.warning("closing a month failed (%s); will retry", exc)
+        else:
+            active = [h for h in self.homes.values() if h.active]
+            if not self._unpublished_closes(active):
+                self._allowed("close")
 
     async def _caught_up(self) -> bool:
         """True when every assigned input partition has been read to its high watermark."""
@@ -1457,6 +1559,7 @@ class Worker:
         active = [h for h in self.homes.values() if h.active]
         if grace is None or not active or not await self._caught_up():
             return
+        await self._publish_unpublished_closes(active)
         host_now = self.now()
         verdict = self._clock_verdict(host_now)
         if time.monotonic() - self._known_refreshed >= 30.0:
@@ -1496,6 +1599,31 @@ class Worker:
                         month,
                         hp.number,
                     )
+
+    async def _publish_unpublished_closes(self, active: list[HomePartition]) -> None:
+        """Publish again, every few seconds, the closes whose marker is on the changelog but
+        whose records did not all reach their topics (a write refused, the broker away):
+        until then meter.reports lacks the month's receipt.  A failure raises (see
+        :meth:`_close_checked`)."""
+        due = self._unpublished_closes(active)
+        if not due or time.monotonic() - self._last_republish < REPUBLISH_S:
+            return
+        self._last_republish = time.monotonic()
+        if not self._publishable():
+            return
+        reports = await self._refresh_known_months()
+        for hp, month in due:
+            if hp.active:
+                await self._publish_close(hp, month, reports)
+
+    def _unpublished_closes(self, active: list[HomePartition]) -> list[tuple[HomePartition, str]]:
+        return [
+            (hp, month)
+            for hp in active
+            for month in sorted(hp.close.closed - hp.pruned)
+            if (hp.number, month) not in self._closes_published
+            and (hp.number, month) not in self._cannot_close
+        ]
 
     def _clock_verdict(self, host_now: datetime) -> ClockVerdict:
         """The clock check on closing months now; a change of state is logged once."""
@@ -1647,8 +1775,10 @@ class Worker:
                 self.settings, self.config.topics.reports, keep_last, max_seconds=15
             )
         except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
-            log.warning("could not read %s: %s", self.config.topics.reports, exc)
+            if not self._denied(exc, "reports", "Read", self.config.topics.reports):
+                log.warning("could not read %s: %s", self.config.topics.reports, exc)
             return None
+        self._allowed("reports")
         self._known_refreshed = time.monotonic()
         self._known_months |= {
             str(r["month"]) for r in reports.values() if r.get("type") == "partition_summary"
@@ -1702,24 +1832,35 @@ class Worker:
         for hp in self._publishable():
             keys, hp.corr_dirty = hp.corr_dirty, set()
             taken.append((hp, keys))
-            hc = hp.close
-            for tenant, month, wtype, wid in keys:
-                tm = hp.ledger.tenant_month(tenant, month)
-                rate = None if tm is None else tm.rate(wtype, wid)
-                if rate is None:
-                    continue
-                before = hc.finals.get(month, {}).get(tenant, {}).get((wtype, wid))
-                for c in correction_for(tenant, month, wtype, wid, rate, before):
-                    doc = correction_record(c, hc.late_ids.get((tenant, month, wtype, wid)), now)
-                    futures.append(
-                        await producer.send(
-                            self.config.topics.corrections, orjson.dumps(doc), key=c.key.encode()
+        try:
+            for hp, keys in taken:
+                hc = hp.close
+                for tenant, month, wtype, wid in keys:
+                    tm = hp.ledger.tenant_month(tenant, month)
+                    rate = None if tm is None else tm.rate(wtype, wid)
+                    if rate is None:
+                        continue
+                    before = hc.finals.get(month, {}).get(tenant, {}).get((wtype, wid))
+                    for c in correction_for(tenant, month, wtype, wid, rate, before):
+                        late = hc.late_ids.get((tenant, month, wtype, wid))
+                        doc = correction_record(c, late, now)
+                        futures.append(
+                            await producer.send(
+                                self.config.topics.corrections,
+                                orjson.dumps(doc),
+                                key=c.key.encode(),
+                            )
                         )
-                    )
-        if not await _acked(futures, "corrections"):
+            acked = await _acked(futures, "corrections")
+        except (KafkaError, OSError) as exc:
+            if not self._denied(exc, "corrections", "Write", self.config.topics.corrections):
+                log.warning("publishing corrections failed (%s); will retry", exc)
+            acked = False
+        if not acked:
             for hp, keys in taken:
                 hp.corr_dirty |= keys
             return
+        self._allowed("corrections")
         self.stats.corrections += len(futures)
 
     # ------------------------------------------------------------------ rebalance
@@ -1884,9 +2025,14 @@ class Worker:
             except (KafkaError, OSError, TimeoutError, BrokerError) as exc:
                 # The partitions stay RECOVERING; the loop tries again (nothing is applied
                 # to or published from them meanwhile).
-                log.warning(
-                    "could not recover home partitions %s yet (%s); will retry", sorted(homes), exc
-                )
+                if not self._denied(exc, "recover", "Read", self.config.topics.changelog):
+                    log.warning(
+                        "could not recover home partitions %s yet (%s); will retry",
+                        sorted(homes),
+                        exc,
+                    )
+            else:
+                self._allowed("recover")
         self.ready.set()
 
     async def _check_committed(self, assigned: Iterable[TopicPartition]) -> None:
@@ -2213,10 +2359,14 @@ class Worker:
         try:
             got = await snapshots.read(self._restore, topic, hp.number, refused, need)
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning(
-                "could not read %s[%d] (%s): replaying the changelog", topic, hp.number, exc
-            )
+            # Replaying the changelog instead gives the same state, only slower; a denial
+            # still says which ACL is missing and keeps /healthz not ready.
+            if not self._denied(exc, "snapshot-read", "Read", topic):
+                log.warning(
+                    "could not read %s[%d] (%s): replaying the changelog", topic, hp.number, exc
+                )
             return None
+        self._allowed("snapshot-read")
         if got is None:
             return None
         checkpoint, rows, published = got
@@ -2261,8 +2411,12 @@ class Worker:
                 local=(ELSEWHERE,),
             )
         except (KafkaError, OSError) as exc:
-            log.warning("could not publish the snapshot of home partition %d: %s", hp.number, exc)
+            if not self._denied(exc, "snapshot", "Write", self.config.topics.snapshots):
+                log.warning(
+                    "could not publish the snapshot of home partition %d: %s", hp.number, exc
+                )
             return
+        self._allowed("snapshot")
         self._snapshot_times[hp.number] = time.monotonic()
         hp.unpublished.clear()
         hp.published_end = hp.saved_end
@@ -2438,16 +2592,24 @@ def _sources(offsets: dict[TopicPartition, int]) -> str:
     )
 
 
-def _blocked(writes: list[Write], exc: BaseException, sending: str) -> str | None:
+def _blocked(
+    writes: list[Write], exc: BaseException, sending: str, settings: KafkaSettings
+) -> str | None:
     """Describe the first write that failed with an error no retry can fix, if any
-    (``sending``: the write being handed to the producer when ``exc`` was raised)."""
+    (``sending``: the write being handed to the producer when ``exc`` was raised).  A
+    refused authorization names the operation and the topic (see meter.kafka.authz)."""
+
+    def said(err: BaseException) -> str:
+        refused = denial(err, settings, topic_operation="Write")
+        return str(refused) if refused is not None else f"{type(err).__name__}: {err}"
+
     for what, fut in writes:
         if fut.done() and not fut.cancelled():
             err = fut.exception()
             if isinstance(err, PERMANENT_WRITE_ERRORS):
-                return f"{what}: {type(err).__name__}: {err}"
+                return f"{what}: {said(err)}"
     if isinstance(exc, PERMANENT_WRITE_ERRORS):
-        return f"{sending or 'a record'}: {type(exc).__name__}: {exc}"
+        return f"{sending or 'a record'}: {said(exc)}"
     return None
 
 

@@ -13,6 +13,9 @@ the mark, on Tansu alone.  ``METER_TEST_BROKERS=kafka`` (or ``tansu``, or ``tans
 runs every such test on the brokers it names instead, marked or not: to see what else holds
 on Apache Kafka.
 
+``secured_kafka`` is a third, Kafka-only: SASL SCRAM users, a SASL_SSL listener and ACLs
+enforced (``test_auth.py``, ``test_acls.py``); it starts on first use like the others.
+
 Java or the jars missing is a skip with its reason, and on CI (``CI=true``) a failure.
 """
 
@@ -28,7 +31,7 @@ import pytest
 from meter.broker import EmbeddedBroker
 from meter.kafka import KafkaSettings
 from tests.integration.harness import ARTIFACTS
-from tests.integration.kafka import KafkaBroker, KafkaUnavailableError, fetch_libs
+from tests.integration.kafka import KafkaBroker, KafkaUnavailableError, Security, fetch_libs
 
 BROKERS = ("tansu", "kafka")
 
@@ -82,6 +85,35 @@ def kafka_broker(worker_id: str) -> Iterator[KafkaBroker]:
         raise  # unreachable: pytest.skip/fail raise
     with KafkaBroker(libs, ARTIFACTS / f"kafka-{worker_id}-{os.getpid()}.log") as kafka:
         yield kafka
+
+
+#: The users of :func:`secured_kafka` and their passwords (SCRAM-SHA-256 and -512 each).
+SECURED_USERS = {
+    name: f"{name}-pw-9" for name in ("alice", "worker", "sender", "reporter", "auditor")
+}
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(worker_id: str) -> Iterator[KafkaBroker]:
+    """Apache Kafka as production secures it: SASL SCRAM for clients (``bootstrap``), also
+    over TLS (``tls_bootstrap``, CA ``tls.cafile``), ACLs enforced; ``admin_bootstrap`` is
+    a super user's PLAINTEXT listener for the tests' own reads, writes and ACLs."""
+    try:
+        libs = fetch_libs()
+    except KafkaUnavailableError as exc:
+        _unavailable(f"Apache Kafka unavailable: {exc}")
+        raise  # unreachable: pytest.skip/fail raise
+    log = ARTIFACTS / f"kafka-secured-{worker_id}-{os.getpid()}.log"
+    try:
+        kafka = KafkaBroker(libs, log, security=Security(users=SECURED_USERS, tls=True))
+        kafka.start()
+    except KafkaUnavailableError as exc:  # openssl missing
+        _unavailable(f"Apache Kafka with TLS unavailable: {exc}")
+        raise
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,14 @@ fetched from Maven Central once into ``.cache/kafka-<version>/libs``).  Start-up
 when a client can create a topic on it.  Stop: SIGTERM (a controlled shutdown), then SIGKILL
 after a bound.
 
+With ``security=Security(...)`` the node is secured as production runs it: clients connect
+over SASL (SCRAM-SHA-256 and SCRAM-SHA-512, users created at storage format time with
+``--add-scram``), optionally also over SASL_SSL (a CA and a broker certificate made with
+``openssl`` in the broker's directory, PEM key and trust stores), and the
+``StandardAuthorizer`` refuses what no ACL allows.  The controller and inter-broker
+listeners stay PLAINTEXT on loopback; their principal (``User:ANONYMOUS``) and the admin
+user are super users, so a test manages ACLs through :meth:`KafkaBroker.admin_bootstrap`.
+
 The settings keep tests fast and honest: internal topics with one replica and few
 partitions, no initial rebalance delay, sessions as short as the tests use, and no topic
 auto-creation (meter creates every topic it uses, as production needs).  Everything else is
@@ -27,12 +35,14 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest
 
 from meter.broker.tansu import _pdeathsig_preexec
 
@@ -84,6 +94,120 @@ logger.kafka.level = INFO
 logger.apache.name = org.apache.kafka
 logger.apache.level = INFO
 """
+
+
+#: SCRAM mechanisms the secured listeners offer (PLAIN is not offered).
+SCRAM = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a :class:`KafkaBroker` is secured.
+
+    ``users`` (name -> password) get SCRAM credentials for both mechanisms at format time;
+    ``tls`` adds a SASL_SSL listener; ``authorizer`` switches on the StandardAuthorizer
+    (super users: the admin user and the PLAINTEXT listeners' ``User:ANONYMOUS``).
+    """
+
+    users: dict[str, str] = field(default_factory=dict)
+    admin: str = "admin"
+    tls: bool = False
+    authorizer: bool = True
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a client needs to reach the SASL_SSL listener: the CA that signed the broker."""
+
+    cafile: Path
+    keystore: Path
+
+
+def make_tls_files(work: Path) -> TlsFiles:
+    """A CA and a broker certificate for ``127.0.0.1``/``localhost``, signed by it (openssl)."""
+    if shutil.which("openssl") is None:
+        raise KafkaUnavailableError("openssl is not installed (apt-get install openssl)")
+    ca_key, ca, key, csr, cert = (
+        work / n for n in ("ca.key", "ca.pem", "broker.key", "broker.csr", "broker.pem")
+    )
+    ext = work / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    rsa = ["-newkey", "rsa:2048", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *rsa, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=meter-test-ca"],
+        ["req", *rsa, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, cmd)], capture_output=True, check=True)
+    keystore = work / "broker-keystore.pem"  # PEM key store: the key, then the chain
+    keystore.write_text(key.read_text() + cert.read_text() + ca.read_text())
+    return TlsFiles(cafile=ca, keystore=keystore)
+
+
+#: Kafka's codes (org.apache.kafka.common.resource.ResourceType, acl.AclOperation).
+RESOURCE_TYPES = {"topic": 2, "group": 3, "cluster": 4, "transactional_id": 5}
+OPERATIONS = {
+    "Read": 3, "Write": 4, "Create": 5, "Delete": 6, "Alter": 7, "Describe": 8,
+    "DescribeConfigs": 10, "AlterConfigs": 11, "IdempotentWrite": 12,
+}  # fmt: skip
+_LITERAL, _PREFIXED, _ALLOW = 3, 4, 3
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ALLOW rule: ``operation`` on the ``resource`` (``topic``, ``group``, ``cluster``)
+    named ``name`` (a prefix when ``prefixed``), for ``principal`` from any host."""
+
+    principal: str
+    resource: str
+    name: str
+    operation: str
+    prefixed: bool = False
+
+    def __str__(self) -> str:
+        pattern = "prefixed" if self.prefixed else "literal"
+        return f"{self.principal} {self.operation} on {self.resource} {self.name!r} ({pattern})"
+
+    def _fields(self) -> tuple[int, str, int, str, str, int, int]:
+        return (
+            RESOURCE_TYPES[self.resource],
+            self.name,
+            _PREFIXED if self.prefixed else _LITERAL,
+            self.principal,
+            "*",
+            OPERATIONS[self.operation],
+            _ALLOW,
+        )
+
+
+async def _admin_send(bootstrap: str, requests: list[Any]) -> list[Any]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        await admin.start()
+        return [await admin._send_request(r) for r in requests]
+    finally:
+        await admin.close()
+
+
+def _raise_errors(answers: list[Any], field: str) -> None:
+    for answer in answers:
+        for result in getattr(answer, field):
+            if result[0]:
+                raise for_code(result[0])(result[1])
+
+
+def create_acls(bootstrap: str, acls: list[Acl]) -> None:
+    """Add ``acls`` through ``bootstrap`` (a super user's listener)."""
+    answers = asyncio.run(_admin_send(bootstrap, [CreateAclsRequest(*a._fields()) for a in acls]))
+    _raise_errors(answers, "creation_responses")
+
+
+def delete_acls(bootstrap: str, acls: list[Acl]) -> None:
+    """Remove exactly ``acls`` (each is its own filter)."""
+    answers = asyncio.run(_admin_send(bootstrap, [DeleteAclsRequest(*a._fields()) for a in acls]))
+    _raise_errors(answers, "filter_responses")
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -142,9 +266,16 @@ class KafkaBroker:
         log_path: Path,
         *,
         settings: dict[str, str] | None = None,
+        security: Security | None = None,
         ready_timeout: float = 90.0,
     ) -> None:
         self.libs = libs
+        self.security = security
+        #: With ``security``: the PLAINTEXT listener for the tests' admin (a super user).
+        self.admin_port = 0
+        #: With ``Security(tls=True)``: the SASL_SSL listener's port and the CA to trust.
+        self.tls_port = 0
+        self.tls: TlsFiles | None = None
         self.log_path = log_path
         self.settings = {**SETTINGS, **(settings or {})}
         self.ready_timeout = ready_timeout
@@ -157,6 +288,15 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         return f"{_LOOPBACK}:{self.port}"
+
+    @property
+    def admin_bootstrap(self) -> str:
+        """Where a test reaches the broker as a super user (the PLAINTEXT listener)."""
+        return f"{_LOOPBACK}:{self.admin_port or self.port}"
+
+    @property
+    def tls_bootstrap(self) -> str:
+        return f"{_LOOPBACK}:{self.tls_port}"
 
     @property
     def pid(self) -> int | None:
@@ -175,6 +315,8 @@ class KafkaBroker:
         self._dir = tempfile.TemporaryDirectory(prefix="meter-kafka-")
         work = Path(self._dir.name)
         (work / "log4j2.properties").write_text(_LOG4J2)
+        if self.security is not None and self.security.tls:
+            self.tls = make_tls_files(work)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         try:
@@ -202,10 +344,19 @@ class KafkaBroker:
             "controller.quorum.voters": f"1@{_LOOPBACK}:{controller}",
             "log.dirs": str(data),
         }
+        scram: list[str] = []
+        if self.security is not None:
+            props.update(self._secured(controller))
+            users = {self.security.admin: "admin-secret", **self.security.users}
+            for name, password in users.items():
+                for mechanism in SCRAM:
+                    scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         config = work / "server.properties"
         config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         fmt = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)),
+            self._java(
+                "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config), *scram
+            ),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             check=False,
@@ -228,7 +379,7 @@ class KafkaBroker:
                 time.sleep(0.1)
                 continue
             try:
-                asyncio.run(_create_probe_topic(self.bootstrap))
+                asyncio.run(_create_probe_topic(self.admin_bootstrap))
             except Exception:  # noqa: BLE001 - no controller yet
                 time.sleep(0.2)
             else:
@@ -237,6 +388,42 @@ class KafkaBroker:
             f"Apache Kafka on {self.bootstrap} not ready within {self.ready_timeout:.0f} s:\n"
             f"{self._tail()}"
         )
+
+    def _secured(self, controller: int) -> dict[str, str]:
+        """Listeners and settings of a secured node: SASL (and SASL_SSL) for clients,
+        PLAINTEXT for the controller, the inter-broker traffic and the tests' admin."""
+        assert self.security is not None
+        self.admin_port = _free_port()
+        client = [f"SASL://{_LOOPBACK}:{self.port}", f"PLAINTEXT://{_LOOPBACK}:{self.admin_port}"]
+        protocols = "SASL:SASL_PLAINTEXT,PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        props = {
+            "sasl.enabled.mechanisms": ",".join(SCRAM),
+            "listener.name.sasl.sasl.enabled.mechanisms": ",".join(SCRAM),
+        }
+        login = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        for mechanism in SCRAM:
+            props[f"listener.name.sasl.{mechanism.lower()}.sasl.jaas.config"] = login
+        if self.tls is not None:
+            self.tls_port = _free_port()
+            client.append(f"TLS://{_LOOPBACK}:{self.tls_port}")
+            protocols += ",TLS:SASL_SSL"
+            props["listener.name.tls.sasl.enabled.mechanisms"] = ",".join(SCRAM)
+            for mechanism in SCRAM:
+                props[f"listener.name.tls.{mechanism.lower()}.sasl.jaas.config"] = login
+            props["listener.name.tls.ssl.keystore.type"] = "PEM"
+            props["listener.name.tls.ssl.keystore.location"] = str(self.tls.keystore)
+        if self.security.authorizer:
+            props["authorizer.class.name"] = (
+                "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+            )
+            props["super.users"] = f"User:ANONYMOUS;User:{self.security.admin}"
+            props["allow.everyone.if.no.acl.found"] = "false"
+        return {
+            **props,
+            "listeners": ",".join([*client, f"CONTROLLER://{_LOOPBACK}:{controller}"]),
+            "advertised.listeners": ",".join(client),
+            "listener.security.protocol.map": protocols,
+        }
 
     def _tail(self) -> str:
         try:
@@ -257,6 +444,7 @@ class KafkaBroker:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self.tls = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

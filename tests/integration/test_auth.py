@@ -1,6 +1,11 @@
 """A refused SASL handshake is one line and exit 2; the right password works.
 
-Two brokers with authentication switched on:
+Three brokers with authentication switched on:
+
+- Apache Kafka (``secured_kafka``): SCRAM-SHA-256/512 users made at format time, PLAIN not
+  offered, a SASL_SSL listener with a certificate from the test's own CA; the real
+  answers to a wrong password, to a mechanism it does not offer and to a CA meter does not
+  trust (its ACLs: ``test_acls.py``);
 
 - the embedded Tansu with ``--authentication``: SCRAM only, and with memory storage it
   refuses every login (``e=unknown-user``, which aiokafka turns into ``KeyError: 'v'``) and
@@ -24,7 +29,10 @@ import orjson
 import pytest
 
 from meter.broker import EmbeddedBroker
+from tests.integration.conftest import SECURED_USERS
 from tests.integration.harness import ARTIFACTS, Names, WorkerProcess, expected_usage, report_rows
+from tests.integration.kafka import Acl as KafkaAcl
+from tests.integration.kafka import KafkaBroker, create_acls, delete_acls
 from tests.kafka.sasl_front import MECHANISMS, SaslFront
 from tests.loopback import reserve_port
 
@@ -60,11 +68,12 @@ def meter(
     *args: str,
     stdin: bytes = b"",
     timeout: float = 60,
+    protocol: str = "SASL_PLAINTEXT",
 ) -> tuple[subprocess.CompletedProcess[bytes], float]:
     secret = tmp_path / f"pw-{os.urandom(4).hex()}"
     secret.write_text(password)
     secret.chmod(0o600)
-    flags = ["--broker", bootstrap, "--security-protocol", "SASL_PLAINTEXT"]
+    flags = ["--broker", bootstrap, "--security-protocol", protocol]
     flags += ["--sasl-mechanism", mechanism, "--sasl-username", "alice"]
     flags += ["--sasl-password-file", str(secret)]
     started = time.monotonic()
@@ -199,6 +208,10 @@ def test_a_worker_with_a_wrong_password_says_so_once_and_stays_not_ready(
 ) -> None:
     """The worker retries with backoff (fixing the secret is enough), logs the refusal
     once as one line, and /healthz says why it is not ready."""
+    a_worker_refused(front.bootstrap, tmp_path, mechanism)
+
+
+def a_worker_refused(bootstrap: str, tmp_path: Path, mechanism: str) -> None:
     secret = tmp_path / "worker-pw"
     secret.write_text(WRONG)
     secret.chmod(0o600)
@@ -207,7 +220,7 @@ def test_a_worker_with_a_wrong_password_says_so_once_and_stays_not_ready(
         "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", mechanism,
         "--sasl-username", "alice", "--sasl-password-file", str(secret),
     ]  # fmt: skip
-    worker = WorkerProcess(front.bootstrap, names, f"wrong-{mechanism}")
+    worker = WorkerProcess(bootstrap, names, f"wrong-{mechanism}")
     try:
         status, body = worker.health()
         deadline = time.monotonic() + 30
@@ -225,6 +238,123 @@ def test_a_worker_with_a_wrong_password_says_so_once_and_stays_not_ready(
         assert "Traceback" not in log
         assert "KeyError" not in log
         assert worker.metric('meter_problem{problem="connecting"}') == 1.0
+    finally:
+        assert worker.terminate() == 0, worker.log()
+        worker.close()
+
+
+# ---------------------------------------------------------------- Apache Kafka
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "command"),
+    [
+        pytest.param("SCRAM-SHA-256", ["send", "-"], id="SCRAM-SHA-256-send"),
+        pytest.param("SCRAM-SHA-512", ["report"], id="SCRAM-SHA-512-report"),
+        pytest.param("SCRAM-SHA-256", ["audit", "--month", "2026-11"], id="SCRAM-SHA-256-audit"),
+    ],
+)
+def test_apache_kafka_refuses_a_wrong_password(
+    secured_kafka: KafkaBroker, tmp_path: Path, mechanism: str, command: list[str]
+) -> None:
+    out, elapsed = meter(
+        tmp_path, secured_kafka.bootstrap, mechanism, WRONG, *command, stdin=b'{"x": 1}\n'
+    )
+    assert_one_line(
+        out, elapsed, mechanism, f"was rejected by {secured_kafka.bootstrap} (check the password)"
+    )
+
+
+def test_apache_kafka_does_not_offer_plain(secured_kafka: KafkaBroker, tmp_path: Path) -> None:
+    out, elapsed = meter(tmp_path, secured_kafka.bootstrap, "PLAIN", WRONG, "report")
+    assert_one_line(
+        out,
+        elapsed,
+        "PLAIN",
+        f"is not offered by {secured_kafka.bootstrap} (it offers: SCRAM-SHA-512, SCRAM-SHA-256)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "protocol"), [("SCRAM-SHA-256", "SASL_PLAINTEXT"), ("SCRAM-SHA-512", "SASL_SSL")]
+)
+def test_apache_kafka_accepts_the_right_password_over_sasl_and_tls(
+    secured_kafka: KafkaBroker, tmp_path: Path, mechanism: str, protocol: str
+) -> None:
+    """``meter report`` logs in with each mechanism on each listener (its ACLs: Read)."""
+    kafka = secured_kafka
+    assert kafka.tls is not None
+    usage, lic = f"usage-{os.urandom(4).hex()}", f"license-{os.urandom(4).hex()}"
+    names = [usage, f"{usage}.corrections", lic, f"{lic}.corrections"]
+    acls = [KafkaAcl("User:alice", "topic", name, "Read") for name in names]
+    tls = protocol == "SASL_SSL"
+    bootstrap = kafka.tls_bootstrap if tls else kafka.bootstrap
+    extra = ["--ssl-cafile", str(kafka.tls.cafile)] if tls else []
+    create_acls(kafka.admin_bootstrap, acls)
+    try:
+        out, _ = meter(
+            tmp_path, bootstrap, mechanism, SECURED_USERS["alice"],
+            "report", "--format", "json", "--topic", usage, "--license-topic", lic, *extra,
+            protocol=protocol,
+        )  # fmt: skip
+    finally:
+        delete_acls(kafka.admin_bootstrap, acls)
+    assert out.returncode == 0, out.stderr.decode()
+    assert orjson.loads(out.stdout)["usage"] == []
+
+
+def test_a_broker_certificate_meter_does_not_trust_is_one_line(
+    secured_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """Without ``--ssl-cafile`` the test CA is unknown: the TLS handshake fails, said once
+    (before: aiokafka's ERROR "Unable connect to ..." and "Unable to bootstrap")."""
+    out, elapsed = meter(
+        tmp_path, secured_kafka.tls_bootstrap, "SCRAM-SHA-512", SECURED_USERS["alice"],
+        "send", "-", stdin=b'{"x": 1}\n', protocol="SASL_SSL",
+    )  # fmt: skip
+    assert out.returncode == 2, (out.stdout + out.stderr).decode()
+    assert out.stdout == b""
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"meter: TLS handshake with {secured_kafka.tls_bootstrap} failed: certificate verify failed"
+    ), lines
+    assert elapsed < BOUND_S
+
+
+def test_a_worker_with_a_wrong_password_on_apache_kafka_says_so_once_and_stays_not_ready(
+    secured_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    a_worker_refused(secured_kafka.bootstrap, tmp_path, "SCRAM-SHA-512")
+
+
+def test_a_worker_that_does_not_trust_the_broker_certificate_says_so_once_and_stays_not_ready(
+    secured_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    secret = tmp_path / "worker-pw"
+    secret.write_text(SECURED_USERS["alice"])
+    secret.chmod(0o600)
+    names = Names(os.urandom(5).hex())
+    names.extra = [
+        "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512",
+        "--sasl-username", "alice", "--sasl-password-file", str(secret),
+    ]  # fmt: skip
+    worker = WorkerProcess(secured_kafka.tls_bootstrap, names, "untrusted")
+    try:
+        deadline = time.monotonic() + 30
+        status, body = worker.health()
+        while "TLS handshake" not in str(body.get("reason")):
+            assert time.monotonic() < deadline, (status, body, worker.log())
+            time.sleep(0.3)
+            status, body = worker.health()
+        assert status == 503
+        assert "certificate verify failed" in str(body["reason"])
+        time.sleep(2.5)  # it retries after 0.5 s and 1 s more, and must not say it again
+        log = worker.log()
+        assert worker.proc.poll() is None, log
+        assert log.count("TLS handshake") == 1, log
+        assert "Traceback" not in log
+        assert "Unable connect" not in log
     finally:
         assert worker.terminate() == 0, worker.log()
         worker.close()
