@@ -40,10 +40,12 @@ from tests.integration.kafka import (
     write_config,
 )
 
-#: Three JVMs on a small machine: a smaller heap each than the single node's.
+#: Three JVMs on a small machine: a smaller heap each than the single node's, and only the
+#: quick compiler (C1), which starts a node sooner and leaves the cores to the tests.
 CLUSTER_JVM_OPTS = (
     "-Xms128m",
     "-Xmx512m",
+    "-XX:TieredStopAtLevel=1",
     "-XX:+UseG1GC",
     "-XX:MaxGCPauseMillis=20",
     "-Djava.awt.headless=true",
