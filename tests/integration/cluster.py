@@ -257,6 +257,18 @@ class KafkaCluster:
         """``{partition: leader node id}`` of ``topic`` as the metadata says now."""
         return {p["partition"]: p["leader"] for _, p in asyncio.run(self._partitions([topic]))}
 
+    def coordinator(self, group: str) -> int:
+        """The node id of ``group``'s coordinator (where its members heartbeat)."""
+
+        async def find() -> int:
+            admin = await self._admin()
+            try:
+                return await admin.find_coordinator(group)
+            finally:
+                await admin.close()
+
+        return asyncio.run(find())
+
     def active_controller(self) -> KafkaNode:
         """The node that became the active controller last (the highest epoch in the logs)."""
         return max(self.nodes, key=lambda n: n.active_epoch())

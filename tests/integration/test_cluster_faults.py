@@ -361,6 +361,11 @@ async def _delete_topics(bootstrap: str, names: Names) -> None:
         await admin.close()
 
 
+def _also(cluster: KafkaCluster, node: Any, group: str) -> str:
+    """ ", the group's coordinator" when ``node`` is where the workers heartbeat."""
+    return ", the group's coordinator" if cluster.coordinator(group) == node.node_id else ""
+
+
 def _wait(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -535,10 +540,11 @@ def test_sigkill_of_the_leader_of_a_jobs_and_a_changelog_partition(
         )  # fmt: skip
         led = [p for p, n in jobs_leaders.items() if n == victim.node_id]
         logged = [p for p, n in changelog_leaders.items() if n == victim.node_id]
+        also = _also(cluster, victim, f"meter-{unique}")
         at["began"] = time.monotonic()
         victim.kill()
         return (f"SIGKILL node {victim.node_id}, leader of {jobs}{led} and of the changelog"
-                f"{logged}; it stays down until the checks are done")  # fmt: skip
+                f"{logged}{also}; it stays down until the checks are done")  # fmt: skip
 
     figures = drill(cluster, unique, tmp_path, "SIGKILL the leader of a jobs and a changelog "
                     "partition", fault, seed=201)  # fmt: skip
@@ -551,17 +557,22 @@ def test_a_broker_paused_past_its_session(
     cluster = healed
 
     def fault(workers: list[WorkerProcess], at: dict[str, float]) -> str:
+        # The hardest broker to lose for a while: the group's coordinator, if it is not the
+        # active controller (that is the last test), else a partition leader.
         controller = cluster.active_controller()
         jobs_leaders = cluster.leaders(f"jobs-{unique}")
-        victim = next(
-            n for n in cluster.nodes
-            if n is not controller and n.node_id in jobs_leaders.values()
+        coordinator = cluster.coordinator(f"meter-{unique}")
+        victim = min(
+            (n for n in cluster.nodes
+             if n is not controller and n.node_id in jobs_leaders.values()),
+            key=lambda n: n.node_id != coordinator,
         )  # fmt: skip
+        also = _also(cluster, victim, f"meter-{unique}")
         at["began"] = time.monotonic()
         victim.pause()
         time.sleep(BROKER_SESSION_S * 2)
         victim.resume()
-        return (f"SIGSTOP node {victim.node_id} (a leader, not the active controller) for "
+        return (f"SIGSTOP node {victim.node_id} (a leader{also}, not the active controller) for "
                 f"{BROKER_SESSION_S * 2:.0f} s, then SIGCONT")  # fmt: skip
 
     drill(cluster, unique, tmp_path, "SIGSTOP a broker past its session", fault, seed=203)
@@ -611,11 +622,12 @@ def test_the_active_controller_killed(healed: KafkaCluster, unique: str, tmp_pat
 
     def fault(workers: list[WorkerProcess], at: dict[str, float]) -> str:
         victim = killed[0] = cluster.active_controller()
+        also = _also(cluster, victim, f"meter-{unique}")
         at["began"] = time.monotonic()
         victim.kill()
         return (
             f"SIGKILL node {victim.node_id}, the active controller (and a broker: combined "
-            "mode); it stays down until the checks are done"
+            f"mode{also}); it stays down until the checks are done"
         )
 
     killed = [cluster.nodes[0]]
