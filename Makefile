@@ -32,10 +32,9 @@ kafka:
 
 # Tests run in 4 processes (pytest-xdist; each integration process starts its own brokers on
 # first use: the embedded Tansu and Apache Kafka, tests/integration/conftest.py): integration
-# tests mostly wait on brokers and workers, so 4 fit on 2 cores. Tests marked with one
-# xdist_group run in one process (the cluster fault tests share one three-node cluster).
+# tests mostly wait on brokers and workers, so 4 fit on 2 cores.
 # The slowest 20 are printed at the end.
-PYTEST := $(BIN)/pytest -n 4 --dist loadgroup --durations=20
+PYTEST := $(BIN)/pytest -n 4 --durations=20
 
 unit: $(STAMP)
 	$(PYTEST) -m "not integration"

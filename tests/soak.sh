@@ -26,7 +26,7 @@ else
     DATES=("${DEFAULT_DATES[@]}")
 fi
 # What `make test` passes to pytest (parallel workers, a per-test timeout).
-PYTEST_ARGS=(${SOAK_PYTEST_ARGS:--n 4 --dist loadgroup --timeout 600 -p no:cacheprovider -q})
+PYTEST_ARGS=(${SOAK_PYTEST_ARGS:--n 4 --timeout 600 -p no:cacheprovider -q})
 OUT=tests/artifacts/soak
 mkdir -p "$OUT"
 
