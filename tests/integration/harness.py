@@ -11,9 +11,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -140,8 +141,11 @@ class WorkerProcess:
         *,
         prelude: str = "",
         extra: Iterable[str] = (),
+        wrap: Iterable[str] = (),
     ) -> None:
-        """``prelude``: Python run in the worker process before meter starts (fault injection)."""
+        """``prelude``: Python run in the worker process before meter starts (fault injection);
+        ``wrap``: a command the worker runs under, e.g. ``ip netns exec NAME`` (which execs, so
+        ``proc`` is still the worker)."""
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{names.suffix}-{tag}.log"
         self._log = self.log_path.open("wb")
@@ -153,6 +157,7 @@ class WorkerProcess:
         args = [*names.worker_args(), *extra]
         self.proc = subprocess.Popen(
             [
+                *wrap,
                 sys.executable,
                 *launcher,
                 "--broker",
@@ -271,26 +276,41 @@ def read_all(settings: KafkaSettings, topic: str) -> list[object]:
     return list(asyncio.run(read_to_end(settings, topic)))
 
 
-def revision_faults(records: Iterable[object]) -> list[str]:
-    """Over a whole usage topic, in offset order: every key's revision never goes down,
-    and two records of a key with the same revision say the same (usage, totals, cards)."""
-    import orjson
+def usage_content(doc: dict[str, Any]) -> object:
+    """What a usage record says, for :func:`revision_faults` (not when it was published)."""
+    return (doc["usage"], doc["workloads"], doc["points"], doc["ratecards"])
 
+
+def license_content(doc: dict[str, Any]) -> object:
+    """What a license record says, for :func:`revision_faults` (its status goes from running
+    to final at the close with the same revision and the same figures)."""
+    return (
+        doc["history_start"], doc["usage"], doc["workloads"], doc["new_workloads"],
+        doc["rental_workloads"], doc["points"], doc["new_points"],
+    )  # fmt: skip
+
+
+def revision_faults(
+    records: Iterable[object], content: Callable[[dict[str, Any]], object] = usage_content
+) -> list[str]:
+    """Over a whole usage (or, with :func:`license_content`, license) topic, in offset order:
+    every key's revision never goes down, and two records of a key with the same revision say
+    the same."""
     held: dict[bytes, tuple[int, object, int]] = {}
     faults = []
     for rec in records:
         doc = orjson.loads(rec.value)  # type: ignore[attr-defined]
         key = rec.key  # type: ignore[attr-defined]
-        content = (doc["usage"], doc["workloads"], doc["points"], doc["ratecards"])
+        said = content(doc)
         rev = doc["revision"]
         before = held.get(key)
         if before is not None:
             if rev < before[0]:
                 faults.append(f"{key!r}: revision {before[0]} @{before[2]} -> {rev} @{rec.offset}")  # type: ignore[attr-defined]
-            elif rev == before[0] and content != before[1]:
+            elif rev == before[0] and said != before[1]:
                 faults.append(f"{key!r}: revision {rev} with different content @{rec.offset}")  # type: ignore[attr-defined]
         if before is None or rev >= before[0]:
-            held[key] = (rev, content, rec.offset)  # type: ignore[attr-defined]
+            held[key] = (rev, said, rec.offset)  # type: ignore[attr-defined]
     return faults
 
 

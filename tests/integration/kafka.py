@@ -228,31 +228,107 @@ def fetch_libs() -> Path:
     return Path(done.stdout.strip())
 
 
-def _free_port() -> int:
+def free_port(host: str = _LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _listening(port: int) -> bool:
+def listening(port: int, host: str = _LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
-        return sock.connect_ex((_LOOPBACK, port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
-def _cluster_id() -> str:
+def cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
-async def _create_probe_topic(bootstrap: str) -> None:
+async def create_probe_topic(bootstrap: str, replicas: int = 1) -> None:
+    """Create the probe topic, or find it there: a controller answered and a broker took it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await admin.start()
         with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics([NewTopic(_READY_PROBE_TOPIC, 1, 1)])
+            await admin.create_topics([NewTopic(_READY_PROBE_TOPIC, 1, replicas)])
     finally:
         await admin.close()
+
+
+def java(
+    libs: Path, work: Path, main: str, *args: str, opts: tuple[str, ...] = JVM_OPTS
+) -> list[str]:
+    """A JVM running ``main`` from the broker's jars, logging as ``work/log4j2.properties``."""
+    log4j = work / "log4j2.properties"
+    if not log4j.exists():
+        log4j.write_text(_LOG4J2)
+    return [
+        "java", *opts, f"-Dlog4j2.configurationFile={log4j}",
+        "-cp", f"{libs}/*", main, *args,
+    ]  # fmt: skip
+
+
+def write_config(path: Path, props: dict[str, str]) -> Path:
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+def format_storage(
+    libs: Path, work: Path, config: Path, cluster: str, log: IO[bytes], *extra: str
+) -> None:
+    """``kafka-storage format``: the node's log directories, stamped with ``cluster``
+    (``extra``: more arguments, e.g. ``--add-scram``)."""
+    fmt = subprocess.run(
+        java(
+            libs,
+            work,
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster,
+            "-c",
+            str(config),
+            *extra,
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
+    if fmt.returncode != 0:
+        raise KafkaStartError(f"kafka-storage format exited {fmt.returncode} ({config})")
+
+
+def launch(
+    libs: Path, work: Path, config: Path, log: IO[bytes], opts: tuple[str, ...] = JVM_OPTS
+) -> subprocess.Popen[bytes]:
+    """``kafka.Kafka config``: one node; it dies with the test process."""
+    return subprocess.Popen(
+        java(libs, work, "kafka.Kafka", str(config), opts=opts),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509 - the broker dies with its parent
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a paused JVM cannot shut down
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def log_tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-4000:]
+    except OSError:
+        return ""
 
 
 class KafkaBroker:
@@ -302,19 +378,10 @@ class KafkaBroker:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    def _java(self, main: str, *args: str) -> list[str]:
-        assert self._dir is not None
-        log4j = Path(self._dir.name) / "log4j2.properties"
-        return [
-            "java", *JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}",
-            "-cp", f"{self.libs}/*", main, *args,
-        ]  # fmt: skip
-
     def start(self) -> Self:
         started = time.monotonic()
         self._dir = tempfile.TemporaryDirectory(prefix="meter-kafka-")
         work = Path(self._dir.name)
-        (work / "log4j2.properties").write_text(_LOG4J2)
         if self.security is not None and self.security.tls:
             self.tls = make_tls_files(work)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +402,7 @@ class KafkaBroker:
 
     def _start_once(self, work: Path, attempt: int) -> bool:
         assert self._log is not None
-        self.port, controller = _free_port(), _free_port()
+        self.port, controller = free_port(), free_port()
         data = work / f"data-{attempt}"
         props = {
             **self.settings,
@@ -351,35 +418,22 @@ class KafkaBroker:
             for name, password in users.items():
                 for mechanism in SCRAM:
                     scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
-        config = work / "server.properties"
-        config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        fmt = subprocess.run(
-            self._java(
-                "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config), *scram
-            ),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            raise KafkaStartError(f"kafka-storage format exited {fmt.returncode}:\n{self._tail()}")
-        self._proc = subprocess.Popen(
-            self._java("kafka.Kafka", str(config)),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509 - the broker dies with its parent
-        )
+        config = write_config(work / "server.properties", props)
+        try:
+            format_storage(self.libs, work, config, cluster_id(), self._log, *scram)
+        except KafkaStartError as exc:
+            raise KafkaStartError(f"{exc}:\n{self._tail()}") from None
+        self._proc = launch(self.libs, work, config, self._log)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._proc = None
                 return False
-            if not _listening(self.port):
+            if not listening(self.port):
                 time.sleep(0.1)
                 continue
             try:
-                asyncio.run(_create_probe_topic(self.admin_bootstrap))
+                asyncio.run(create_probe_topic(self.admin_bootstrap))
             except Exception:  # noqa: BLE001 - no controller yet
                 time.sleep(0.2)
             else:
@@ -393,7 +447,7 @@ class KafkaBroker:
         """Listeners and settings of a secured node: SASL (and SASL_SSL) for clients,
         PLAINTEXT for the controller, the inter-broker traffic and the tests' admin."""
         assert self.security is not None
-        self.admin_port = _free_port()
+        self.admin_port = free_port()
         client = [f"SASL://{_LOOPBACK}:{self.port}", f"PLAINTEXT://{_LOOPBACK}:{self.admin_port}"]
         protocols = "SASL:SASL_PLAINTEXT,PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
         props = {
@@ -404,7 +458,7 @@ class KafkaBroker:
         for mechanism in SCRAM:
             props[f"listener.name.sasl.{mechanism.lower()}.sasl.jaas.config"] = login
         if self.tls is not None:
-            self.tls_port = _free_port()
+            self.tls_port = free_port()
             client.append(f"TLS://{_LOOPBACK}:{self.tls_port}")
             protocols += ",TLS:SASL_SSL"
             props["listener.name.tls.sasl.enabled.mechanisms"] = ",".join(SCRAM)
@@ -426,20 +480,11 @@ class KafkaBroker:
         }
 
     def _tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
+        stop_process(self._proc, timeout)
         self._proc = None
         if self._log is not None:
             self._log.close()
