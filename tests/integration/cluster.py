@@ -51,6 +51,17 @@ CLUSTER_JVM_OPTS = (
     "-Djava.awt.headless=true",
 )
 
+#: Settings the tests' cluster has only to be quick or small, and why; every other broker
+#: setting of the cluster is what production runs (tests/deploy/test_compose.py holds
+#: docker-compose.yml to the rest).
+TEST_ONLY = {
+    "offsets.topic.num.partitions": "fewer partitions of __consumer_offsets start sooner",
+    "transaction.state.log.num.partitions": "the same, for the transaction state log",
+    "group.min.session.timeout.ms": "the tests' workers use sessions of a few seconds",
+    "broker.session.timeout.ms": "a stopped node is noticed in 4 s, not 9",
+    "broker.heartbeat.interval.ms": "with the shorter broker session",
+}
+
 CLUSTER_SETTINGS = {
     **SETTINGS,
     "offsets.topic.replication.factor": "3",
