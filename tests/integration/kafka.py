@@ -132,7 +132,14 @@ async def _create_probe_topic(bootstrap: str) -> None:
 
 
 class KafkaBroker:
-    """A single-node Apache Kafka; ``with KafkaBroker(libs, log_path) as b: b.bootstrap``."""
+    """A single-node Apache Kafka; ``with KafkaBroker(libs, log_path) as b: b.bootstrap``.
+
+    ``port`` (default: a free one) is where it listens; ``advertised_port`` (default:
+    ``port``) is what it puts in metadata, so that every client connection can run through
+    a TCP proxy listening there (start the proxy first: the ready probe goes through it).
+    :meth:`kill` crashes it keeping its data; :meth:`restart` starts it again on the same
+    ports, with its data or (``wipe=True``) formatted afresh, a broker that lost its disk.
+    """
 
     kind = "kafka"
 
@@ -143,12 +150,17 @@ class KafkaBroker:
         *,
         settings: dict[str, str] | None = None,
         ready_timeout: float = 90.0,
+        port: int = 0,
+        advertised_port: int = 0,
     ) -> None:
         self.libs = libs
         self.log_path = log_path
         self.settings = {**SETTINGS, **(settings or {})}
         self.ready_timeout = ready_timeout
         self.port = 0
+        self._requested_port = port
+        self._advertised_port = advertised_port
+        self._data: Path | None = None
         self.ready_seconds = 0.0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -156,6 +168,11 @@ class KafkaBroker:
 
     @property
     def bootstrap(self) -> str:
+        return f"{_LOOPBACK}:{self._advertised_port or self.port}"
+
+    @property
+    def listen_bootstrap(self) -> str:
+        """Where the broker itself listens (past any proxy)."""
         return f"{_LOOPBACK}:{self.port}"
 
     @property
@@ -193,12 +210,12 @@ class KafkaBroker:
 
     def _start_once(self, work: Path, attempt: int) -> bool:
         assert self._log is not None
-        self.port, controller = _free_port(), _free_port()
-        data = work / f"data-{attempt}"
+        self.port, controller = self._requested_port or _free_port(), _free_port()
+        data = self._data = work / f"data-{attempt}"
         props = {
             **self.settings,
             "listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port},CONTROLLER://{_LOOPBACK}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port}",
+            "advertised.listeners": f"PLAINTEXT://{self.bootstrap}",
             "controller.quorum.voters": f"1@{_LOOPBACK}:{controller}",
             "log.dirs": str(data),
         }
@@ -212,6 +229,11 @@ class KafkaBroker:
         )
         if fmt.returncode != 0:
             raise KafkaStartError(f"kafka-storage format exited {fmt.returncode}:\n{self._tail()}")
+        return self._launch(config)
+
+    def _launch(self, config: Path) -> bool:
+        """Start the JVM on ``config``; True once ready, False if it exited first."""
+        assert self._log is not None
         self._proc = subprocess.Popen(
             self._java("kafka.Kafka", str(config)),
             stdout=self._log,
@@ -228,7 +250,7 @@ class KafkaBroker:
                 time.sleep(0.1)
                 continue
             try:
-                asyncio.run(_create_probe_topic(self.bootstrap))
+                asyncio.run(_create_probe_topic(self.listen_bootstrap))
             except Exception:  # noqa: BLE001 - no controller yet
                 time.sleep(0.2)
             else:
@@ -244,8 +266,34 @@ class KafkaBroker:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
+    def kill(self) -> None:
+        """SIGKILL the JVM (a crash); its data stays for :meth:`restart`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def restart(self, *, wipe: bool = False, timeout: float = 20.0) -> None:
+        """Stop the JVM (SIGTERM; nothing if killed already) and start it again on the same
+        ports.  ``wipe``: its data directory deleted and formatted afresh (a new cluster id),
+        a broker that lost its disk; else it comes back with every topic, offset and group."""
+        assert self._dir is not None and self._data is not None
+        self._halt(timeout)
+        config = Path(self._dir.name) / "server.properties"
+        if wipe:
+            shutil.rmtree(self._data)
+            fmt = subprocess.run(
+                self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c",
+                           str(config)),
+                stdout=self._log, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise KafkaStartError(f"kafka-storage format exited {fmt.returncode}")
+        started = time.monotonic()
+        if not self._launch(config):
+            raise KafkaStartError(f"Apache Kafka did not start again:\n{self._tail()}")
+        self.ready_seconds = time.monotonic() - started
+
+    def _halt(self, timeout: float) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
             try:
@@ -254,6 +302,10 @@ class KafkaBroker:
                 self._proc.kill()
                 self._proc.wait(10)
         self._proc = None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
+        self._halt(timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
