@@ -139,6 +139,9 @@ MAX_KEY_BYTES = 1024
 REJECTIONS_LOGGED_PER_BATCH = 5
 #: On stop, how long work in flight may take before it is abandoned (and replayed later).
 STOP_GRACE_S = 3.0
+#: A topic this worker had read from, missing from every metadata answer for this long,
+#: was deleted (or the broker lost its disk): the data meter read from it is gone.
+TOPIC_GONE_S = 5.0
 #: A batch's writes failing (and retried) for this long: /healthz says so.
 WRITES_FAILING_S = 15.0
 #: Input waiting but no batch processed for this long: /healthz says "not making progress".
@@ -377,6 +380,11 @@ class Worker:
         self.stats = stats or WorkerStats()
         #: (topic, partition) -> next offset to process
         self._positions: dict[tuple[str, int], int] = {}
+        #: Input topic -> the highest offset this worker has read from it, over its life
+        #: (kept across rebalances, unlike ``_positions``).
+        self._topics_read: dict[str, int] = {}
+        #: Topics of ``_topics_read`` the broker's metadata no longer lists, since when.
+        self._topics_missing: dict[str, float] = {}
         #: (topic, partition) -> the offset this worker last committed there
         self._committed: dict[tuple[str, int], int] = {}
         #: Called with each published record's event-to-total latency (seconds).
@@ -773,7 +781,12 @@ class Worker:
     # ------------------------------------------------------------------ ownership
 
     def _check_input_log(self) -> None:
-        """An input partition whose log end fell below what we read: the broker lost it."""
+        """An input partition whose log end fell below what we read, or an input topic we
+        read from that the broker no longer has: the broker lost it.
+
+        The embedded broker comes back from a restart with empty topics (it creates them
+        on demand); Apache Kafka on a fresh disk, or after the topics were deleted, with
+        none: every metadata answer then says the topic is unknown."""
         consumer = self._consumer
         if consumer is None:
             return
@@ -784,6 +797,21 @@ class Worker:
                 raise DataLostError(
                     f"{tp.topic}[{tp.partition}] ends at offset {hw}, below offset {pos} "
                     "this worker had read"
+                )
+        read = self._topics_read
+        for (topic, _), pos in self._positions.items():
+            if pos > read.get(topic, 0):
+                read[topic] = pos
+        now = time.monotonic()
+        for topic, pos in sorted(read.items()):
+            if consumer.partitions_for_topic(topic) is not None:
+                self._topics_missing.pop(topic, None)
+                continue
+            since = self._topics_missing.setdefault(topic, now)
+            if now - since >= TOPIC_GONE_S:
+                raise DataLostError(
+                    f"topic {topic} no longer exists on the broker (unknown to it for "
+                    f"{now - since:.0f} s); this worker had read it up to offset {pos}"
                 )
 
     async def _check_ownership(self) -> None:
