@@ -118,7 +118,11 @@ def _listening(port: int) -> bool:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random cluster id; never one starting with ``-`` (1 in 64), which the storage tool
+    takes for an option ("argument --cluster-id/-t: expected one argument")."""
+    while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())[0] == "-":
+        pass
+    return cid
 
 
 async def _create_probe_topic(bootstrap: str) -> None:
