@@ -22,9 +22,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import MessageSizeTooLargeError
 
 from meter.domain import Rater, load_ratecards
-from meter.kafka import KafkaSettings, TopicSpec, describe_partitions, ensure_topics
+from meter.kafka import KafkaSettings, TopicError, TopicSpec, describe_partitions, ensure_topics
 from meter.sim.fleet import generate
 from meter.stream.records import headers_dict
+from meter.stream.send import send_lines
 from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import (
     Names,
@@ -540,3 +541,16 @@ def test_meter_send_names_lines_too_large_and_sends_the_rest(
     assert "line 2 not sent: 200011 bytes, over --max-event-bytes 65536" in out.stderr
     assert f"sent 3 messages to {topic}" in out.stderr
     assert sorted(r.value for r in read_all(kafka_settings, topic)) == sorted(lines)  # type: ignore[attr-defined]
+
+
+@pytest.mark.brokers("kafka")  # the embedded broker creates any topic on demand
+def test_meter_send_to_a_topic_kafka_does_not_have_says_so(
+    kafka_settings: KafkaSettings, unique: str, is_tansu: bool
+) -> None:
+    """Before: after 40 s, ``meter: error: Kafka: [Error 3] UnknownTopicOrPartitionError``."""
+    if is_tansu:
+        pytest.skip("the embedded broker creates any topic on demand (METER_TEST_BROKERS)")
+    topic = f"jobs-{unique}"
+    with pytest.raises(TopicError, match=rf"topic {topic} does not exist on .*creates no topic"):
+        asyncio.run(send_lines(kafka_settings, topic, [b"{}"], request_timeout_ms=2000))
+    assert asyncio.run(describe_partitions(kafka_settings, [topic])) == {}
