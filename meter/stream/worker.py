@@ -760,6 +760,19 @@ class Worker:
             self._abandon()
             for home in self.homes.values():
                 home.fence("the worker halted")
+            self._quiet_readers()
+
+    def _quiet_readers(self) -> None:
+        """A halted worker reads nothing more: its clock watch stops, and the consumers
+        outside the group give up their partitions.  aiokafka keeps asking for the metadata
+        of an assigned partition whose topic the broker does not have, ~2,200 times a
+        second (measured on Apache Kafka 4.4.0), polled or not: after a broker lost its
+        data, a halted worker would hammer it until someone stopped the worker."""
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+        for consumer in (self._clock_reader, self._restore):
+            if consumer is not None:
+                consumer.unsubscribe()
 
     async def _step(self, work: Coroutine[Any, Any, None], stopper: asyncio.Future[Any]) -> None:
         """Run one unit of work under the lock; on stop, give it a moment, then cancel it.

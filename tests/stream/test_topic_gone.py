@@ -1,8 +1,11 @@
 """A worker whose input topic the broker no longer knows (Apache Kafka on a fresh disk, or
 the topic deleted) halts as for any data loss, also after a rebalance took its partitions;
-a topic unknown for less than ``TOPIC_GONE_S``, or one it never read from, does not."""
+a topic unknown for less than ``TOPIC_GONE_S``, or one it never read from, does not.  A
+halted worker's readers outside the group give up their partitions."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from aiokafka.structs import TopicPartition
@@ -73,3 +76,26 @@ def test_a_topic_back_within_the_bound_or_never_read_is_no_loss() -> None:
     consumer.known = set()
     w._check_input_log()
     assert set(w._topics_missing) == {JOBS}  # by-tenant was never read: not watched
+
+
+class Reader:
+    def __init__(self) -> None:
+        self.assigned = True
+
+    def unsubscribe(self) -> None:
+        self.assigned = False
+
+
+def test_a_halted_worker_stops_its_clock_watch_and_its_readers_give_up_their_partitions() -> None:
+    async def run() -> None:
+        w, _ = _worker()
+        clock, restore = Reader(), Reader()
+        w._clock_reader, w._restore = clock, restore  # type: ignore[assignment]
+        w._clock_task = asyncio.create_task(asyncio.sleep(3600))
+        w._data_lost(DataLostError("topic jobs no longer exists on the broker"))
+        assert w.halted.startswith("the broker lost data")
+        assert not clock.assigned and not restore.assigned
+        with pytest.raises(asyncio.CancelledError):
+            await w._clock_task
+
+    asyncio.run(run())
