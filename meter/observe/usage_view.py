@@ -178,6 +178,10 @@ class UsageView:
                 )
                 await consumer.start()
                 tps = [TopicPartition(t, p) for t in topics for p in range(counts.get(t, 0))]
+                # Apache Kafka lists a new topic before its leader serves it; aiokafka's
+                # ListOffsets waits for that quietly, a fetch position reset logs an ERROR
+                # (the view starts as the worker creates the topics).
+                await consumer.beginning_offsets(tps)
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
                 while not stop.is_set():

@@ -11,10 +11,11 @@ from typing import Final
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from meter.domain import Event, parse
 from meter.domain.event import DEFAULT_MAX_EVENT_BYTES
-from meter.kafka import KafkaSettings, start_client
+from meter.kafka import KafkaSettings, TopicError, start_client
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ async def send_lines(
     window: int = 5_000,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     mode: str = "structured",
+    request_timeout_ms: int = 40_000,
 ) -> int:
     """Produce every non-blank line; return how many.  Waits for every ack.
+
+    A topic the broker does not have is waited for up to ``request_timeout_ms`` (a worker
+    may be creating it), then :class:`TopicError`: Apache Kafka as production runs it
+    creates no topic on demand, and neither does this.
 
     A line is keyed by its tenant when it is an event of at most
     ``max_event_bytes`` that the meter accepts (see :func:`tenant_key`).  In
@@ -99,6 +105,7 @@ async def send_lines(
         enable_idempotence=idempotence,
         linger_ms=10,
         max_batch_size=1024 * 1024,
+        request_timeout_ms=request_timeout_ms,
     )
     await start_client(producer, settings)  # a producer that cannot start is stopped
     sent = 0
@@ -112,7 +119,14 @@ async def send_lines(
             headers = None
             if binary and key is not None and (message := binary_message(value)) is not None:
                 value, headers = message
-            pending.append(await producer.send(topic, value, key=key, headers=headers))
+            try:
+                pending.append(await producer.send(topic, value, key=key, headers=headers))
+            except UnknownTopicOrPartitionError as exc:
+                raise TopicError(
+                    f"topic {topic} does not exist on {settings.bootstrap} (waited "
+                    f"{request_timeout_ms / 1000:.0f} s for it); meter send creates no topic: "
+                    "start `meter worker` first (it creates the topics it reads), or create it"
+                ) from exc
             sent += 1
             if len(pending) >= window:
                 await asyncio.gather(*pending)

@@ -18,10 +18,12 @@ from typing import Any
 
 import orjson
 
+from meter.broker import EmbeddedBroker
 from meter.domain import Rater, UsageRow, load_ratecards
 from meter.kafka import KafkaSettings, read_to_end
 from meter.stream.send import send_lines
 from meter.stream.usage import fold, read_corrections, read_usage, usage_rows
+from tests.integration.kafka import KafkaBroker
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -380,3 +382,26 @@ def group_state(bootstrap: str, group: str) -> tuple[str, list[str]]:
             await admin.close()
 
     return asyncio.run(describe())
+
+
+def own_broker(
+    like: object, tag: str, *, port: int = 0, advertised_port: int = 0
+) -> EmbeddedBroker | KafkaBroker:
+    """A broker of ``like``'s kind (the test's ``broker``) for one test to stop, kill or
+    restart; not started.  ``port``/``advertised_port`` as :class:`EmbeddedBroker` takes them
+    (advertise a proxy's port to run every connection through it)."""
+    if isinstance(like, KafkaBroker):
+        log = ARTIFACTS / f"kafka-{tag}.log"
+        return KafkaBroker(like.libs, log, port=port, advertised_port=advertised_port)
+    return EmbeddedBroker(port, advertised_port=advertised_port or None)
+
+
+def restarted_empty(broker: EmbeddedBroker | KafkaBroker) -> EmbeddedBroker | KafkaBroker:
+    """``broker`` restarted on its port with nothing: the embedded broker's every restart
+    (memory only), Apache Kafka's restart on a fresh disk (formatted anew, new cluster id)."""
+    if isinstance(broker, KafkaBroker):
+        broker.restart(wipe=True)
+        return broker
+    port = broker.port
+    broker.stop()
+    return EmbeddedBroker(port).start()

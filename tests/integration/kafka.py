@@ -242,7 +242,11 @@ def listening(port: int, host: str = _LOOPBACK) -> bool:
 
 
 def cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random cluster id; never one starting with ``-`` (1 in 64), which the storage tool
+    takes for an option ("argument --cluster-id/-t: expected one argument")."""
+    while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())[0] == "-":
+        pass
+    return cid
 
 
 async def create_probe_topic(bootstrap: str, replicas: int = 1) -> None:
@@ -332,7 +336,14 @@ def log_tail(path: Path) -> str:
 
 
 class KafkaBroker:
-    """A single-node Apache Kafka; ``with KafkaBroker(libs, log_path) as b: b.bootstrap``."""
+    """A single-node Apache Kafka; ``with KafkaBroker(libs, log_path) as b: b.bootstrap``.
+
+    ``port`` (default: a free one) is where it listens; ``advertised_port`` (default:
+    ``port``) is what it puts in metadata, so that every client connection can run through
+    a TCP proxy listening there (start the proxy first: the ready probe goes through it).
+    :meth:`kill` crashes it keeping its data; :meth:`restart` starts it again on the same
+    ports, with its data or (``wipe=True``) formatted afresh, a broker that lost its disk.
+    """
 
     kind = "kafka"
 
@@ -344,6 +355,8 @@ class KafkaBroker:
         settings: dict[str, str] | None = None,
         security: Security | None = None,
         ready_timeout: float = 90.0,
+        port: int = 0,
+        advertised_port: int = 0,
     ) -> None:
         self.libs = libs
         self.security = security
@@ -356,6 +369,11 @@ class KafkaBroker:
         self.settings = {**SETTINGS, **(settings or {})}
         self.ready_timeout = ready_timeout
         self.port = 0
+        self._requested_port = port
+        self._advertised_port = advertised_port
+        self._data: Path | None = None
+        #: --add-scram arguments of the storage format (a secured node's users)
+        self._scram: list[str] = []
         self.ready_seconds = 0.0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -363,6 +381,11 @@ class KafkaBroker:
 
     @property
     def bootstrap(self) -> str:
+        return f"{_LOOPBACK}:{self._advertised_port or self.port}"
+
+    @property
+    def listen_bootstrap(self) -> str:
+        """Where the broker itself listens (past any proxy)."""
         return f"{_LOOPBACK}:{self.port}"
 
     @property
@@ -402,12 +425,12 @@ class KafkaBroker:
 
     def _start_once(self, work: Path, attempt: int) -> bool:
         assert self._log is not None
-        self.port, controller = free_port(), free_port()
-        data = work / f"data-{attempt}"
+        self.port, controller = self._requested_port or free_port(), free_port()
+        data = self._data = work / f"data-{attempt}"
         props = {
             **self.settings,
             "listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port},CONTROLLER://{_LOOPBACK}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port}",
+            "advertised.listeners": f"PLAINTEXT://{self.bootstrap}",
             "controller.quorum.voters": f"1@{_LOOPBACK}:{controller}",
             "log.dirs": str(data),
         }
@@ -418,12 +441,18 @@ class KafkaBroker:
             for name, password in users.items():
                 for mechanism in SCRAM:
                     scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
+        self._scram = scram
         config = write_config(work / "server.properties", props)
         try:
             format_storage(self.libs, work, config, cluster_id(), self._log, *scram)
         except KafkaStartError as exc:
             raise KafkaStartError(f"{exc}:\n{self._tail()}") from None
-        self._proc = launch(self.libs, work, config, self._log)
+        return self._launch(config)
+
+    def _launch(self, config: Path) -> bool:
+        """Start the JVM on ``config``; True once ready, False if it exited first."""
+        assert self._log is not None and self._dir is not None
+        self._proc = launch(self.libs, Path(self._dir.name), config, self._log)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -482,10 +511,35 @@ class KafkaBroker:
     def _tail(self) -> str:
         return log_tail(self.log_path)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
+    def kill(self) -> None:
+        """SIGKILL the JVM (a crash); its data stays for :meth:`restart`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def restart(self, *, wipe: bool = False, timeout: float = 20.0) -> None:
+        """Stop the JVM (SIGTERM; nothing if killed already) and start it again on the same
+        ports.  ``wipe``: its data directory deleted and formatted afresh (a new cluster id),
+        a broker that lost its disk; else it comes back with every topic, offset and group."""
+        assert self._dir is not None and self._data is not None and self._log is not None
+        self._halt(timeout)
+        work = Path(self._dir.name)
+        config = work / "server.properties"
+        if wipe:
+            shutil.rmtree(self._data)
+            format_storage(self.libs, work, config, cluster_id(), self._log, *self._scram)
+        started = time.monotonic()
+        if not self._launch(config):
+            raise KafkaStartError(f"Apache Kafka did not start again:\n{self._tail()}")
+        self.ready_seconds = time.monotonic() - started
+
+    def _halt(self, timeout: float) -> None:
         stop_process(self._proc, timeout)
         self._proc = None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a controlled shutdown), SIGKILL if it is not gone within ``timeout``."""
+        self._halt(timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -32,7 +32,7 @@ from meter.stream.send import tenant_key
 from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import TEST_NOW, Names, WorkerProcess, send, wait_for_usage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 #: librdkafka's default session timeout is 45 s, and the embedded broker holds a group
 #: join for half the session timeout: the worker's 6 s keeps the join at 3 s.

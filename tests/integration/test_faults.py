@@ -17,23 +17,29 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import MessageSizeTooLargeError
 
-from meter.broker import EmbeddedBroker
 from meter.domain import Rater, load_ratecards
-from meter.kafka import KafkaSettings
+from meter.kafka import KafkaSettings, TopicError, TopicSpec, describe_partitions, ensure_topics
 from meter.sim.fleet import generate
 from meter.stream.records import headers_dict
+from meter.stream.send import send_lines
+from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import (
     Names,
     WorkerProcess,
     expected_usage,
+    own_broker,
     read_all,
+    restarted_empty,
     revision_faults,
     send,
     wait_for_usage,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 #: The harness runs workers with a 6 s session timeout; a pause of this long outlives it.
 PAUSE_S = 9.0
@@ -173,6 +179,18 @@ async def _group_offsets(bootstrap: str, group: str, topic: str) -> dict[int, in
         await consumer.stop()
 
 
+def _nothing_committed(bootstrap: str, names: Names) -> None:
+    """No offset committed into the empty broker (none at all where the topic is gone)."""
+    offsets = asyncio.run(_group_offsets(bootstrap, names.group, names.jobs))
+    assert all(o is None for o in offsets.values()), offsets
+
+
+def _topics_gone(bootstrap: str, names: Names) -> bool:
+    """Apache Kafka on a fresh disk has none of meter's topics (the embedded broker makes
+    any on demand); a running worker must halt, not create them again and start over."""
+    return asyncio.run(describe_partitions(KafkaSettings(bootstrap), [names.jobs])) == {}
+
+
 def _halted_for_lost_data(worker: WorkerProcess) -> dict[str, object]:
     """The worker says the broker lost data, is not ready, shows ``data_lost``, and stays up
     (halted, not exited) for 3 s more; returns its /healthz body."""
@@ -185,37 +203,38 @@ def _halted_for_lost_data(worker: WorkerProcess) -> dict[str, object]:
     return body
 
 
-def test_a_broker_that_lost_its_data_halts_the_worker(unique: str) -> None:
-    """Restart the memory-only broker under a running worker: everything it held is gone.
-    The worker must notice, turn not ready with the reason, log one ERROR, and neither
-    process nor commit into the empty broker."""
+def test_a_broker_that_lost_its_data_halts_the_worker(
+    broker: BrokerHandle, unique: str, is_tansu: bool
+) -> None:
+    """Restart the broker under a running worker with everything it held gone (the
+    memory-only broker's every restart; Apache Kafka on a fresh disk).  The worker must
+    notice, turn not ready with the reason, log one ERROR, and neither process nor commit
+    into the empty broker."""
     names = Names(unique)
     lines = list(generate(4000, seed=91, tenants=20, workloads=30))
-    broker = EmbeddedBroker().start()
-    port = broker.port
-    worker = WorkerProcess(broker.bootstrap, names, "lost")
+    lost = own_broker(broker, unique).start()
+    worker = WorkerProcess(lost.bootstrap, names, "lost")
     try:
-        settings = KafkaSettings(bootstrap=broker.bootstrap)
+        settings = KafkaSettings(bootstrap=lost.bootstrap)
         worker.wait_for_log("took home partitions")
         send(settings, names.jobs, lines)
         wait_for_usage(settings, names.usage, expected_usage(lines), workers=[worker])
         assert worker.health()[0] == 200
-        broker.stop()
-        broker = EmbeddedBroker(port).start()
-        # Job systems carry on sending into the new, empty broker.
-        send(settings, names.jobs, lines[:500])
+        lost = restarted_empty(lost)
+        if is_tansu:  # job systems carry on sending into the new, empty broker
+            send(settings, names.jobs, lines[:500])  # (Kafka here creates no topic on demand)
         body = _halted_for_lost_data(worker)
         assert "lost data" in str(body["reason"])
         # Nothing was committed into the void.
-        offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
-        assert all(o is None for o in offsets.values()), offsets
+        _nothing_committed(lost.bootstrap, names)
+        assert is_tansu or _topics_gone(lost.bootstrap, names)
         log = worker.log()
         assert log.count(" ERROR meter.stream.worker: the broker lost data") == 1, log
         assert "Traceback" not in log
     finally:
         worker.terminate()
         worker.close()
-        broker.stop()
+        lost.stop()
 
 
 def _saved_checkpoints(state: Path) -> dict[str, bytes]:
@@ -236,7 +255,7 @@ def _offsets(saved: dict[str, bytes]) -> list[int]:
 
 
 def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_restart(
-    unique: str, tmp_path: Path
+    broker: BrokerHandle, unique: str, tmp_path: Path, is_tansu: bool
 ) -> None:
     """The fault above with ``--state-dir`` and a checkpoint every second.  The running worker
     halts as without local state, and saves nothing after the loss, not even at its stop.
@@ -248,10 +267,9 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
     state = tmp_path / "state"
     names.extra = ["--state-dir", str(state), "--checkpoint-interval", "1"]
     lines = list(generate(4000, seed=92, tenants=20, workloads=30))
-    broker = EmbeddedBroker().start()
-    port = broker.port
-    settings = KafkaSettings(bootstrap=broker.bootstrap)
-    worker = WorkerProcess(broker.bootstrap, names, "lost")
+    lost = own_broker(broker, unique).start()
+    settings = KafkaSettings(bootstrap=lost.bootstrap)
+    worker = WorkerProcess(lost.bootstrap, names, "lost")
     again: WorkerProcess | None = None
     try:
         worker.wait_for_log("took home partitions")
@@ -265,12 +283,13 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
                 break
             assert time.monotonic() < deadline, (saved, worker.log()[-3000:])
             time.sleep(1.5)
-        broker.stop()
-        broker = EmbeddedBroker(port).start()
-        send(settings, names.jobs, lines[:500])
+        lost = restarted_empty(lost)
+        if is_tansu:
+            send(settings, names.jobs, lines[:500])
 
         # The running worker.
         _halted_for_lost_data(worker)
+        assert is_tansu or _topics_gone(lost.bootstrap, names)
         assert _saved_checkpoints(state) == saved
         assert worker.terminate() == 0, worker.log()  # a halted worker stops when told to ...
         assert _saved_checkpoints(state) == saved  # ... without saving its state
@@ -279,11 +298,10 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
         assert "Traceback" not in log
 
         # Its restart from the same state directory, against the broker that lost everything.
-        again = WorkerProcess(broker.bootstrap, names, "lost-again")
+        again = WorkerProcess(lost.bootstrap, names, "lost-again")
         body = _halted_for_lost_data(again)
         assert "past the changelog's end" in str(body["reason"]), body
-        offsets = asyncio.run(_group_offsets(broker.bootstrap, names.group, names.jobs))
-        assert all(o is None for o in offsets.values()), offsets
+        _nothing_committed(lost.bootstrap, names)
         log = again.log()
         errors = [ln for ln in log.splitlines() if " ERROR " in ln]
         assert len(errors) == 1, log
@@ -300,7 +318,7 @@ def test_a_broker_that_lost_its_data_halts_a_worker_with_local_state_and_its_res
         worker.close()
         if again is not None:
             again.close()
-        broker.stop()
+        lost.stop()
 
 
 INJECT = """
@@ -361,8 +379,29 @@ async def _send_big(settings: KafkaSettings, topic: str, values: list[tuple[byte
         await producer.stop()
 
 
+async def _max_message_bytes(settings: KafkaSettings, topic: str, limit: int) -> None:
+    admin = AIOKafkaAdminClient(**settings.client_kwargs())
+    await admin.start()
+    try:
+        resource = ConfigResource(
+            ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(limit)}
+        )
+        await admin.alter_configs([resource])
+    finally:
+        await admin.close()
+
+
+def _allow_big_records(settings: KafkaSettings, topic: str, is_tansu: bool) -> None:
+    """Apache Kafka refuses a record over the topic's ``max.message.bytes`` (default
+    1048588: 1 MiB and a batch header) at produce time, so a job system cannot put one on
+    ``meter.jobs``; the test raises the limit to 32 MiB, as an operator who allows big
+    messages would.  The embedded broker takes any size."""
+    if not is_tansu:
+        asyncio.run(_max_message_bytes(settings, topic, 32 * 1024 * 1024))
+
+
 def test_oversized_records_are_dead_lettered_bounded_and_nothing_stalls(
-    kafka_settings: KafkaSettings, unique: str
+    kafka_settings: KafkaSettings, unique: str, is_tansu: bool
 ) -> None:
     """A 5 MB event with a bad time, a 9 MB valid unkeyed event and 9 MB of garbage:
     each is rejected as too_large with a bounded dead letter; every tenant's usage flows."""
@@ -375,6 +414,10 @@ def test_oversized_records_are_dead_lettered_bounded_and_nothing_stalls(
     worker = WorkerProcess(kafka_settings.bootstrap, names, "big")
     try:
         worker.wait_for_log("took home partitions")
+        if not is_tansu:  # measured: Kafka's default limit refuses it at produce time
+            with pytest.raises(MessageSizeTooLargeError):
+                asyncio.run(_send_big(kafka_settings, names.jobs, [(b"t", b"z" * 1_100_000)]))
+        _allow_big_records(kafka_settings, names.jobs, is_tansu)
         send(kafka_settings, names.jobs, lines[:1000])
         asyncio.run(
             _send_big(
@@ -401,7 +444,7 @@ def test_oversized_records_are_dead_lettered_bounded_and_nothing_stalls(
 
 
 def test_a_write_that_can_never_succeed_halts_with_one_clear_error(
-    kafka_settings: KafkaSettings, unique: str
+    kafka_settings: KafkaSettings, unique: str, is_tansu: bool
 ) -> None:
     """Dead letters allowed bigger than the producer may send (a misconfiguration): the
     worker names the record, turns not ready and stops, instead of retrying for ever."""
@@ -412,6 +455,7 @@ def test_a_write_that_can_never_succeed_halts_with_one_clear_error(
     )
     try:
         worker.wait_for_log("took home partitions")
+        _allow_big_records(kafka_settings, names.jobs, is_tansu)
         send(kafka_settings, names.jobs, lines)
         asyncio.run(_send_big(kafka_settings, names.jobs, [(b"x", b"z" * 9_000_000)]))
         worker.wait_for_log("a write can never succeed", timeout=60)
@@ -479,13 +523,15 @@ def test_mutated_events_reach_exactly_one_outcome(
 
 
 def test_meter_send_names_lines_too_large_and_sends_the_rest(
-    kafka_settings: KafkaSettings, unique: str, tmp_path: Path
+    kafka_settings: KafkaSettings, unique: str, tmp_path: Path, is_tansu: bool
 ) -> None:
     lines = list(generate(3, seed=101, tenants=2, workloads=2))
     big = b'{"pad": "' + b"p" * 200_000 + b'"}'
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join([lines[0], big, lines[1], lines[2]]) + b"\n")
     topic = f"jobs-{unique}"
+    if not is_tansu:  # Kafka here creates no topic on demand (meter send waits 40 s, fails)
+        asyncio.run(ensure_topics(kafka_settings, [TopicSpec(topic, 4)]))
     out = subprocess.run(
         [sys.executable, "-m", "meter", "send", str(path), "--broker", kafka_settings.bootstrap,
          "--topic", topic],
@@ -495,3 +541,16 @@ def test_meter_send_names_lines_too_large_and_sends_the_rest(
     assert "line 2 not sent: 200011 bytes, over --max-event-bytes 65536" in out.stderr
     assert f"sent 3 messages to {topic}" in out.stderr
     assert sorted(r.value for r in read_all(kafka_settings, topic)) == sorted(lines)  # type: ignore[attr-defined]
+
+
+@pytest.mark.brokers("kafka")  # the embedded broker creates any topic on demand
+def test_meter_send_to_a_topic_kafka_does_not_have_says_so(
+    kafka_settings: KafkaSettings, unique: str, is_tansu: bool
+) -> None:
+    """Before: after 40 s, ``meter: error: Kafka: [Error 3] UnknownTopicOrPartitionError``."""
+    if is_tansu:
+        pytest.skip("the embedded broker creates any topic on demand (METER_TEST_BROKERS)")
+    topic = f"jobs-{unique}"
+    with pytest.raises(TopicError, match=rf"topic {topic} does not exist on .*creates no topic"):
+        asyncio.run(send_lines(kafka_settings, topic, [b"{}"], request_timeout_ms=2000))
+    assert asyncio.run(describe_partitions(kafka_settings, [topic])) == {}

@@ -1,4 +1,8 @@
-"""The broker unreachable at start, or for a while: log, retry, never crash, lose nothing."""
+"""The broker unreachable at start, or for a while: log, retry, never crash, lose nothing.
+
+Each test starts a broker of its own, of the kind its ``broker`` parameter names (the
+shared one is left alone): the embedded broker, or an Apache Kafka node that
+``tests/integration/kafka.py`` starts on the port the test chose."""
 
 from __future__ import annotations
 
@@ -6,16 +10,26 @@ import time
 
 import pytest
 
-from meter.broker import EmbeddedBroker
 from meter.kafka import KafkaSettings
 from meter.sim.fleet import generate
-from tests.integration.harness import Names, WorkerProcess, expected_usage, send, wait_for_usage
+from tests.integration.conftest import BrokerHandle
+from tests.integration.harness import (
+    Names,
+    WorkerProcess,
+    expected_usage,
+    own_broker,
+    read_all,
+    revision_faults,
+    send,
+    wait_for_usage,
+)
+from tests.integration.kafka import KafkaBroker
 from tests.integration.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 
-def test_broker_unreachable_at_start(unique: str) -> None:
+def test_broker_unreachable_at_start(broker: BrokerHandle, unique: str) -> None:
     port = TcpProxy.reserve_port()
     names = Names(unique)
     worker = WorkerProcess(f"127.0.0.1:{port}", names, "early")
@@ -28,8 +42,8 @@ def test_broker_unreachable_at_start(unique: str) -> None:
         assert 2 <= retries <= 6, log
         assert f"broker 127.0.0.1:{port} not usable yet" in log
         assert "Traceback" not in log
-        with EmbeddedBroker(port) as broker:
-            settings = KafkaSettings(bootstrap=broker.bootstrap)
+        with own_broker(broker, unique, port=port) as late:
+            settings = KafkaSettings(bootstrap=late.bootstrap)
             lines = list(generate(3000, seed=31, tenants=20, workloads=10))
             send(settings, names.jobs, lines)
             wait_for_usage(settings, names.usage, expected_usage(lines), workers=[worker])
@@ -38,16 +52,16 @@ def test_broker_unreachable_at_start(unique: str) -> None:
         worker.close()
 
 
-def test_broker_unreachable_for_a_while(unique: str) -> None:
-    proxy_port = TcpProxy.reserve_port()
+def test_broker_unreachable_for_a_while(broker: BrokerHandle, unique: str) -> None:
+    proxy_port, port = TcpProxy.reserve_port(), TcpProxy.reserve_port()
     names = Names(unique)
     lines = list(generate(8000, seed=41, tenants=30, workloads=15))
     with (
-        EmbeddedBroker(advertised_port=proxy_port) as broker,
-        TcpProxy(broker.port, listen_port=proxy_port) as proxy,
+        TcpProxy(port, listen_port=proxy_port) as proxy,  # connects to the broker on demand
+        own_broker(broker, unique, port=port, advertised_port=proxy_port) as behind,
     ):
-        settings = KafkaSettings(bootstrap=broker.bootstrap)
-        worker = WorkerProcess(broker.bootstrap, names, "outage")
+        settings = KafkaSettings(bootstrap=behind.bootstrap)
+        worker = WorkerProcess(behind.bootstrap, names, "outage")
         try:
             worker.wait_for_log("took home partitions")
             send(settings, names.jobs, lines[:4000])
@@ -64,17 +78,18 @@ def test_broker_unreachable_for_a_while(unique: str) -> None:
     assert proxy.connections_dropped >= 1
 
 
-def test_stops_promptly_when_the_broker_is_gone(unique: str) -> None:
-    """A broker restart loses everything; SIGTERM must still stop the worker quickly."""
+def test_stops_promptly_when_the_broker_is_gone(broker: BrokerHandle, unique: str) -> None:
+    """The broker crashes (SIGKILL) under a running worker; SIGTERM must still stop the worker
+    quickly."""
     names = Names(unique)
-    broker = EmbeddedBroker().start()
-    worker = WorkerProcess(broker.bootstrap, names, "orphan")
+    gone = own_broker(broker, unique).start()
+    worker = WorkerProcess(gone.bootstrap, names, "orphan")
     try:
         worker.wait_for_log("took home partitions")
-        settings = KafkaSettings(bootstrap=broker.bootstrap)
+        settings = KafkaSettings(bootstrap=gone.bootstrap)
         send(settings, names.jobs, list(generate(500, seed=51, tenants=5, workloads=5)))
         time.sleep(1)
-        broker.kill()
+        gone.kill()
         time.sleep(2)
         started = time.monotonic()
         code = worker.terminate(timeout=40)
@@ -83,4 +98,36 @@ def test_stops_promptly_when_the_broker_is_gone(unique: str) -> None:
         assert took < 20, f"took {took:.1f}s to stop\n{worker.log()}"
     finally:
         worker.close()
-        broker.stop()
+        gone.stop()
+
+
+@pytest.mark.brokers("kafka")  # the embedded broker keeps nothing across a restart: test_faults
+def test_a_broker_crash_and_restart_with_its_data_loses_nothing(
+    broker: BrokerHandle, unique: str, is_tansu: bool
+) -> None:
+    """Apache Kafka SIGKILLed under a running worker and started again on its data (a crash,
+    then the node back): the worker rides it out, sees no data lost, and the report equals
+    `meter rate` over every event; over the whole usage topic no revision goes down."""
+    if is_tansu:
+        pytest.skip("the embedded broker keeps nothing across a restart (METER_TEST_BROKERS)")
+    names = Names(unique)
+    lines = list(generate(8000, seed=43, tenants=30, workloads=15))
+    with own_broker(broker, unique) as kafka:
+        assert isinstance(kafka, KafkaBroker)
+        settings = KafkaSettings(bootstrap=kafka.bootstrap)
+        worker = WorkerProcess(kafka.bootstrap, names, "crash")
+        try:
+            worker.wait_for_log("took home partitions")
+            send(settings, names.jobs, lines[:4000])
+            wait_for_usage(settings, names.usage, expected_usage(lines[:4000]), workers=[worker])
+            kafka.kill()
+            kafka.restart()
+            send(settings, names.jobs, lines[4000:])
+            wait_for_usage(settings, names.usage, expected_usage(lines), workers=[worker])
+            assert revision_faults(read_all(settings, names.usage)) == []
+            assert worker.health()[0] == 200
+            log = worker.log()
+            assert "lost data" not in log and "Traceback" not in log, log
+            assert worker.terminate() == 0, worker.log()
+        finally:
+            worker.close()

@@ -39,7 +39,7 @@ from tests.integration.harness import (
     wait_for_usage,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 #: Quiet while a healthy worker has just metered a fleet (MeterLatencyHigh depends on the
 #: machine's speed, so its result is only required to evaluate).

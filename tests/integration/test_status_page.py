@@ -1,4 +1,6 @@
-"""The status page in a real headless browser, against ``meter run`` as a user starts it.
+"""The status page in a real headless browser, against ``meter run`` as a user starts it:
+with the embedded broker it starts, and with ``--broker`` on an Apache Kafka node of the
+test's own (``meter run`` uses the default topics and group).
 
 Debian's chromium (``/usr/bin/chromium``) driven by Playwright (its own browser download
 is not used).  The page must show exactly what ``meter rate`` computes over the same
@@ -37,9 +39,11 @@ from meter.kafka import KafkaSettings
 from meter.observe.http import build_app, serve
 from meter.observe.usage_view import UsageView
 from meter.sim.fleet import generate
-from tests.integration.harness import TEST_NOW, pinned_clock
+from tests.integration.conftest import BrokerHandle
+from tests.integration.harness import TEST_NOW, own_broker, pinned_clock
+from tests.integration.kafka import KafkaBroker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.brokers("tansu", "kafka")]
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -95,14 +99,16 @@ def rated(path: Path, month: str) -> dict[str, Any]:
 
 
 class MeterRun:
-    """``meter run`` (embedded broker, worker, status page) as a child process."""
+    """``meter run`` (embedded broker, worker, status page) as a child process; with
+    ``broker``, ``meter run --broker BROKER`` (no embedded broker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: str | None = None) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / "status-page-meter-run.log"
         self._log = self.log_path.open("wb")
+        given = ["--broker", broker] if broker else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meter", "run", "--http-port", "0",
+            [sys.executable, "-m", "meter", "run", "--http-port", "0", *given,
              "--session-timeout-ms", "6000", *pinned_clock([]), *ANY_TIME],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -110,7 +116,7 @@ class MeterRun:
                  if k != "METER_BROKER"},
             cwd=ROOT,
         )  # fmt: skip
-        self.broker = self._wait_for(BROKER_LINE)
+        self.broker = broker or self._wait_for(BROKER_LINE)
         self.url = self._wait_for(PAGE_LINE)
 
     def log(self) -> str:
@@ -297,8 +303,21 @@ def fleet(path: Path, n: int, seed: int, month: str, tenants: int) -> Path:
     return path
 
 
+@pytest.fixture
+def kafka_of_its_own(broker: BrokerHandle, unique: str) -> Iterator[KafkaBroker | None]:
+    """An Apache Kafka node for ``meter run --broker`` when ``broker`` is Kafka; else None
+    (``meter run`` starts the embedded broker).  Request it before ``browser``: Playwright
+    runs an event loop in this thread, and the broker's ready probe is ``asyncio.run``."""
+    if not isinstance(broker, KafkaBroker):
+        yield None
+        return
+    with own_broker(broker, unique) as kafka:
+        assert isinstance(kafka, KafkaBroker)
+        yield kafka
+
+
 def test_status_page_shows_what_meter_rate_computes_and_updates_live(
-    browser: Any, tmp_path: Path
+    kafka_of_its_own: KafkaBroker | None, browser: Any, tmp_path: Path
 ) -> None:
     this, following = this_and_next_month()
     # The simulated fleet includes duplicates, failed sessions, license changes, bad lines.
@@ -316,7 +335,8 @@ def test_status_page_shows_what_meter_rate_computes_and_updates_live(
     assert want_after["points"] > want_this["points"]  # the second batch must show
     assert len(want_after["tenants"]) > len(want_this["tenants"])  # with new tenants
 
-    meter = MeterRun()
+    kafka = kafka_of_its_own
+    meter = MeterRun(kafka.bootstrap if kafka else None)
     try:
         meter.wait_ready()
         page = browser.new_page(viewport={"width": 1360, "height": 900})
