@@ -155,6 +155,12 @@ REPUBLISH_S = 5.0
 #: A topic this worker had read from, missing from every metadata answer for this long,
 #: was deleted (or the broker lost its disk): the data meter read from it is gone.
 TOPIC_GONE_S = 5.0
+#: How old the consumer's view of partition leaders may get.  aiokafka retries a
+#: ListOffsets answered NotLeaderForPartition against the leader it has cached without
+#: asking for metadata: after a paused Apache Kafka broker came back, a worker resetting
+#: a partition's position asked the old leader ~10 times a second for over a minute
+#: (its default refresh is every 5 minutes).  One small Metadata request every 10 s.
+METADATA_MAX_AGE_MS = 10_000
 #: A batch's writes failing (and retried) for this long: /healthz says so.
 WRITES_FAILING_S = 15.0
 #: Input waiting but no batch processed for this long: /healthz says "not making progress".
@@ -628,6 +634,7 @@ class Worker:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_wait_ms=100,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
         )
         await start_client(self._consumer, self.settings)
         watch_heartbeats(self._consumer, self.lease)

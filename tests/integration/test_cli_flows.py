@@ -44,15 +44,17 @@ def meter(*args: str) -> list[str]:
     return [sys.executable, "-m", "meter", *args, *clock]
 
 
-def _meter_broker(port: int, log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """``meter broker --port PORT``, once it listens."""
+def _meter_broker(
+    port: int, log: IO[bytes], path: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``meter broker --port PORT``, once it listens (its stderr to ``log``, at ``path``)."""
     broker = subprocess.Popen(meter("broker", "--port", str(port)), stderr=log, env=env)
     deadline = time.monotonic() + 20
-    while b"listening on" not in (ARTIFACTS / "cli-broker.log").read_bytes():
+    while b"listening on" not in path.read_bytes():
         assert time.monotonic() < deadline, "broker did not start"
         assert broker.poll() is None
         time.sleep(0.1)
-    assert b"MEMORY ONLY" in (ARTIFACTS / "cli-broker.log").read_bytes()
+    assert b"MEMORY ONLY" in path.read_bytes()
     return broker
 
 
@@ -62,12 +64,12 @@ def test_broker_worker_send_report(broker: BrokerHandle, unique: str) -> None:
     bootstrap = f"127.0.0.1:{port}"
     ARTIFACTS.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with (
-        (ARTIFACTS / "cli-broker.log").open("wb") as blog,
-        (ARTIFACTS / "cli-worker.log").open("wb") as wlog,
-    ):
+    # One pair of logs per run: the two brokers' runs may go at once (pytest-xdist).
+    broker_log = ARTIFACTS / f"cli-broker-{unique}.log"
+    worker_log = ARTIFACTS / f"cli-worker-{unique}.log"
+    with broker_log.open("wb") as blog, worker_log.open("wb") as wlog:
         kafka = own_broker(broker, unique, port=port).start() if is_kafka else None
-        process = None if is_kafka else _meter_broker(port, blog, env)
+        process = None if is_kafka else _meter_broker(port, blog, broker_log, env)
         worker = None
         try:
             worker = subprocess.Popen(
@@ -99,11 +101,12 @@ def test_broker_worker_send_report(broker: BrokerHandle, unique: str) -> None:
                 time.sleep(0.5)
             assert rows == want
             # The worker serves the status page too, with the same figures per month.
-            page = wait_for_line(ARTIFACTS / "cli-worker.log", r"status page on (http://\S+/)")
+            page = wait_for_line(worker_log, r"status page on (http://\S+/)")
             with urllib.request.urlopen(page, timeout=5) as resp:
                 assert resp.headers["Content-Type"].startswith("text/html")
             for month in sorted({r["month"] for r in want}):
-                assert api_usage(page, month) == [r for r in want if r["month"] == month]
+                of_month: list[object] = [r for r in want if r["month"] == month]
+                assert api_usage(page, month, of_month) == of_month
         finally:
             if worker is not None:
                 worker.send_signal(signal.SIGTERM)
@@ -115,7 +118,7 @@ def test_broker_worker_send_report(broker: BrokerHandle, unique: str) -> None:
                 kafka.stop()
     # A clean start: where the metrics are is said once.  On the embedded broker the
     # expected fallback is one INFO line; Apache Kafka takes the idempotent producer.
-    log = (ARTIFACTS / "cli-worker.log").read_text()
+    log = worker_log.read_text()
     assert "InitProducerIdRequest" not in log
     errors = [line for line in log.splitlines() if " ERROR " in line]
     if is_kafka:
@@ -138,16 +141,16 @@ def wait_for_line(path: Path, pattern: str, timeout: float = 60.0) -> str:
     return m[1]
 
 
-def api_usage(page: str, month: str, timeout: float = 30.0) -> list[object]:
-    """The page's usage rows of ``month`` once they stop changing (the view tails a topic)."""
+def api_usage(page: str, month: str, want: list[object], timeout: float = 30.0) -> list[object]:
+    """The page's usage rows of ``month`` once they are ``want``, or the last ones seen at
+    ``timeout`` (the view tails a topic: two equal reads can both be from before it read
+    anything, which failed once on a fresh clone)."""
     deadline = time.monotonic() + timeout
-    last: list[object] | None = None
     while True:
         with urllib.request.urlopen(f"{page}api/usage?month={month}", timeout=5) as resp:
-            rows = orjson.loads(resp.read())["usage"]
-        if rows == last or time.monotonic() > deadline:
+            rows: list[object] = orjson.loads(resp.read())["usage"]
+        if rows == want or time.monotonic() > deadline:
             return rows
-        last = rows
         time.sleep(0.5)
 
 

@@ -26,6 +26,7 @@ from meter.kafka import KafkaSettings, TopicError, TopicSpec, describe_partition
 from meter.sim.fleet import generate
 from meter.stream.records import headers_dict
 from meter.stream.send import send_lines
+from meter.stream.worker import TOPIC_GONE_S
 from tests.integration.conftest import BrokerHandle
 from tests.integration.harness import (
     Names,
@@ -193,8 +194,14 @@ def _topics_gone(bootstrap: str, names: Names) -> bool:
 
 def _halted_for_lost_data(worker: WorkerProcess) -> dict[str, object]:
     """The worker says the broker lost data, is not ready, shows ``data_lost``, and stays up
-    (halted, not exited) for 3 s more; returns its /healthz body."""
-    worker.wait_for_log("the broker lost data meter had read or written", timeout=60)
+    (halted, not exited) for 3 s more; returns its /healthz body.
+
+    The bound: the worker's loop may first wait out a drain and a flush whose writes go to
+    topics that are gone (the producer's 30 s request timeout each), a month-close read of
+    meter.reports (15 s) and a group rejoin (a session, 6 s); then the topic must stay
+    unknown for TOPIC_GONE_S.  Seen on a fresh clone: over 60 s."""
+    bound = 2 * 30 + 15 + 6 + TOPIC_GONE_S + 20
+    worker.wait_for_log("the broker lost data meter had read or written", timeout=bound)
     status, body = worker.health()
     assert status == 503, body
     assert worker.metric('meter_problem{problem="data_lost"}') == 1.0

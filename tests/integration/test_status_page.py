@@ -104,7 +104,8 @@ class MeterRun:
 
     def __init__(self, broker: str | None = None) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
-        self.log_path = ARTIFACTS / "status-page-meter-run.log"
+        # Its own log: the two brokers' runs may go at once (pytest-xdist).
+        self.log_path = ARTIFACTS / f"status-page-meter-run-{os.urandom(4).hex()}.log"
         self._log = self.log_path.open("wb")
         given = ["--broker", broker] if broker else []
         self.proc = subprocess.Popen(
