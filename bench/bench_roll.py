@@ -34,6 +34,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.bench_scale import OUT
+from bench.bench_scrape import event
 from meter.kafka import KafkaSettings
 from tests.integration.harness import (
     Names,
@@ -48,23 +49,8 @@ from tests.integration.kafka import KafkaBroker, fetch_libs
 MONTH_DAY = "2026-11-20T00:00:00Z"
 
 
-def event(tenant: str, n: int) -> bytes:
-    return orjson.dumps(
-        {
-            "specversion": "1.0",
-            "id": f"{tenant}-vm-{n}",
-            "source": "vbr://bench-roll",
-            "type": "meter.job.workload",
-            "time": "2026-11-19T12:00:00Z",
-            "data": {
-                "tenant_id": tenant,
-                "workload_id": f"{tenant}-vm-{n}",
-                "workload_type": "vm",
-                "license": "subscription",
-                "result": "success",
-            },
-        }
-    )
+#: when every event of the roll says it ran (the clock is pinned to the day after)
+SESSION = datetime(2026, 11, 19, 12, tzinfo=UTC)
 
 
 class Stream:
@@ -102,7 +88,7 @@ class Stream:
             while not self._stop.is_set():
                 tenant = f"t{n % self.tenants:04d}"
                 k = n // self.tenants + 1
-                line = event(tenant, k)
+                line = event(tenant, f"{tenant}-vm-{k}", k, SESSION)
                 self.lines.append(line)
                 self.sent_at[(tenant, k)] = time.monotonic()
                 await producer.send_and_wait(self.names.jobs, line, key=tenant.encode())
